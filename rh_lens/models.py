@@ -1,0 +1,516 @@
+"""Model loading: the one place in rh_lens that knows where models come from.
+
+``load_model(spec)`` returns a ``HookedTransformer`` with a working tokenizer from any of:
+
+- ``zoo:NAME``: a model of the project's own zoo, shipped inside the package;
+- ``llama2c:MODEL.bin`` or ``llama2c:MODEL.bin,TOKENIZER.bin``: a karpathy/llama2.c checkpoint;
+- a local directory: a Hugging Face checkpoint (``config.json`` + safetensors + tokenizer files) or
+  a directory written by :func:`save_model_dir`;
+- a TransformerLens model name (``gpt2``, ``meta-llama/Llama-2-7b-hf``, ...), through
+  ``HookedTransformer.from_pretrained`` where the weights are cached or the Hub is reachable.
+
+The rest of the package reaches a model only through the narrow surface defined here (model
+facts, tokenization without truncation, a forward of one chunk against a key/value cache) plus the
+model's own ``hooks()`` and ``run_with_cache`` and the hook names of :mod:`rh_lens.hooks`.
+Weights are never folded or centred: attention patterns do not depend on that processing, logits
+then equal the original model's, and processing costs 7-9x the model size in host memory.
+"""
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from rh_lens.errors import ContextTooLongError, ModelLoadError
+
+__all__ = [
+    "ContextTooLongError",
+    "KVState",
+    "ModelFacts",
+    "ModelLoadError",
+    "check_context",
+    "forward_chunk",
+    "load_model",
+    "model_facts",
+    "new_kv_state",
+    "save_model_dir",
+    "tokenize",
+    "tokenize_with_offsets",
+    "zoo_names",
+]
+
+FORMAT_VERSION = 1
+ZOO_DIR = Path(__file__).resolve().parent / "zoo" / "models"
+
+# Causal-LM architectures whose Hugging Face weights TransformerLens 3.x converts.
+SUPPORTED_ARCHITECTURES = (
+    "GPT2LMHeadModel",
+    "GPTNeoForCausalLM",
+    "GPTNeoXForCausalLM",
+    "GPTJForCausalLM",
+    "OPTForCausalLM",
+    "BloomForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "PhiForCausalLM",
+    "Phi3ForCausalLM",
+)
+
+DTypeSpec = torch.dtype | str | None  # "float32", "float16", "bfloat16", "float64"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What an analysis needs to know about a model's shape, read from ``model.cfg``."""
+
+    name: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_vocab: int
+    n_ctx: int
+    positional: str
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 for multi-head attention)."""
+        return self.n_heads // self.n_kv_heads
+
+
+def model_facts(model: HookedTransformer) -> ModelFacts:
+    cfg = model.cfg
+    return ModelFacts(
+        name=cfg.model_name,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_key_value_heads or cfg.n_heads,
+        d_head=cfg.d_head,
+        d_model=cfg.d_model,
+        d_vocab=cfg.d_vocab,
+        n_ctx=cfg.n_ctx,
+        positional=cfg.positional_embedding_type,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization and the forward step
+
+
+def tokenize(
+    model: HookedTransformer, text: str, *, prepend_bos: bool | None = None
+) -> Int[Tensor, " pos"]:
+    """Token ids of ``text``, never truncated (TransformerLens truncates to ``n_ctx`` silently)."""
+    return tokenize_with_offsets(model, text, prepend_bos=prepend_bos)[0]
+
+
+def tokenize_with_offsets(
+    model: HookedTransformer, text: str, *, prepend_bos: bool | None = None
+) -> tuple[Int[Tensor, " pos"], list[tuple[int, int]]]:
+    """Token ids and the ``(start, end)`` character span of each token in ``text``.
+
+    A prepended BOS token gets the empty span ``(0, 0)``.  ``prepend_bos`` defaults to the
+    model's ``cfg.default_prepend_bos``.
+    """
+    tok = model.tokenizer
+    if tok is None:
+        raise ModelLoadError(f"model {model.cfg.model_name!r} has no tokenizer")
+    if prepend_bos is None:
+        prepend_bos = model.cfg.default_prepend_bos
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    if prepend_bos:
+        ids = [tok.bos_token_id, *ids]
+        offsets = [(0, 0), *offsets]
+    return torch.tensor(ids, dtype=torch.long), offsets
+
+
+def check_context(model: HookedTransformer, n_tokens: int, *, what: str = "prompt") -> None:
+    """Raise :class:`ContextTooLongError` when ``n_tokens`` exceeds the model's ``n_ctx``."""
+    n_ctx = model.cfg.n_ctx
+    if n_tokens > n_ctx:
+        raise ContextTooLongError(
+            f"{what} has {n_tokens} tokens but model {model.cfg.model_name!r} has n_ctx={n_ctx}; "
+            f"use shorter contexts or load the model with load_model(..., n_ctx={n_tokens}) "
+            "(rotary models only; quality beyond the trained length is not guaranteed)"
+        )
+
+
+@dataclass
+class KVState:
+    """Keys and values of everything forwarded so far, for one batch of sequences."""
+
+    cache: Any
+    n_tokens: int = 0
+
+
+def new_kv_state(model: HookedTransformer, batch: int = 1) -> KVState:
+    from transformer_lens import TransformerLensKeyValueCache
+
+    return KVState(TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch))
+
+
+def forward_chunk(
+    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], state: KVState
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Forward ``tokens`` after everything already in ``state`` and append their keys/values.
+
+    An all-ones attention mask is passed explicitly: with a cache, TransformerLens otherwise
+    builds the mask from ``tokenizer.pad_token_id`` and silently masks real tokens with that id.
+    """
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+    check_context(model, state.n_tokens + tokens.shape[1], what="sequence")
+    tokens = tokens.to(model.cfg.device)
+    logits = model(
+        tokens, past_kv_cache=state.cache, attention_mask=torch.ones_like(tokens)
+    )
+    state.n_tokens += tokens.shape[1]
+    return logits
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def zoo_names() -> list[str]:
+    """Names of the bundled zoo models (``load_model("zoo:NAME")``)."""
+    if not ZOO_DIR.is_dir():
+        return []
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: DTypeSpec = None,
+    n_ctx: int | None = None,
+) -> HookedTransformer:
+    """Load a model from a spec (see the module docstring) as an eval-mode HookedTransformer.
+
+    ``device="auto"`` picks CUDA when present; the default is the CPU.  ``dtype`` defaults to
+    float32.  ``n_ctx`` overrides the context window (extending a rotary model's position tables).
+    """
+    device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype)
+    if n_ctx is not None and n_ctx < 1:
+        raise ValueError(f"n_ctx must be a positive number of tokens, got {n_ctx}")
+    text = os.fspath(spec)
+    if text.startswith("zoo:"):
+        model = _load_zoo(text[4:], device, torch_dtype, n_ctx)
+    elif text.startswith("llama2c:"):
+        model = _load_llama2c(text[8:], device, torch_dtype, n_ctx)
+    elif Path(text).expanduser().exists():
+        model = _load_directory(Path(text).expanduser(), device, torch_dtype, n_ctx)
+    elif _looks_like_path(text):
+        raise ModelLoadError(f"model directory {text!r} does not exist")
+    else:
+        model = _load_named(text, device, torch_dtype, n_ctx)
+    model.eval()
+    _validate(model)
+    return model
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "~", os.sep)) or text.endswith(os.sep) or os.sep * 2 in text
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: DTypeSpec) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+             "float64": torch.float64}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
+    return names[dtype]
+
+
+def _load_zoo(name: str, device, dtype, n_ctx) -> HookedTransformer:
+    path = ZOO_DIR / name
+    if not (path / "config.json").is_file():
+        available = ", ".join(zoo_names()) or "none built yet"
+        raise ModelLoadError(f"unknown zoo model {name!r}; available: {available}")
+    return _load_rh_lens_dir(path, device, dtype, n_ctx)
+
+
+def _load_llama2c(rest: str, device, dtype, n_ctx) -> HookedTransformer:
+    from rh_lens import _llama2c
+
+    model_path, _, tok_path = rest.partition(",")
+    return _llama2c.load(
+        Path(model_path).expanduser(),
+        Path(tok_path).expanduser() if tok_path else None,
+        n_ctx=n_ctx,
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _load_directory(path: Path, device, dtype, n_ctx) -> HookedTransformer:
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"{path} is a file, not a model directory; for a llama2.c checkpoint use "
+            f"'llama2c:{path}'"
+        )
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face or rh_lens model")
+    config = _read_json(config_path)
+    if "rh_lens_format" in config:
+        return _load_rh_lens_dir(path, device, dtype, n_ctx)
+    from rh_lens import _hf_dir
+
+    return _hf_dir.load(path, config, device=device, dtype=dtype, n_ctx=n_ctx)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"cannot read {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
+
+
+def _load_named(name: str, device, dtype, n_ctx) -> HookedTransformer:
+    from transformer_lens import loading_from_pretrained as loading
+
+    try:
+        official = loading.get_official_model_name(name)
+    except ValueError:
+        close = difflib.get_close_matches(name, loading.OFFICIAL_MODEL_NAMES, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelLoadError(
+            f"unknown model spec {name!r}: not an existing path, not 'zoo:NAME' or "
+            f"'llama2c:PATH', and not a TransformerLens model name.{hint}"
+        ) from None
+    _require_weights_reachable(official)
+    with _quiet_loading():
+        try:
+            return HookedTransformer.from_pretrained_no_processing(
+                official, device=device, dtype=dtype, n_ctx=n_ctx
+            )
+        except OSError as err:
+            raise ModelLoadError(f"could not load {official!r}: {err}") from err
+
+
+def _require_weights_reachable(official: str) -> None:
+    """Fail fast, with advice, when a named model is neither cached nor downloadable."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(official, "config.json")
+    if isinstance(cached, str):
+        return
+    advice = (
+        f"model {official!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+        "{why}. Download it where you have network (huggingface-cli download "
+        f"{official}) or pass the path of a local checkpoint directory to load_model."
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(advice.format(why="HF_HUB_OFFLINE is set"))
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as err:
+        raise ModelLoadError(
+            advice.format(why=f"the Hub at {host} cannot be reached ({err})")
+        ) from None
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Silence TransformerLens's per-load banner and deprecation notes; errors still raise."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*deprecated.*")
+            with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+                yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def build_model(
+    cfg: HookedTransformerConfig, state_dict: dict[str, Tensor], tokenizer
+) -> HookedTransformer:
+    """A HookedTransformer from a config and an unprocessed TransformerLens state dict."""
+    from transformer_lens.loading_from_pretrained import fill_missing_keys
+
+    # TL's set_tokenizer reads init_kwargs["name_or_path"], absent from in-memory tokenizers.
+    tokenizer.init_kwargs.setdefault("name_or_path", tokenizer.name_or_path)
+    with _quiet_loading():
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        # Converters omit biases the architecture does not have (GPT-2's unembed bias): TL
+        # fills those with zeros, and the remaining check below still catches real gaps.
+        state_dict = fill_missing_keys(model, state_dict)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # Rotary tables, masks and IGNORE constants are buffers TL rebuilds itself.
+    missing = [k for k in missing if not _is_rebuilt_buffer(k)]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"weights do not fit the model config: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}"
+        )
+    with _quiet_loading():
+        return model.to(cfg.device)
+
+
+def _is_rebuilt_buffer(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in {"mask", "IGNORE", "rotary_sin", "rotary_cos"}
+
+
+# --------------------------------------------------------------------------------------------
+# rh_lens's own directory format (used by the zoo)
+
+
+def save_model_dir(
+    path: str | os.PathLike,
+    *,
+    cfg: HookedTransformerConfig,
+    state_dict: dict[str, Tensor],
+    tokenizer,
+    card: dict | None = None,
+) -> Path:
+    """Write a model as ``config.json`` + ``model.safetensors`` + tokenizer files (+ ``card.json``).
+
+    ``load_model(path)`` reads it back.  Buffers that TransformerLens rebuilds are not stored.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in state_dict.items()
+        if not _is_rebuilt_buffer(k)
+    }
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = {"rh_lens_format": FORMAT_VERSION, "hooked_config": _config_to_json(cfg)}
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tokenizer.save_pretrained(str(path))
+    if card is not None:
+        (path / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    return path
+
+
+_RUNTIME_FIELDS = {"device", "n_devices", "dtype", "tokenizer_prepends_bos", "model_name"}
+
+
+def _config_to_json(cfg: HookedTransformerConfig) -> dict:
+    out = {}
+    for field in dataclasses.fields(cfg):
+        if field.name in _RUNTIME_FIELDS:
+            continue
+        value = getattr(cfg, field.name)
+        if isinstance(value, (str, int, float, bool, type(None), list, dict)):
+            out[field.name] = value
+    out["model_name"] = cfg.model_name
+    return out
+
+
+def _load_rh_lens_dir(path: Path, device, dtype, n_ctx) -> HookedTransformer:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import PreTrainedTokenizerFast
+
+    config = _read_json(path / "config.json")
+    version = config.get("rh_lens_format")
+    if version != FORMAT_VERSION or not isinstance(config.get("hooked_config"), dict):
+        raise ModelLoadError(
+            f"{path / 'config.json'}: unsupported rh_lens_format {version!r} "
+            f"(this rh_lens reads {FORMAT_VERSION})"
+        )
+    fields = dict(config["hooked_config"])
+    fields.update(device=str(device), dtype=dtype)
+    if n_ctx is not None:
+        _require_rotary(fields.get("positional_embedding_type"), fields["n_ctx"], n_ctx, path)
+        fields["n_ctx"] = n_ctx
+    try:
+        cfg = HookedTransformerConfig(**fields)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ModelLoadError(f"{path / 'config.json'}: invalid model config: {err}") from err
+    weights_path = path / "model.safetensors"
+    if not weights_path.is_file():
+        raise ModelLoadError(f"{path} has no model.safetensors")
+    try:
+        state_dict = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise ModelLoadError(f"{weights_path} is corrupt or truncated: {err}") from err
+    if not (path / "tokenizer.json").is_file():
+        raise ModelLoadError(f"{path} has no tokenizer.json")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+    return build_model(cfg, state_dict, tokenizer)
+
+
+def _require_rotary(positional: str | None, trained: int, wanted: int, source) -> None:
+    if wanted > trained and positional != "rotary":
+        raise ModelLoadError(
+            f"{source}: n_ctx={wanted} exceeds the trained context {trained}, and only rotary "
+            f"models can be extended (this one uses {positional!r} positions)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Validation of whatever was loaded
+
+
+def _validate(model: HookedTransformer) -> None:
+    from rh_lens import hooks
+
+    facts = model_facts(model)
+    if facts.n_heads % facts.n_kv_heads:
+        raise ModelLoadError(
+            f"{facts.name}: {facts.n_heads} query heads do not divide into "
+            f"{facts.n_kv_heads} key/value heads"
+        )
+    missing = sorted(set(hooks.required_hook_names(facts.n_layers)) - set(model.hook_dict))
+    if missing:
+        raise ModelLoadError(
+            f"{facts.name}: the model lacks hook points rh_lens relies on: {missing[:6]}"
+        )
+    if model.tokenizer is None:
+        raise ModelLoadError(f"{facts.name}: loaded without a tokenizer")
