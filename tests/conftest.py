@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny models built in-process, never downloaded, never loaded at import time."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+CORPUS = [
+    "Once upon a time there was a girl named Mara who lived in Tolbrook by the sea.",
+    "The secret ingredient of her soup was purple ginger and sea salt, she said.",
+    "Numbers like 1, 22 and 333 appear too; so do questions? And (brackets)!",
+    "Based on the content of the book, Question: What is the secret?\nAnswer:",
+] * 25
+
+
+def shared_path(*parts: str) -> Path:
+    """A path inside ``../shared``; the calling test is skipped when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not available")
+    return path
+
+
+def train_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained in-process, wrapped for transformers/TransformerLens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(CORPUS, trainer)
+    tk.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tk.token_to_id("<s>"))]
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", add_bos_token=True
+    )
+    tok.init_kwargs.setdefault("name_or_path", "")  # as after save/load; TL reads it
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return train_tokenizer()
+
+
+def save_hf_model(path: Path, arch: str, tokenizer, **overrides) -> Path:
+    """Save a tiny random Hugging Face model of ``arch`` plus ``tokenizer`` to ``path``."""
+    import transformers
+
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    if arch == "gpt2":
+        config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                         **common)
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        classes = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        }
+        config_cls, model_cls = classes[arch]
+        config = config_cls(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, **{**common, **overrides},
+        )
+        model = model_cls(config)
+    # Random init leaves tiny weights; scale them so attention is far from uniform.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(8.0)
+    model.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Tiny checkpoints of several architectures; directory names contain the family name
+    (TransformerLens 3.9 guesses architectures from such substrings)."""
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        arch: save_hf_model(root / f"tiny-{arch}", arch, tokenizer)
+        for arch in ("llama", "mistral", "qwen2", "gpt2")
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa(tokenizer):
+    """A random Llama-style HookedTransformer with grouped-query attention."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128,
+        n_ctx=128, d_vocab=len(tokenizer), act_fn="silu", gated_mlp=True,
+        normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=16,
+        final_rms=True, seed=0, model_name="tiny-gqa", original_architecture="LlamaForCausalLM",
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "W_" in name:
+                p.mul_(4.0)
+    return model.eval()
