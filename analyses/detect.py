@@ -1,0 +1,222 @@
+"""Retrieval-score detection by Needle-in-a-Haystack decoding (Wu et al. 2024, section 2).
+
+    python -m analyses.detect                                  # zoo:llama-s, a few minutes on CPU
+    python -m analyses.detect --model /ckpt/llama-2-7b-80k --device auto --dtype bfloat16 \\
+        --needles ../shared/data/official_niah/needles.jsonl \\
+        --haystack ../shared/data/official_niah --lengths 1000 ... 80000 --n-ctx 81920
+    python -m analyses.detect ... --shard 0/4 --out runs/a     # split a sweep over machines
+    python -m analyses.detect --merge runs/a runs/b ... --out runs/all
+
+Writes into --out: ``cells/`` (one file per trial, written atomically; a rerun skips finished
+cells), ``result.json`` + ``arrays.npz`` (config, provenance, per-head aggregates),
+``head_score.json`` (the reference's ``{"layer-head": [...]}`` format), ``trials.jsonl`` and HTML
+figures; it prints the top heads.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL = "zoo:llama-s"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes I/N, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output directory (default runs/detect/<model>)")
+    p.add_argument("--lengths", type=int, nargs="+", help="context lengths in tokens "
+                   "(default: 10 lengths up to the model's n_ctx)")
+    p.add_argument("--depths", type=float, nargs="+", help="needle depths in percent "
+                   "(default: 10 depths from 0 to 100)")
+    p.add_argument("--needles", type=Path, help="needles.jsonl (needle, question, real_needle)")
+    p.add_argument("--haystack", type=Path, help="folder of .txt files, or one subfolder per "
+                   "needle (the reference layout); default: the zoo prose generator")
+    p.add_argument("--n-needles", type=int, default=3, help="zoo needles when --needles is unset")
+    p.add_argument("--score", choices=("step", "set"), default="step",
+                   help="step: the reference code's score; set: the paper's formula")
+    p.add_argument("--buffer", type=int, help="tokens kept for question and answer "
+                   "(default min(200, n_ctx/4))")
+    p.add_argument("--max-new-tokens", type=int, help="decoding cap (default min(50, buffer/2))")
+    p.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
+    p.add_argument("--batch", type=int, default=1, help="trials of equal length per batch")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--seed", type=int, default=0, help="seed of the zoo needles and haystacks")
+    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                   help="combine the cells of shard directories into --out")
+    p.add_argument("--device", default=None, help='"cpu", "cuda" or "auto"')
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--n-ctx", type=int, default=None, help="extend a rotary model's context")
+    p.add_argument("--top", type=int, default=15, help="heads to print")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rh_lens.errors import RhLensError
+
+    try:
+        return _run(args, argv)
+    except (RhLensError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args, argv) -> int:
+    from rh_lens.detect import DetectConfig, DetectResult, compute_detect, merge_cells
+    from rh_lens.models import load_model
+    from rh_lens.results import RunMetadata
+
+    if args.merge:
+        if args.out is None:
+            raise ValueError("--merge needs --out")
+        identity, records = merge_cells(args.merge)
+        cfg = DetectConfig.from_dict(identity["config"])
+        shape = identity["shape"]
+        result = DetectResult(cfg, tuple(records), shape["n_layers"], shape["n_heads"],
+                              shape["n_kv_heads"])
+        meta = RunMetadata.collect(model_spec=identity["model"], seed=identity.get("seed"),
+                                   argv=argv, extra={"merged_from": [str(d) for d in args.merge]})
+        write_outputs(args.out, result, meta, identity, score=args.score, top=args.top)
+        return 0
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx)
+    needles, haystacks, source = _inputs(args)
+    n_ctx = model.cfg.n_ctx
+    buffer = args.buffer if args.buffer is not None else min(200, n_ctx // 4)
+    max_new = args.max_new_tokens or max(1, min(50, buffer // 2))
+    lengths = args.lengths or sorted({int(x) for x in np.linspace(max(buffer + 48, n_ctx // 8),
+                                                                  n_ctx, 10)})
+    depths = args.depths or [float(d) for d in np.linspace(0, 100, 10)]
+    cfg = DetectConfig(lengths=tuple(lengths), depths=tuple(depths), buffer=buffer,
+                       max_new_tokens=max_new, chunk_size=args.chunk, chat=args.chat,
+                       batch_size=args.batch)
+    out = args.out or Path("runs") / "detect" / args.model.replace(":", "-").replace("/", "_")
+    identity = {
+        "model": args.model,
+        "shape": {"n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,
+                  "n_kv_heads": model.cfg.n_key_value_heads or model.cfg.n_heads},
+        "inputs": source,
+        "needles": [vars(n) for n in needles],
+        "seed": args.seed,
+        "dtype": str(model.cfg.dtype),
+    }
+    meta = RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
+    result = compute_detect(model, needles, haystacks, cfg, out_dir=out, shard=args.shard,
+                            identity=identity, progress=not args.quiet)
+    if args.shard != (0, 1):
+        done = len(list((out / "cells").glob("*.json")))
+        print(f"shard {args.shard[0]}/{args.shard[1]}: {done} cells in {out}; combine shards "
+              "with --merge")
+        return 0
+    write_outputs(out, result, meta, identity, score=args.score, top=args.top)
+    return 0
+
+
+def _inputs(args):
+    from rh_lens.niah import haystack_from_folder, read_needles, zoo_inputs
+
+    if args.needles is None:
+        if args.haystack is not None:
+            raise ValueError("--haystack needs --needles")
+        needles, haystacks = zoo_inputs(args.n_needles, seed=args.seed)
+        return needles, haystacks, {"needles": "zoo held-out templates", "seed": args.seed}
+    if args.haystack is None:
+        raise ValueError("--needles needs --haystack (a folder of .txt files)")
+    needles = read_needles(args.needles)
+    if not args.haystack.is_dir():
+        raise ValueError(f"haystack folder {args.haystack} does not exist")
+    folders = sorted(p for p in args.haystack.iterdir() if p.is_dir())
+    if folders:  # the reference layout: one haystack folder per needle, in name order
+        if len(folders) != len(needles):
+            raise ValueError(f"{args.haystack}: {len(needles)} needles but {len(folders)} "
+                             "haystack folders (the reference layout has one per needle)")
+        haystacks = [haystack_from_folder(f) for f in folders]
+    else:
+        haystacks = [haystack_from_folder(args.haystack)] * len(needles)
+    return needles, haystacks, {"needles": str(args.needles), "haystack": str(args.haystack)}
+
+
+def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: int) -> None:
+    from rh_lens import plotting
+    from rh_lens.results import export_reference_json, save_result, write_json_atomic
+
+    cfg = result.config
+    arrays = {
+        "mean_step": result.mean_scores("step"),
+        "mean_set": result.mean_scores("set"),
+        "activation_frequency": result.activation_frequency(),
+        "trial_step": result.trial_scores("step"),
+        "trial_set": result.trial_scores("set"),
+        "trial_active": result.trial_scores("active"),
+        "group_step": result.group_scores("step"),
+        "group_set": result.group_scores("set"),
+        "rouge_grid": result.rouge_grid(),
+        "success": result.success,
+    }
+    table = arrays[f"mean_{score}"]
+    ranked = _ranked(table) if result.n_success else []
+    summary = {
+        "n_trials": len(result.records),
+        "n_success": result.n_success,
+        "score": score,
+        "retrieval_heads": [[lay, h, s] for lay, h, s in ranked if s > 0.1],
+        "mean_rouge1_recall": float(np.mean([r.rouge1_recall for r in result.records]))
+        if result.records else None,
+    }
+    save_result(out, kind="detect", config={**cfg.to_dict(), **identity}, meta=meta,
+                summary=summary, arrays=arrays)
+    if result.n_success:
+        export_reference_json(out / "head_score.json", arrays[f"trial_{score}"])
+    else:
+        print("warning: no trial succeeded (ROUGE-1 recall > 0.5), so no head has a score and "
+              "head_score.json is not written", file=sys.stderr)
+    with open(out / "trials.jsonl", "w", encoding="utf-8") as f:
+        for r in result.records:
+            f.write(json.dumps({**r.to_json(), "step_score_max": float(r.step_score.max())})
+                    + "\n")
+    name = identity["model"]
+    figures = {
+        "heatmap": plotting.plot_head_heatmap(
+            np.nan_to_num(table), title=f"{name}: retrieval score ({score})",
+            zmax=max(1.0, float(np.nanmax(table))) if result.n_success else 1.0),
+        "niah_grid": plotting.plot_niah_grid(
+            result.rouge_grid(), depths=list(cfg.depths), lengths=list(cfg.lengths),
+            title=f"{name}: NIAH ROUGE-1 recall"),
+        "top_heads": plotting.plot_top_heads(table, k=20,
+                                             title=f"{name}: top heads ({score} score)"),
+    }
+    for fname, fig in figures.items():
+        plotting.save_figure(fig, out / f"{fname}.html")
+    write_json_atomic(out / "summary.json", summary)
+    print(f"{len(result.records)} trials, {result.n_success} successful "
+          f"(mean ROUGE-1 recall {summary['mean_rouge1_recall'] or 0:.3f}); results in {out}")
+    print(f"{'head':>8}  {score:>6}  {'active':>6}")
+    freq = arrays["activation_frequency"]
+    for lay, h, s in ranked[:top]:
+        print(f"  L{lay}H{h:<3}  {s:6.3f}  {freq[lay, h]:6.2f}")
+
+
+def _ranked(table: np.ndarray) -> list[tuple[int, int, float]]:
+    order = np.argsort(-table, axis=None, kind="stable")
+    return [(int(i // table.shape[1]), int(i % table.shape[1]), float(table.flat[i]))
+            for i in order]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
