@@ -30,15 +30,15 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_speed(model, *, n_trials: int, repeats: int, slow_trials: int) -> dict:
+def bench_speed(model, *, context: int, n_trials: int, repeats: int, slow_trials: int) -> dict:
     import torch
 
     from rh_lens.decode import decode_greedy, decode_slow
     from rh_lens.detect import Cell, DetectConfig, run_trials
     from rh_lens.niah import build_trial, zoo_inputs
 
-    n_ctx = model.cfg.n_ctx
-    buffer = min(200, n_ctx // 4)
+    n_ctx = context
+    buffer = min(200, model.cfg.n_ctx // 4)
     cfg = DetectConfig(lengths=(n_ctx,), depths=(50.0,), buffer=buffer,
                        max_new_tokens=max(1, min(50, buffer // 2)))
     needles, haystacks = zoo_inputs(n_trials, seed=7)
@@ -103,9 +103,11 @@ def bench_memory(spec: str, *, native: int, contexts: list[int], chunk: int, dev
         row = {"context": context, "x_native": context / native}
         for label, size in (("chunked", chunk), ("unchunked", context)):
             cmd = [sys.executable, "-m", "analyses.bench_detect", "--memory-probe",
-                   json.dumps({"spec": spec, "n_ctx": max(contexts), "context": context,
-                               "chunk": size, "device": device})]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                   json.dumps({"spec": spec, "n_ctx": max(native, *contexts) + 1,
+                               "context": context, "chunk": size, "device": device})]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"memory probe failed:\n{done.stderr[-2000:]}")
             row[f"{label}_bytes"] = int(done.stdout.strip().splitlines()[-1])
         rows.append(row)
     return rows
@@ -115,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="zoo:llama-s")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--context", type=int, default=None,
+                   help="context length of (a) and (b); default the model's native n_ctx")
     p.add_argument("--trials", type=int, default=6)
     p.add_argument("--slow-trials", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -136,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads, "
           f"native context {native}, device {args.device}")
     if not args.skip_speed:
-        s = bench_speed(model, n_trials=args.trials, repeats=args.repeats,
+        s = bench_speed(model, context=args.context or native, n_trials=args.trials,
+                        repeats=args.repeats,
                         slow_trials=args.slow_trials)
         print(f"(a) detection {s['detect_s_per_trial'] * 1e3:.1f} ms/trial vs plain generation "
               f"{s['plain_generation_s_per_trial'] * 1e3:.1f} ms/trial "

@@ -24,3 +24,88 @@ def test_inspection_copy_events_are_real_copies(tiny_gqa):
         for _, _, pos in step.copying_heads:
             assert tokens[pos] == step.token_id
         tokens.append(step.token_id)
+
+
+# ----------------------------------------------------------------------------- analyses.detect
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from analyses import bench_detect, detect  # noqa: E402
+from rh_lens.models import save_model_dir  # noqa: E402
+from rh_lens.results import import_reference_json, load_result  # noqa: E402
+from tests.conftest import CORPUS  # noqa: E402
+from tests.known_answer import build_copy_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def copy_inputs(tmp_path_factory, tokenizer):
+    """The known-answer copy model saved as a directory, a needles file and a haystack folder."""
+    root = tmp_path_factory.mktemp("copy")
+    (word_id,) = tokenizer.encode(" secret", add_special_tokens=False)
+    model = build_copy_model(tokenizer, [word_id], copy_head=1)
+    save_model_dir(root / "model", cfg=model.cfg, state_dict=model.state_dict(),
+                   tokenizer=tokenizer)
+    (root / "needles.jsonl").write_text(json.dumps(
+        {"needle": "The magic word is secret.", "question": "What is the magic word?",
+         "real_needle": "secret"}) + "\n")
+    (root / "hay").mkdir()
+    (root / "hay" / "a.txt").write_text(" ".join([CORPUS[0], CORPUS[2]]))
+    return root
+
+
+def detect_args(root, out, *extra):
+    return ["--model", str(root / "model"), "--out", str(out),
+            "--needles", str(root / "needles.jsonl"), "--haystack", str(root / "hay"),
+            "--lengths", "80", "150", "--depths", "0", "100", "--buffer", "30",
+            "--max-new-tokens", "5", "--quiet", *extra]
+
+
+def test_detect_script_finds_the_known_copy_head(copy_inputs, tmp_path, capsys):
+    assert detect.main(detect_args(copy_inputs, tmp_path / "out")) == 0
+    out = capsys.readouterr().out
+    assert "4 trials, 4 successful" in out
+    first_row = out.split("active")[1].strip().splitlines()[0].split()
+    assert first_row == ["L0H1", "1.000", "1.00"]
+    scores = import_reference_json(tmp_path / "out" / "head_score.json")
+    assert scores.shape == (4, 1, 4)
+    np.testing.assert_array_equal(scores[:, 0, 1], 1.0)
+    assert scores[:, 0, [0, 2, 3]].sum() == 0
+    result = load_result(tmp_path / "out")
+    assert result.kind == "detect" and result.meta["model_spec"].endswith("model")
+    for name in ("heatmap.html", "niah_grid.html", "top_heads.html", "plotly.min.js",
+                 "trials.jsonl"):
+        assert (tmp_path / "out" / name).is_file()
+
+
+def test_detect_shards_merge_to_the_same_aggregates(copy_inputs, tmp_path, capsys):
+    assert detect.main(detect_args(copy_inputs, tmp_path / "full")) == 0
+    for i in range(2):
+        assert detect.main(detect_args(copy_inputs, tmp_path / f"s{i}", "--shard", f"{i}/2")) == 0
+    assert detect.main(["--merge", str(tmp_path / "s0"), str(tmp_path / "s1"),
+                        "--out", str(tmp_path / "merged"), "--quiet"]) == 0
+    full, merged = load_result(tmp_path / "full"), load_result(tmp_path / "merged")
+    for name in ("mean_step", "mean_set", "activation_frequency", "trial_step"):
+        np.testing.assert_array_equal(full.arrays[name], merged.arrays[name])
+
+
+def test_detect_script_reports_bad_needles(copy_inputs, tmp_path, capsys):
+    bad = tmp_path / "needles.jsonl"
+    bad.write_text('{"needle": "x"}\n')
+    args = detect_args(copy_inputs, tmp_path / "out")
+    args[args.index("--needles") + 1] = str(bad)
+    assert detect.main(args) == 2
+    assert "line 1: missing field" in capsys.readouterr().err
+
+
+def test_bench_detect_prints_its_figures(hf_dirs, capsys):
+    code = bench_detect.main(["--model", str(hf_dirs["llama"]), "--context", "200",
+                              "--trials", "1", "--slow-trials", "1", "--repeats", "1",
+                              "--chunk", "64", "--memory-contexts", "512"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "(a) detection" in out and "ratio" in out
+    assert "(b) slow obvious implementation" in out and "speed-up" in out
+    assert "512 tokens (2x): chunked" in out and "unchunked" in out
