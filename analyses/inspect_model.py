@@ -42,6 +42,7 @@ def compute_inspection(model, prompt: str, *, max_new_tokens: int = 20) -> list[
     with torch.no_grad(), model.hooks(fwd_hooks=recorder.hooks):
         logits = forward_chunk(model, tokens[None], state)
         sequence = tokens.tolist()
+        generated = ""
         for _ in range(max_new_tokens):
             next_id = int(logits[0, -1].argmax())
             keys = recorder.table()[0]  # [n_layers, n_heads]: where each head looked
@@ -51,9 +52,13 @@ def compute_inspection(model, prompt: str, *, max_new_tokens: int = 20) -> list[
                 for head in range(keys.shape[1])
                 if sequence[int(keys[layer, head])] == next_id
             )
-            text = model.to_string(torch.tensor([next_id]))
-            steps.append(Step(next_id, text, copying))
             sequence.append(next_id)
+            # Decode the whole continuation: SentencePiece-style tokenizers drop a token's
+            # leading space when it is decoded alone.
+            new_text = model.tokenizer.decode(sequence[len(tokens):])
+            text = new_text[len(generated):]
+            generated = new_text
+            steps.append(Step(next_id, text, copying))
             if next_id == model.tokenizer.eos_token_id or "\n" in text:
                 break
             logits = forward_chunk(model, torch.tensor([[next_id]]), state)
