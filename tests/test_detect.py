@@ -160,3 +160,22 @@ def test_bad_sweep_settings():
         DetectConfig(lengths=(100,), depths=(120.0,))
     with pytest.raises(ValueError, match="shard 2/2"):
         detect.cells(1, SWEEP, shard=(2, 2))
+
+
+def test_fast_engine_equals_slow_on_real_pretrained_weights():
+    """stories260K, a real model nobody here trained: same tokens and argmax positions."""
+    from rh_lens.models import load_model
+    from tests.conftest import shared_path
+
+    path = shared_path("models", "llama2c", "stories260K.bin")
+    model = load_model(f"llama2c:{path}")
+    needle = Needle("Lily had a red ball.", "What did Lily have?", "a red ball")
+    hay = TextHaystack("Once upon a time, there was a little girl named Lily. She loved to play "
+                       "outside in the park. One day, she saw a big dog.")
+    trial = build_trial(model, needle, hay, context_length=200, depth=50, buffer=40,
+                        max_new_tokens=10)
+    for chunk in (16, 512):
+        (fast,) = decode_greedy(model, trial.tokens[None], max_new_tokens=10, chunk_size=chunk)
+        slow = decode_slow(model, trial.tokens, max_new_tokens=10)
+        np.testing.assert_array_equal(fast.tokens, slow.tokens)
+        np.testing.assert_array_equal(fast.positions, slow.positions)
