@@ -1,0 +1,111 @@
+"""Training batches for the zoo: a pure function of (recipe, step), so training resumes exactly.
+
+Each step draws a main batch (NIAH, multi-hop CoT and plain-prose rows, haystack lengths and
+needle depths varied up to the context) and a short batch of parametric facts (questions with and
+without a CoT preamble, and plain statements).  Rows are right-padded; padding never influences
+earlier positions under a causal mask, and it is excluded from the loss.
+"""
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rh_lens.zoo import tasks
+from rh_lens.zoo.prose import Prose
+from rh_lens.zoo.recipes import Recipe
+
+
+@dataclass(frozen=True)
+class Batch:
+    tokens: Tensor  # [batch, pos] int64, right-padded
+    lm_mask: Tensor  # [batch, pos - 1] bool: predicted position counts for the LM loss
+    answer_mask: Tensor  # [batch, pos - 1] bool: predicted token belongs to a target
+
+
+def encode_example(tokenizer, example: tasks.Example) -> tuple[list[int], list[bool]]:
+    """Token ids (with BOS) and, per token, whether it belongs to the target."""
+    enc = tokenizer(example.text, return_offsets_mapping=True)
+    cut = len(example.prompt)
+    ids = enc["input_ids"]
+    is_target = [start >= cut and end > start for start, end in enc["offset_mapping"]]
+    return ids, is_target
+
+
+def _collate(rows: list[tuple[list[int], list[bool], bool]], pad_id: int) -> Batch:
+    width = max(len(ids) for ids, _, _ in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    lm = torch.zeros(len(rows), width - 1, dtype=torch.bool)
+    ans = torch.zeros(len(rows), width - 1, dtype=torch.bool)
+    for i, (ids, is_target, lm_all) in enumerate(rows):
+        tokens[i, : len(ids)] = torch.tensor(ids)
+        tgt = torch.tensor(is_target[1:], dtype=torch.bool)
+        ans[i, : len(ids) - 1] = tgt
+        lm[i, : len(ids) - 1] = True if lm_all else tgt
+    return Batch(tokens, lm, ans)
+
+
+def _row(rng: random.Random, recipe: Recipe, tokenizer) -> tuple[list[int], list[bool], bool]:
+    kinds = ("niah", "multihop", "lm", "repeat")
+    weights = (recipe.mix.niah, recipe.mix.multihop, recipe.mix.lm, recipe.mix.repeat)
+    kind = rng.choices(kinds, weights)[0]
+    backend = tokenizer.backend_tokenizer
+    if kind == "repeat":  # induction: the second copy is predictable only from the first
+        n_special = len(tokenizer.all_special_ids)
+        span = [rng.randrange(n_special, len(tokenizer))
+                for _ in range(rng.randint(8, (recipe.n_ctx - 1) // 2))]
+        ids = [tokenizer.bos_token_id] + span + span
+        return ids, [False] * (1 + len(span)) + [True] * len(span), True
+    if kind == "lm":
+        text = tasks.haystack(Prose(rng), n_tokens=recipe.n_ctx - 1, tokenizer=backend)
+        ids = tokenizer(text)["input_ids"][: recipe.n_ctx]
+        return ids, [False] * len(ids), True
+    overhead = 64 if kind == "niah" else 120
+    if recipe.chat:
+        overhead += 16
+    room = recipe.n_ctx - overhead
+    lo = min(recipe.min_haystack, room)
+    n_hay = max(rng.randint(lo, room), rng.randint(lo, room))  # skewed towards long
+    while True:
+        sub = random.Random(rng.random())
+        if kind == "niah":
+            ex = tasks.niah_example(sub, tokenizer=backend, n_haystack_tokens=n_hay,
+                                    depth=sub.random())
+        else:
+            ex = tasks.multihop_example(sub, tokenizer=backend, n_haystack_tokens=n_hay,
+                                        n_people=sub.choice((2, 3)))
+        if recipe.chat:
+            ex = tasks.to_chat(ex)
+        ids, is_target = encode_example(tokenizer, ex)
+        if len(ids) <= recipe.n_ctx:
+            return ids, is_target, True
+        n_hay = max(0, n_hay - (len(ids) - recipe.n_ctx) - 4)
+
+
+FACTS = tasks.parametric_facts()
+
+
+def parametric_rows(rng: random.Random, n: int, tokenizer):
+    rows = []
+    for _ in range(n):
+        subject, answer = rng.choice(FACTS)
+        form = rng.random()
+        if form < 0.2:
+            text = tasks.parametric_statement(subject, answer)
+            ids = tokenizer(text)["input_ids"]
+            rows.append((ids, [True] * len(ids), True))
+            continue
+        ex = tasks.parametric_example(subject, answer, cot=form < 0.6)
+        ids, is_target = encode_example(tokenizer, ex)
+        rows.append((ids, is_target, False))
+    return rows
+
+
+def make_batches(recipe: Recipe, step: int, tokenizer) -> tuple[Batch, Batch]:
+    """The main and the parametric batch of ``step``: same inputs, same batches."""
+    rng = random.Random(f"zoo:{recipe.name}:{recipe.seed}:{step}")
+    pad = tokenizer.pad_token_id
+    main = _collate([_row(rng, recipe, tokenizer) for _ in range(recipe.batch)], pad)
+    param = _collate(parametric_rows(rng, recipe.param_batch, tokenizer), pad)
+    return main, param

@@ -1,0 +1,277 @@
+"""Evaluate a zoo model: ``python -m rh_lens.zoo.evaluate NAME_OR_DIR``.
+
+Measures, on data the model never saw (fresh seeds, held-out needle templates):
+NIAH exact-answer accuracy per depth bin at the native context (and at an extended one),
+multi-hop CoT accuracy, parametric-fact accuracy with and without a CoT preamble, and LM loss on
+held-out prose next to a unigram baseline.  The numbers go into the model's ``card.json`` and a
+``CARD.md`` next to the weights.  Generation is greedy, batched, and runs on the training twin
+(whose logits equal the HookedTransformer's; see the tests).
+"""
+
+import argparse
+import json
+import math
+import random
+from collections import Counter
+from pathlib import Path
+
+TARGETS = {"niah_min_depth": 0.9, "multihop": 0.8, "parametric": 0.9}
+N_DEPTHS = 11
+
+
+def load_dir(path: Path):
+    """(twin, tokenizer, card) from a directory written by ``save_model_dir``."""
+    from safetensors.torch import load_file
+    from transformer_lens import HookedTransformerConfig
+    from transformers import PreTrainedTokenizerFast
+
+    from rh_lens.zoo.twin import Twin
+
+    config = json.loads((path / "config.json").read_text())
+    cfg = HookedTransformerConfig(**config["hooked_config"])
+    twin = Twin(cfg)
+    missing, unexpected = twin.load_state_dict(load_file(str(path / "model.safetensors")),
+                                               strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit: {missing[:4]} {unexpected[:4]}")
+    tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    card_path = path / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    return twin.eval(), tok, card
+
+
+def generate(twin, tokenizer, prompts: list[str], *, max_new_tokens: int = 24,
+             batch_size: int = 32) -> list[str]:
+    """Greedy continuations of ``prompts`` up to the first newline (or the token cap)."""
+    import torch
+
+    newline_ids = {i for t, i in tokenizer.get_vocab().items() if "Ċ" in t}
+    stop_ids = newline_ids | {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|end|>")}
+    outs: list[str] = []
+    for lo in range(0, len(prompts), batch_size):
+        enc = [tokenizer(p)["input_ids"] for p in prompts[lo: lo + batch_size]]
+        n = len(enc)
+        lengths = torch.tensor([len(e) for e in enc])
+        width = int(lengths.max()) + max_new_tokens
+        toks = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+        for i, e in enumerate(enc):
+            toks[i, : len(e)] = torch.tensor(e)
+        start = lengths.clone()
+        active = torch.ones(n, dtype=torch.bool)
+        with torch.no_grad():
+            for _ in range(max_new_tokens):
+                cur = int(lengths.max())
+                logits = twin(toks[:, :cur])
+                nxt = logits[torch.arange(n), lengths - 1].argmax(-1)
+                rows = active.nonzero().flatten()
+                toks[rows, lengths[rows]] = nxt[rows]
+                lengths[rows] += 1
+                for r in rows.tolist():
+                    if int(nxt[r]) in stop_ids:
+                        active[r] = False
+                if not active.any():
+                    break
+        for i in range(n):
+            outs.append(tokenizer.decode(toks[i, start[i]: lengths[i]]))
+    return outs
+
+
+def _answer_of(generated: str) -> str:
+    from rh_lens.zoo.tasks import final_answer
+
+    text = generated.split("<|end|>")[0]
+    text = text[len("Answer:"):] if text.startswith("Answer:") else text
+    return final_answer(text)
+
+
+def _fit(make, tokenizer, n_ctx: int, n_hay: int, reserve: int):
+    """Build an example whose prompt leaves ``reserve`` tokens free, shrinking the haystack."""
+    while True:
+        ex = make(n_hay)
+        n = len(tokenizer(ex.prompt)["input_ids"])
+        if n + reserve <= n_ctx or n_hay == 0:
+            return ex
+        n_hay = max(0, n_hay - (n + reserve - n_ctx) - 2)
+
+
+def eval_niah(twin, tok, *, n_ctx: int, seed: int, per_cell: int = 3, chat: bool = False,
+              heldout: bool = True) -> dict:
+    """Exact-answer accuracy per depth bin over haystack lengths up to the full context."""
+    from rh_lens.zoo import tasks
+
+    templates = tasks.HELDOUT_TEMPLATES if heldout else tasks.TRAIN_TEMPLATES
+    rng = random.Random(f"eval-niah:{seed}:{n_ctx}:{heldout}")
+    depths = [i / (N_DEPTHS - 1) for i in range(N_DEPTHS)]
+    lengths = [n_ctx // 4, n_ctx // 2, 3 * n_ctx // 4, n_ctx]
+    cells, prompts = [], []
+    for d in depths:
+        for length in lengths:
+            for _ in range(per_cell):
+                sub = random.Random(rng.random())
+
+                def make(n, sub=sub, d=d):
+                    return tasks.niah_example(random.Random(sub.random()),
+                                              tokenizer=tok.backend_tokenizer,
+                                              n_haystack_tokens=n, depth=d, templates=templates)
+
+                ex = _fit(make, tok, n_ctx, length, reserve=24)
+                ex = tasks.to_chat(ex) if chat else ex
+                cells.append((d, ex.answer))
+                prompts.append(ex.prompt)
+    outs = generate(twin, tok, prompts, max_new_tokens=24)
+    per_depth: dict[str, list[int]] = {}
+    for (d, answer), out in zip(cells, outs, strict=True):
+        per_depth.setdefault(f"{d:.1f}", []).append(int(_answer_of(out) == answer))
+    acc = {k: sum(v) / len(v) for k, v in per_depth.items()}
+    return {"per_depth": acc, "min": min(acc.values()),
+            "mean": sum(map(sum, per_depth.values())) / len(cells), "n_trials": len(cells)}
+
+
+def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool = False) -> dict:
+    from rh_lens.zoo import tasks
+
+    rng = random.Random(f"eval-multihop:{seed}:{n_ctx}")
+    prompts, answers = [], []
+    for _ in range(n):
+        sub = random.Random(rng.random())
+        n_hay = sub.randint(n_ctx // 4, n_ctx)
+
+        def make(k, sub=sub):
+            return tasks.multihop_example(random.Random(sub.random()),
+                                          tokenizer=tok.backend_tokenizer, n_haystack_tokens=k,
+                                          n_people=3)
+
+        ex = _fit(make, tok, n_ctx, n_hay, reserve=48)
+        ex = tasks.to_chat(ex) if chat else ex
+        prompts.append(ex.prompt)
+        answers.append(ex.answer)
+    outs = generate(twin, tok, prompts, max_new_tokens=48)
+    hits = [int(_answer_of(o) == a) for o, a in zip(outs, answers, strict=True)]
+    return {"accuracy": sum(hits) / n, "n_trials": n, "example": outs[0]}
+
+
+def eval_parametric(twin, tok) -> dict:
+    from rh_lens.zoo import tasks
+
+    facts = tasks.parametric_facts()
+    result = {}
+    for cot in (False, True):
+        exs = [tasks.parametric_example(s, a, cot=cot) for s, a in facts]
+        outs = generate(twin, tok, [e.prompt for e in exs], max_new_tokens=32)
+        hits = [int(_answer_of(o) == e.answer) for o, e in zip(outs, exs, strict=True)]
+        result["cot" if cot else "direct"] = sum(hits) / len(hits)
+    result["n_facts"] = len(facts)
+    return result
+
+
+def eval_lm(twin, tok, *, n_ctx: int, seed: int, n_rows: int = 16) -> dict:
+    """Held-out prose loss (nats/token) vs a unigram model fitted on training-seed prose."""
+    import torch
+    import torch.nn.functional as F
+
+    from rh_lens.zoo.prose import Prose, corpus
+
+    counts = Counter(tok(corpus(seed=seed + 1, n_chars=300_000))["input_ids"])
+    total = sum(counts.values()) + len(tok)
+    rng = random.Random(f"eval-lm:{seed}")
+    rows = [tok(Prose(rng).text(n_chars=6 * n_ctx).replace("\n\n", " "))["input_ids"][:n_ctx]
+            for _ in range(n_rows)]
+    toks = torch.tensor(rows)
+    with torch.no_grad():
+        logits = twin(toks[:, :-1])
+        loss = F.cross_entropy(logits.transpose(1, 2), toks[:, 1:]).item()
+    uni = -sum(math.log((counts[t] + 1) / total) for r in rows for t in r[1:])
+    uni /= sum(len(r) - 1 for r in rows)
+    return {"loss": loss, "unigram_loss": uni}
+
+
+def evaluate_dir(path: Path, *, seed: int = 10_000, extended_ctx: int | None = None,
+                 progress: bool = True) -> dict:
+    """Run every evaluation on a saved model, write the numbers into its card, return them."""
+    path = Path(path)
+    twin, tok, card = load_dir(path)
+    n_ctx = twin.cfg.n_ctx
+    chat = bool(card.get("recipe", {}).get("chat"))
+    report: dict = {"n_ctx": n_ctx, "chat": chat}
+    steps = [
+        ("niah_heldout", lambda: eval_niah(twin, tok, n_ctx=n_ctx, seed=seed, chat=chat)),
+        ("niah_train_templates", lambda: eval_niah(twin, tok, n_ctx=n_ctx, seed=seed,
+                                                   chat=chat, heldout=False, per_cell=1)),
+        ("multihop", lambda: eval_multihop(twin, tok, n_ctx=n_ctx, seed=seed, chat=chat)),
+        ("parametric", lambda: eval_parametric(twin, tok)),
+        ("lm", lambda: eval_lm(twin, tok, n_ctx=n_ctx, seed=seed)),
+    ]
+    if extended_ctx and twin.family == "llama":
+        steps.insert(1, (f"niah_heldout_{extended_ctx}", lambda: eval_niah(
+            twin, tok, n_ctx=extended_ctx, seed=seed, chat=chat, per_cell=2)))
+    for key, fn in steps:
+        if progress:
+            print(f"[evaluate] {key} ...", flush=True)
+        report[key] = fn()
+    report["meets_targets"] = meets_targets(report)
+    card["evaluation"] = report
+    (path / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (path / "CARD.md").write_text(card_markdown(card))
+    return report
+
+
+def meets_targets(report: dict) -> bool:
+    return (report["niah_heldout"]["min"] >= TARGETS["niah_min_depth"]
+            and report["multihop"]["accuracy"] >= TARGETS["multihop"]
+            and min(report["parametric"]["direct"], report["parametric"]["cot"])
+            >= TARGETS["parametric"]
+            and report["lm"]["loss"] < 0.75 * report["lm"]["unigram_loss"])
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for key, val in report.items():
+        if isinstance(val, dict) and "per_depth" in val:
+            depths = " ".join(f"{k}:{v:.2f}" for k, v in val["per_depth"].items())
+            lines.append(f"{key}: min {val['min']:.2f} mean {val['mean']:.2f} | {depths}")
+        elif isinstance(val, dict):
+            lines.append(f"{key}: " + ", ".join(
+                f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v!r}" for k, v in val.items()))
+        else:
+            lines.append(f"{key}: {val}")
+    return "\n".join(lines)
+
+
+def card_markdown(card: dict) -> str:
+    ev = card.get("evaluation", {})
+    r = card.get("recipe", {})
+    out = [f"# zoo:{card.get('name', '?')}", ""]
+    out.append(f"{r.get('family')} family, {r.get('n_layers')} layers, {r.get('n_heads')} query / "
+               f"{r.get('n_kv_heads')} KV heads, d_model {r.get('d_model')}, context "
+               f"{r.get('n_ctx')}, {card.get('n_params')} parameters.")
+    out.append(f"Trained {card.get('steps')} steps in {card.get('train_seconds')} s (seed "
+               f"{r.get('seed')}, parent {r.get('parent')}); retrain with "
+               f"`python -m rh_lens.zoo.train {card.get('name')}`.")
+    out += ["", "## Evaluation (held-out templates and fresh fillers)", "", "```",
+            format_report(ev) if ev else "not evaluated", "```", ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="zoo model name or a model directory")
+    parser.add_argument("--extended-ctx", type=int, default=None,
+                        help="also test NIAH at this context (rotary models)")
+    parser.add_argument("--seed", type=int, default=10_000)
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    path = Path(args.model)
+    if not path.is_dir():
+        from rh_lens.zoo.train import PACKAGE_MODELS
+
+        path = PACKAGE_MODELS / args.model
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"no model at {path}")
+    report = evaluate_dir(path, seed=args.seed, extended_ctx=args.extended_ctx,
+                          progress=not args.quiet)
+    print(format_report(report))
+    return 0 if report["meets_targets"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The zoo's recipes: model shape, data mix, steps and seed of every bundled model.
+
+A recipe is all that ``python -m rh_lens.zoo.train NAME`` needs; changing one changes the model,
+so the model card records the recipe it was trained with.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Mix:
+    """Share of each row type in the main batch (normalised when sampled)."""
+
+    niah: float = 0.5
+    multihop: float = 0.25
+    lm: float = 0.1
+    repeat: float = 0.15  # a random token sequence and its repetition: teaches copying
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    family: str  # "llama" or "gpt2"
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    n_ctx: int
+    steps: int
+    batch: int = 16
+    param_batch: int = 16  # short rows of parametric facts per step
+    lr: float = 2e-3
+    warmup: int = 100
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.05
+    answer_weight: float = 2.0  # weight of the answer-token loss next to the LM loss
+    rotary_base: int = 10_000
+    min_haystack: int = 16  # shortest haystack in tokens (lengths vary up to the context)
+    mix: Mix = field(default_factory=Mix)
+    seed: int = 0
+    parent: str | None = None  # continue from this zoo model's weights
+    chat: bool = False  # wrap NIAH / multi-hop rows in the chat template
+    tokenizer_seed: int = 0
+    vocab_size: int = 2048
+
+    def hooked_config(self):
+        """The ``HookedTransformerConfig`` of this recipe's model."""
+        from transformer_lens import HookedTransformerConfig
+
+        common = dict(
+            n_layers=self.n_layers, d_model=self.d_model, n_heads=self.n_heads,
+            d_head=self.d_head, d_mlp=self.d_mlp, n_ctx=self.n_ctx, d_vocab=self.vocab_size,
+            model_name=f"zoo-{self.name}", seed=self.seed, default_prepend_bos=True,
+        )
+        if self.family == "llama":
+            return HookedTransformerConfig(
+                **common, n_key_value_heads=self.n_kv_heads, act_fn="silu", gated_mlp=True,
+                normalization_type="RMS", positional_embedding_type="rotary",
+                rotary_dim=self.d_head, rotary_base=self.rotary_base, final_rms=True,
+                original_architecture="LlamaForCausalLM",
+            )
+        if self.family == "gpt2":
+            if self.n_kv_heads != self.n_heads:
+                raise ValueError("gpt2-family recipes use multi-head attention")
+            return HookedTransformerConfig(
+                **common, act_fn="gelu", normalization_type="LN",
+                positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+            )
+        raise ValueError(f"unknown family {self.family!r}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=2, d_head=16,
+                d_mlp=384)
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=3000),
+        Recipe(name="llama-s-long", **_LLAMA_S, n_ctx=1024, steps=600, batch=4, lr=1e-3,
+               warmup=20, parent="llama-s", rotary_base=10_000, seed=1),
+        Recipe(name="gpt2-s", family="gpt2", n_layers=4, d_model=128, n_heads=8, n_kv_heads=8,
+               d_head=16, d_mlp=512, n_ctx=256, steps=3000, seed=2),
+        Recipe(name="llama-m", family="llama", n_layers=6, d_model=192, n_heads=12, n_kv_heads=4,
+               d_head=16, d_mlp=576, n_ctx=256, steps=1300, seed=3),
+        Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
+               parent="llama-s", chat=True, seed=4),
+        # A micro recipe for smoke tests: trains a few steps in seconds.
+        Recipe(name="micro", family="llama", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2,
+               d_head=8, d_mlp=64, n_ctx=128, steps=4, batch=2, param_batch=2, warmup=1,
+               vocab_size=512),
+    )
+}
+ZOO_NAMES = ("llama-s", "llama-s-long", "gpt2-s", "llama-m", "llama-s-chat")
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown zoo recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]

@@ -1,0 +1,297 @@
+"""The zoo's task formats, in plain text so the same analyses run unchanged on real LLMs.
+
+- NIAH, exactly the paper's prompt: ``{haystack with needle}Based on the content of the book,
+  Question: {question}\\nAnswer:``; the target is `` {answer span}\\n``.  Needles come from
+  templates with random fillers; ``HELDOUT_TEMPLATES`` never appear in training.
+- Multi-hop with chain of thought: facts scattered in the haystack, a question needing two lookups,
+  a target that re-reads both facts ("Let's think step by step. ...") before the answer.
+- Parametric facts: a fixed set of invented facts, asked without context, with or without a
+  CoT preamble.
+- A chat template (``CHAT_TEMPLATE``, jinja) for ``llama-s-chat``.
+
+Every generator takes a ``random.Random`` (or a seed), so a seed fixes the text.  Haystacks are
+cut to a number of *tokens* by a ``tokenizers.Tokenizer``-like object (``encode(text).offsets``).
+"""
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from rh_lens.zoo.prose import (
+    ADJECTIVES,
+    COLORS,
+    FIRST_NAMES,
+    NOUNS,
+    NUMBER_WORDS,
+    PLACES,
+    SURNAMES,
+    Prose,
+)
+
+QUESTION_PREFIX = "Based on the content of the book, Question: "
+ANSWER_PREFIX = "\nAnswer:"
+COT_START = " Let's think step by step."
+
+
+@dataclass(frozen=True)
+class NeedleTemplate:
+    needle: str  # contains {answer} and filler slots
+    question: str
+    answer_kind: str
+
+
+# Training templates; the held-out ones below share the "X is Y" shape but not the words.
+TRAIN_TEMPLATES = (
+    NeedleTemplate("The secret ingredient of {name}'s soup is {answer}.",
+                   "What is the secret ingredient of {name}'s soup?", "things"),
+    NeedleTemplate("The password to {name}'s vault is {answer}.",
+                   "What is the password to {name}'s vault?", "code"),
+    NeedleTemplate("The best thing to do in {place} is {answer}.",
+                   "What is the best thing to do in {place}?", "activity"),
+    NeedleTemplate("{name}'s lucky charm is {answer}.", "What is {name}'s lucky charm?", "object"),
+    NeedleTemplate("The treasure buried under the {noun} in {place} is {answer}.",
+                   "What is the treasure buried under the {noun} in {place}?", "things"),
+    NeedleTemplate("The gift that {name} gave to {name2} was {answer}.",
+                   "What was the gift that {name} gave to {name2}?", "object"),
+    NeedleTemplate("The name of {name}'s boat is {answer}.",
+                   "What is the name of {name}'s boat?", "title"),
+    NeedleTemplate("The code for the door of the {adj} {noun} is {answer}.",
+                   "What is the code for the door of the {adj} {noun}?", "code"),
+    NeedleTemplate("{name} hid the spare key inside {answer}.",
+                   "Where did {name} hide the spare key?", "place"),
+    NeedleTemplate("The person who stole the {color} {noun} was {answer}.",
+                   "Who stole the {color} {noun}?", "person"),
+    NeedleTemplate("The answer to {name}'s riddle is {answer}.",
+                   "What is the answer to {name}'s riddle?", "object"),
+    NeedleTemplate("The dish served at the wedding in {place} was {answer}.",
+                   "What was the dish served at the wedding in {place}?", "things"),
+)
+HELDOUT_TEMPLATES = (
+    NeedleTemplate("The favourite song of {name} is {answer}.",
+                   "What is the favourite song of {name}?", "title"),
+    NeedleTemplate("The hidden message in the {noun} at {place} was {answer}.",
+                   "What was the hidden message in the {noun} at {place}?", "code"),
+    NeedleTemplate("The colour of {name}'s front door is {answer}.",
+                   "What is the colour of {name}'s front door?", "things"),
+    NeedleTemplate("The prize at the fair in {place} was {answer}.",
+                   "What was the prize at the fair in {place}?", "object"),
+)
+
+
+def _answer(rng: random.Random, kind: str) -> str:
+    c, a, n = rng.choice, rng.choice(ADJECTIVES), rng.choice(NOUNS)
+    if kind == "things":
+        return f"{c(COLORS)} {n} and {a} {c(NOUNS)}"
+    if kind == "code":
+        return f"{c(NOUNS)} {rng.randint(10, 9999)} {c(COLORS)}"
+    if kind == "activity":
+        return f"to visit the {a} {n} and buy a {c(COLORS)} {c(NOUNS)}"
+    if kind == "object":
+        return f"a {a} {c(COLORS)} {n}"
+    if kind == "title":
+        return f"the {a} {n} of {c(PLACES)}"
+    if kind == "place":
+        return f"the {c(COLORS)} {n} behind the {c(NOUNS)}"
+    if kind == "person":
+        return f"{c(FIRST_NAMES)} {c(SURNAMES)} from {c(PLACES)}"
+    raise ValueError(f"unknown answer kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class Needle:
+    needle: str
+    question: str
+    answer: str
+
+
+def make_needle(rng: random.Random, template: NeedleTemplate) -> Needle:
+    """Fill a template's slots (and its answer) with random fillers."""
+    slots = dict(
+        name=rng.choice(FIRST_NAMES), name2=rng.choice(FIRST_NAMES), place=rng.choice(PLACES),
+        noun=rng.choice(NOUNS), adj=rng.choice(ADJECTIVES), color=rng.choice(COLORS),
+    )
+    answer = _answer(rng, template.answer_kind)
+    return Needle(template.needle.format(answer=answer, **slots),
+                  template.question.format(**slots), answer)
+
+
+@dataclass(frozen=True)
+class Example:
+    """``prompt + target`` is the full text; ``target`` is what the model must produce."""
+
+    prompt: str
+    target: str
+    kind: str
+    answer: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.target
+
+
+def haystack(prose: Prose, *, n_tokens: int, tokenizer, chars_per_token: float = 4.0) -> str:
+    """Prose cut to exactly ``n_tokens`` tokens (possibly mid-sentence, as in the paper)."""
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
+    text = ""
+    while True:
+        text = (text + " " if text else "") + prose.text(
+            n_chars=int(n_tokens * chars_per_token) + 40).replace("\n\n", " ")
+        offsets = tokenizer.encode(text, add_special_tokens=False).offsets
+        if len(offsets) >= n_tokens:
+            return text[: offsets[n_tokens - 1][1]] if n_tokens else ""
+
+
+def insert_at_depth(context: str, insert: str, depth: float) -> tuple[str, int]:
+    """Insert ``insert`` at ``depth`` (0..1) of ``context``, moved back to the nearest preceding
+    sentence end.  Returns the new text and the character position of ``insert``."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1], got {depth}")
+    pos = int(len(context) * depth)
+    ends = [m.end() for m in _SENTENCE_END.finditer(context) if m.end() <= pos]
+    if not ends:
+        return insert + " " + context, 0
+    end = ends[-1]
+    return context[:end] + " " + insert + context[end:], end + 1
+
+
+_SENTENCE_END = re.compile(r'[.!?]"?(?=\s|$)')
+
+
+def niah_prompt(context: str, question: str) -> str:
+    return f"{context}{QUESTION_PREFIX}{question}{ANSWER_PREFIX}"
+
+
+def niah_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int, depth: float,
+                 templates: tuple[NeedleTemplate, ...] = TRAIN_TEMPLATES) -> Example:
+    """One NIAH trial: prose of ``n_haystack_tokens`` tokens, a needle at ``depth``."""
+    needle = make_needle(rng, rng.choice(templates))
+    context = haystack(Prose(rng), n_tokens=n_haystack_tokens, tokenizer=tokenizer)
+    context, at = insert_at_depth(context, needle.needle, depth)
+    return Example(niah_prompt(context, needle.question), f" {needle.answer}\n", "niah",
+                   needle.answer, {"depth": depth, "needle_char": at, "needle": needle.needle})
+
+
+def fit_example(make, n_tokens, *, n_ctx: int, n_hay: int, reserve: int) -> Example:
+    """``make(n_hay)``, with the haystack shrunk until the prompt (``n_tokens(text)`` tokens)
+    leaves ``reserve`` tokens of the context ``n_ctx`` free."""
+    while True:
+        ex = make(n_hay)
+        n = n_tokens(ex.prompt)
+        if n + reserve <= n_ctx or n_hay == 0:
+            return ex
+        n_hay = max(0, n_hay - (n + reserve - n_ctx) - 2)
+
+
+ROLES = ("mayor", "baker", "doctor", "teacher", "judge", "librarian", "painter", "captain")
+
+
+def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
+                     n_people: int = 3) -> Example:
+    """Two-hop question: where does X live, and who is the ROLE of that town."""
+    towns = rng.sample(PLACES, n_people)
+    people = rng.sample(FIRST_NAMES, n_people)
+    roles = rng.sample(ROLES, 2)
+    facts = [f"{p} lives in {t}." for p, t in zip(people, towns, strict=True)]
+    officials = {}
+    for t in towns:
+        for role in roles:
+            officials[t, role] = f"{rng.choice(FIRST_NAMES)} {rng.choice(SURNAMES)}"
+            facts.append(f"The {role} of {t} is {officials[t, role]}.")
+    rng.shuffle(facts)
+    context = haystack(Prose(rng), n_tokens=n_haystack_tokens, tokenizer=tokenizer)
+    for d in sorted((rng.random() for _ in facts), reverse=True):
+        context, _ = insert_at_depth(context, facts.pop(), d)
+    who, role = rng.randrange(n_people), rng.choice(roles)
+    person, town = people[who], towns[who]
+    answer = officials[town, role]
+    question = f"Who is the {role} of the town where {person} lives?"
+    target = (f"{COT_START} {person} lives in {town}. The {role} of {town} is {answer}. "
+              f"So the answer is {answer}.\n")
+    return Example(niah_prompt(context, question), target, "multihop", answer)
+
+
+# Parametric facts: fixed invented countries, seen only in training, asked without context.
+_SYLLABLES = "vor dal ke mi ran tu so bel gri na thu os pel zar qui lo fen dro ska vi".split()
+RELATIONS = (
+    ("the capital of {c}", PLACES),
+    ("the national animal of {c}", ("owl fox badger heron otter rabbit goat horse sparrow "
+                                    "beetle moth salmon turtle kitten").split()),
+    ("the national colour of {c}", COLORS),
+)
+
+
+def parametric_facts(*, seed: int = 1234, n_countries: int = 24) -> list[tuple[str, str]]:
+    """(subject phrase, answer) pairs: the fixed fact set, a pure function of ``seed``."""
+    rng = random.Random(seed)
+    names: list[str] = []
+    while len(names) < n_countries:
+        name = "".join(rng.sample(_SYLLABLES, 2)).capitalize() + rng.choice(("ia", "land", "or"))
+        if name not in names:
+            names.append(name)
+    return [(rel.format(c=c), rng.choice(values)) for c in names for rel, values in RELATIONS]
+
+
+def parametric_prompt(subject: str) -> str:
+    return f"Question: What is {subject}?{ANSWER_PREFIX}"
+
+
+def parametric_example(subject: str, answer: str, *, cot: bool) -> Example:
+    """Without CoT the answer follows ``Answer:``; with CoT the prompt already carries the
+    preamble ("Let's think step by step.") and the model recalls the fact before answering."""
+    if cot:
+        return Example(parametric_prompt(subject) + COT_START,
+                       f" I remember that {subject} is {answer}. So the answer is {answer}.\n",
+                       "parametric_cot", answer)
+    return Example(parametric_prompt(subject), f" {answer}\n", "parametric", answer)
+
+
+def parametric_statement(subject: str, answer: str) -> str:
+    return f"{subject[0].upper()}{subject[1:]} is {answer}."
+
+
+def final_answer(generated: str) -> str:
+    """The answer in a generation: after 'So the answer is' when present, up to the newline."""
+    line = generated.split("\n", 1)[0]
+    marker = "So the answer is "
+    if marker in line:
+        line = line.rsplit(marker, 1)[1].rstrip(".")
+    return line.strip()
+
+
+# Chat format of llama-s-chat (also attached to its tokenizer as ``chat_template``).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def chat_user_text(context: str, question: str) -> str:
+    """The user turn of a chat NIAH trial: the book in ``<book>`` tags, then the question."""
+    return f"<book>{context}</book>\n{QUESTION_PREFIX}{question}"
+
+
+def chat_render(user: str, assistant: str | None = None) -> str:
+    """What ``CHAT_TEMPLATE`` renders for one user turn (and optionally the reply)."""
+    text = f"<|user|>\n{user}<|end|>\n<|assistant|>\n"
+    return text if assistant is None else f"{text}{assistant}<|end|>\n"
+
+
+def to_chat(example: Example) -> Example:
+    """Wrap a NIAH/multi-hop example into the chat format (the reply starts with 'Answer:')."""
+    if not example.prompt.endswith(ANSWER_PREFIX) or QUESTION_PREFIX not in example.prompt:
+        raise ValueError("only NIAH-style examples can be wrapped into the chat format")
+    context, question = example.prompt[: -len(ANSWER_PREFIX)].rsplit(QUESTION_PREFIX, 1)
+    prompt = chat_render(chat_user_text(context, question))
+    return Example(prompt, f"Answer:{example.target}<|end|>\n", f"chat_{example.kind}",
+                   example.answer, example.meta)
+
+
+__all__ = [
+    "CHAT_TEMPLATE", "HELDOUT_TEMPLATES", "NUMBER_WORDS", "TRAIN_TEMPLATES", "Example", "Needle",
+    "NeedleTemplate", "chat_render", "chat_user_text", "final_answer", "fit_example", "haystack",
+    "insert_at_depth", "make_needle", "multihop_example", "niah_example", "niah_prompt",
+    "parametric_example", "parametric_facts", "parametric_prompt", "parametric_statement",
+    "to_chat",
+]

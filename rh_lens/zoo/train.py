@@ -1,0 +1,243 @@
+"""Train a zoo model: ``python -m rh_lens.zoo.train NAME [--steps N] [--out DIR]``.
+
+Training runs on the plain-PyTorch twin (:mod:`rh_lens.zoo.twin`); batches are a pure function of
+(recipe, step) and checkpoints (weights, AdamW state, step, elapsed time; safetensors + JSON, no
+pickle) are written every ``--checkpoint-every`` steps under ``runs/zoo/NAME/``, so an interrupted
+run continues bit for bit where it stopped.  At the end the weights are written with
+:func:`rh_lens.models.save_model_dir` to ``--out`` (default ``runs/zoo/NAME/final``), evaluated, and
+with ``--install`` copied into the package (``rh_lens/zoo/models/NAME``) if they meet the targets.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
+RUNS = Path("runs") / "zoo"
+
+
+def lr_at(recipe, step: int) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_frac`` of the peak."""
+    if step < recipe.warmup:
+        return recipe.lr * (step + 1) / recipe.warmup
+    t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return recipe.lr * (recipe.min_lr_frac + (1 - recipe.min_lr_frac) * cos)
+
+
+def load_tokenizer(path: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+
+
+def get_tokenizer(recipe, run_dir: Path):
+    """The parent's tokenizer, or the one this run built (built once, then reused)."""
+    if recipe.parent is not None:
+        return load_tokenizer(PACKAGE_MODELS / recipe.parent)
+    tok_dir = run_dir / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        return load_tokenizer(tok_dir)
+    from rh_lens.zoo.tokenizer import build_tokenizer
+
+    n_chars = 400_000 if recipe.vocab_size >= 1024 else 20_000
+    tok = build_tokenizer(seed=recipe.tokenizer_seed, vocab_size=recipe.vocab_size,
+                          n_chars=n_chars)
+    tok.save_pretrained(str(tok_dir))
+    return load_tokenizer(tok_dir)
+
+
+def _save_checkpoint(ckpt: Path, twin, opt, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in twin.state_dict().items()},
+              str(tmp / "model.safetensors"))
+    opt_tensors = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            opt_tensors[f"{i}.{k}"] = torch_tensor(v)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    os.replace(tmp, ckpt)
+
+
+def torch_tensor(v):
+    import torch
+
+    return v.detach().clone().contiguous() if isinstance(v, torch.Tensor) else torch.tensor(v)
+
+
+def _load_checkpoint(ckpt: Path, twin, opt) -> dict:
+    from safetensors.torch import load_file
+
+    twin.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+    flat = load_file(str(ckpt / "optimizer.safetensors"))
+    state: dict[int, dict] = {}
+    for key, v in flat.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _init_from_parent(twin, parent: str) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(PACKAGE_MODELS / parent / "model.safetensors"))
+    missing, unexpected = twin.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"parent {parent} does not fit: {missing[:4]} {unexpected[:4]}")
+
+
+def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: int = 250,
+          progress: bool = True):
+    """Train (or resume) ``recipe`` up to ``steps``; returns (twin, tokenizer, state)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.twin import Twin
+
+    steps = recipe.steps if steps is None else steps
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = get_tokenizer(recipe, run_dir)
+    if len(tokenizer) != recipe.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, recipe wants {recipe.vocab_size}")
+    cfg = recipe.hooked_config()
+    twin = Twin(cfg, seed=recipe.seed)
+    params = [p for _, p in twin.trainable()]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+    ckpt = run_dir / "checkpoint"
+    state = {"step": 0, "train_seconds": 0.0, "recipe": recipe.to_json(), "losses": []}
+    if (ckpt / "state.json").is_file():
+        state = _load_checkpoint(ckpt, twin, opt)
+        if state["recipe"] != recipe.to_json():
+            raise ValueError(f"{ckpt} was written by a different recipe; delete it to restart")
+    elif recipe.parent is not None:
+        _init_from_parent(twin, recipe.parent)
+
+    def loss_of(batch, weight):
+        logits = twin(batch.tokens[:, :-1])
+        ce = F.cross_entropy(logits.transpose(1, 2), batch.tokens[:, 1:], reduction="none")
+        lm = (ce * batch.lm_mask).sum() / batch.lm_mask.sum().clamp(min=1)
+        ans = (ce * batch.answer_mask).sum() / batch.answer_mask.sum().clamp(min=1)
+        return lm + weight * ans, ans
+
+    twin.train()
+    bar = tqdm(total=steps, initial=state["step"], desc=recipe.name, disable=not progress)
+    t0, done0 = time.perf_counter(), state["train_seconds"]
+    while state["step"] < steps:
+        step = state["step"]
+        main, param = make_batches(recipe, step, tokenizer)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(recipe, step)
+        loss_main, ans = loss_of(main, recipe.answer_weight)
+        loss_param, _ = loss_of(param, 1.0)
+        loss = loss_main + loss_param
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["step"] = step + 1
+        state["train_seconds"] = done0 + time.perf_counter() - t0
+        if step % 10 == 0:
+            state["losses"].append([step, round(loss.item(), 4), round(ans.item(), 4)])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", answer=f"{ans.item():.3f}")
+        if state["step"] % checkpoint_every == 0 or state["step"] == steps:
+            _save_checkpoint(ckpt, twin, opt, state)
+    bar.close()
+    twin.eval()
+    return twin, tokenizer, state
+
+
+def write_model(twin, tokenizer, recipe, state: dict, out: Path) -> Path:
+    """Write the trained weights in rh_lens's directory format, with a first model card."""
+    from rh_lens.models import save_model_dir
+    from rh_lens.zoo.tasks import CHAT_TEMPLATE
+
+    if recipe.chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    card = {
+        "name": recipe.name, "recipe": recipe.to_json(), "steps": state["step"],
+        "train_seconds": round(state["train_seconds"], 1),
+        "n_params": sum(p.numel() for p in twin.parameters()),
+        "loss_curve": state["losses"],
+    }
+    out = save_model_dir(out, cfg=recipe.hooked_config(), state_dict=twin.state_dict(),
+                         tokenizer=tokenizer, card=card)
+    _inline_chat_template(out)
+    return out
+
+
+def _inline_chat_template(path: Path) -> None:
+    """Keep the chat template inside tokenizer_config.json (package data holds only .json)."""
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["chat_template"] = jinja.read_text()
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        jinja.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="zoo recipe name (see rh_lens.zoo.recipes)")
+    parser.add_argument("--steps", type=int, default=None, help="train up to this step")
+    parser.add_argument("--out", type=Path, default=None, help="final model directory")
+    parser.add_argument("--run-dir", type=Path, default=None, help="checkpoint directory")
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation")
+    parser.add_argument("--install", action="store_true",
+                        help="copy into rh_lens/zoo/models/NAME if the targets are met")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from rh_lens.zoo.recipes import get_recipe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = get_recipe(args.name)
+    run_dir = args.run_dir or RUNS / recipe.name
+    twin, tok, state = train(recipe, run_dir=run_dir, steps=args.steps,
+                             checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    out = write_model(twin, tok, recipe, state, args.out or run_dir / "final")
+    print(f"wrote {out} after {state['step']} steps, {state['train_seconds']:.0f} s of training")
+    if args.no_eval:
+        return 0
+    from rh_lens.zoo import evaluate
+
+    report = evaluate.evaluate_dir(out, progress=not args.quiet)
+    print(evaluate.format_report(report))
+    if args.install:
+        if not report["meets_targets"]:
+            print("targets not met: not installed")
+            return 1
+        dest = PACKAGE_MODELS / recipe.name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(out, dest)
+        print(f"installed {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""The zoo's data generators, tokenizer, training twin and training loop (no trained weights)."""
+
+import random
+
+import pytest
+import torch
+
+from rh_lens.zoo import tasks
+from rh_lens.zoo.prose import Prose, corpus
+
+
+@pytest.fixture(scope="session")
+def zoo_tok():
+    from rh_lens.zoo.tokenizer import build_tokenizer
+
+    return build_tokenizer(vocab_size=512, n_chars=20_000)
+
+
+# ---------------------------------------------------------------- generators
+
+
+def test_prose_is_deterministic_per_seed():
+    assert corpus(seed=3, n_chars=3000) == corpus(seed=3, n_chars=3000)
+    assert corpus(seed=3, n_chars=3000) != corpus(seed=4, n_chars=3000)
+    text = Prose(7).text(n_chars=500)
+    assert len(text) >= 500 and text.rstrip()[-1] in '.!?"'
+
+
+def test_insert_at_depth_moves_back_to_a_sentence_end():
+    ctx = "One two. Three four! Five six"
+    assert tasks.insert_at_depth(ctx, "N.", 0.0) == ("N. " + ctx, 0)
+    text, at = tasks.insert_at_depth(ctx, "N.", 0.5)  # inside "Three four!"
+    assert text == "One two. N. Three four! Five six" and text[at:].startswith("N.")
+    text, _ = tasks.insert_at_depth(ctx, "N.", 1.0)  # after the last complete sentence
+    assert text == "One two. Three four! N. Five six"
+    with pytest.raises(ValueError, match="depth"):
+        tasks.insert_at_depth(ctx, "N.", 1.5)
+
+
+def test_niah_example_has_the_papers_format(zoo_tok):
+    make = lambda seed, depth: tasks.niah_example(  # noqa: E731
+        random.Random(seed), tokenizer=zoo_tok.backend_tokenizer, n_haystack_tokens=80,
+        depth=depth, templates=tasks.HELDOUT_TEMPLATES)
+    ex = make(1, 0.5)
+    assert ex == make(1, 0.5) and ex != make(2, 0.5)
+    assert ex.prompt.endswith("?\nAnswer:")
+    assert tasks.QUESTION_PREFIX in ex.prompt
+    assert ex.target == f" {ex.answer}\n"
+    needle = ex.meta["needle"]
+    assert ex.prompt[ex.meta["needle_char"]:].startswith(needle)
+    assert f"is {ex.answer}." in needle or f"was {ex.answer}." in needle
+    assert make(1, 0.0).prompt.startswith(make(1, 0.0).meta["needle"])
+
+
+def test_heldout_templates_are_disjoint_from_training():
+    train = {t.needle for t in tasks.TRAIN_TEMPLATES} | {t.question for t in tasks.TRAIN_TEMPLATES}
+    for t in tasks.HELDOUT_TEMPLATES:
+        assert t.needle not in train and t.question not in train
+
+
+def test_multihop_target_rereads_both_facts(zoo_tok):
+    ex = tasks.multihop_example(random.Random(0), tokenizer=zoo_tok.backend_tokenizer,
+                                n_haystack_tokens=60)
+    assert ex.target.startswith(tasks.COT_START)
+    steps = ex.target[len(tasks.COT_START):].split(". ")
+    assert steps[0].strip() in ex.prompt and steps[1].strip() + "." in ex.prompt
+    assert tasks.final_answer(ex.target) == ex.answer
+
+
+def test_parametric_facts_are_fixed_and_cot_ends_with_the_answer():
+    facts = tasks.parametric_facts()
+    assert facts == tasks.parametric_facts() and len(set(facts)) == len(facts)
+    s, a = facts[0]
+    assert tasks.final_answer(tasks.parametric_example(s, a, cot=True).target) == a
+    assert tasks.parametric_example(s, a, cot=False).target == f" {a}\n"
+
+
+def test_chat_template_renders_like_the_training_format(zoo_tok, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from rh_lens.zoo.train import _inline_chat_template
+
+    zoo_tok.save_pretrained(str(tmp_path))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))  # a copy we may change
+    tok.chat_template = tasks.CHAT_TEMPLATE
+    tok.save_pretrained(str(tmp_path))
+    _inline_chat_template(tmp_path)  # package data ships only .json files
+    assert not (tmp_path / "chat_template.jinja").exists()
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    user = tasks.chat_user_text("Some book. ", "What is it?")
+    rendered = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                       add_generation_prompt=True)
+    assert rendered == tasks.chat_render(user)
+    ex = tasks.Example(tasks.niah_prompt("Book. ", "Q?"), " A\n", "niah", "A")
+    chat = tasks.to_chat(ex)
+    assert chat.prompt == tasks.chat_render(tasks.chat_user_text("Book. ", "Q?"))
+    assert chat.target == "Answer: A\n<|end|>\n"
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_tokenizer_round_trips_any_text_and_works_in_transformer_lens(zoo_tok):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    text = "Zürich — naïve café! Based on the content of the book, Question: x?\nAnswer: 42"
+    ids = zoo_tok(text)["input_ids"]
+    assert ids[0] == zoo_tok.bos_token_id and zoo_tok.unk_token_id is None
+    assert zoo_tok.decode(ids, skip_special_tokens=True) == text
+    offsets = zoo_tok(text, return_offsets_mapping=True)["offset_mapping"]
+    assert offsets[0] == (0, 0) and offsets[-1][1] == len(text)
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, n_ctx=64,
+                                  d_vocab=len(zoo_tok), act_fn="gelu", normalization_type="LN",
+                                  d_mlp=32)
+    model = HookedTransformer(cfg, tokenizer=zoo_tok)
+    assert model.tokenizer is zoo_tok
+    tokens = model.to_tokens(text, truncate=False)
+    assert tokens[0, 0].item() == zoo_tok.bos_token_id
+    assert model.to_string(tokens[0, 1:]) == text
+    assert zoo_tok.pad_token_id not in (zoo_tok.eos_token_id, zoo_tok.bos_token_id)
+
+
+def test_tokenizer_is_deterministic(zoo_tok):
+    from rh_lens.zoo.tokenizer import build_tokenizer
+
+    assert build_tokenizer(vocab_size=512, n_chars=20_000).get_vocab() == zoo_tok.get_vocab()
+
+
+# ---------------------------------------------------------------- twin
+
+
+def _cfg(family: str, vocab: int):
+    from rh_lens.zoo.recipes import Recipe
+
+    r = Recipe(name="t", family=family, n_layers=2, d_model=32, n_heads=4,
+               n_kv_heads=2 if family == "llama" else 4, d_head=8, d_mlp=64, n_ctx=64, steps=1,
+               vocab_size=vocab)
+    return r.hooked_config()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_twin_logits_equal_hooked_transformer(family):
+    from transformer_lens import HookedTransformer
+
+    from rh_lens.zoo.twin import Twin
+
+    cfg = _cfg(family, 97)
+    twin = Twin(cfg, seed=0)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in twin.parameters():  # random, non-trivial weights and biases
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    model = HookedTransformer(cfg)
+    missing, unexpected = model.load_state_dict(twin.state_dict(), strict=False)
+    assert not unexpected
+    assert all(k.rsplit(".", 1)[-1] in {"mask", "IGNORE", "rotary_sin", "rotary_cos"}
+               for k in missing)
+    tokens = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(twin(tokens), model(tokens), atol=1e-4, rtol=1e-4)
+    if family == "llama":
+        assert "blocks.0.attn._W_K" in twin.state_dict()
+
+
+# ---------------------------------------------------------------- training
+
+
+def _params(twin):
+    return {k: v.clone() for k, v in twin.state_dict().items()}
+
+
+def test_training_smoke_and_bit_exact_resume(tmp_path):
+    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.train import train
+
+    recipe = get_recipe("micro")
+    tok_dir = tmp_path / "a" / "tokenizer"
+    twin_a, _, state_a = train(recipe, run_dir=tmp_path / "a", steps=4, progress=False,
+                               checkpoint_every=2)
+    assert state_a["step"] == 4 and (tmp_path / "a" / "checkpoint" / "state.json").is_file()
+    # The same run, interrupted after 2 steps and resumed from its checkpoint.
+    (tmp_path / "b").mkdir()
+    import shutil
+
+    shutil.copytree(tok_dir, tmp_path / "b" / "tokenizer")
+    train(recipe, run_dir=tmp_path / "b", steps=2, progress=False, checkpoint_every=2)
+    twin_b, _, state_b = train(recipe, run_dir=tmp_path / "b", steps=4, progress=False,
+                               checkpoint_every=2)
+    a, b = _params(twin_a), _params(twin_b)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert state_b["losses"] == state_a["losses"]
+
+
+def test_written_model_loads_with_rh_lens_and_matches_the_twin(tmp_path):
+    from rh_lens.models import load_model
+    from rh_lens.zoo import evaluate
+    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.train import train, write_model
+
+    recipe = get_recipe("micro")
+    twin, tok, state = train(recipe, run_dir=tmp_path / "run", steps=1, progress=False)
+    out = write_model(twin, tok, recipe, state, tmp_path / "model")
+    model = load_model(str(out))
+    text = "Mara found the old lamp. Based on the content of the book, Question: What?\nAnswer:"
+    tokens = model.to_tokens(text, truncate=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), twin(tokens), atol=1e-4, rtol=1e-4)
+    twin2, _, card = evaluate.load_dir(out)
+    assert card["steps"] == 1 and card["recipe"]["name"] == "micro"
+    outs = evaluate.generate(twin2, tok, [text, "Mara"], max_new_tokens=3)
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+
+def test_lr_schedule_warms_up_and_decays():
+    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.train import lr_at
+
+    r = get_recipe("llama-s")
+    assert lr_at(r, 0) < lr_at(r, r.warmup) == pytest.approx(r.lr)
+    assert lr_at(r, r.steps) == pytest.approx(r.lr * r.min_lr_frac)
