@@ -1,0 +1,211 @@
+"""Activation patching and path patching of retrieval heads on clean/corrupted NIAH pairs.
+
+    python -m analyses.path_patch --scores runs/detect/zoo-llama-s --out runs/path_patch/llama-s
+    python -m analyses.path_patch --model zoo:llama-s --senders heads:2.3,3.1 --receivers all \\
+        --components q,k,v,direct --positions needle --out runs/path_patch/llama-s-needle
+
+Pairs: the zoo's held-out needles (``rh_lens.niah.zoo_inputs``), each answer swapped for another
+answer of the same template with equal token length (``rh_lens.patching.zoo_pairs``).  Metric:
+logit difference of the clean vs corrupted answer token at the last prompt position.  Senders and
+receivers: ``top:K`` (the K best heads of --scores, a detection directory or a reference
+``head_score.json``), ``heads:L.H,...``; receivers also ``all`` (every head).  Writes into --out:
+``result.json`` + ``arrays.npz``, ``activation_patching.html`` (layer x head) and
+``path_patching.html`` (sender x receiver), and prints the strongest heads and paths.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL = "zoo:llama-s"
+COMPONENTS = ("q", "k", "v", "direct")
+
+
+def parse_components(text: str) -> tuple[str, ...]:
+    items = tuple(c.strip() for c in text.split(",") if c.strip())
+    bad = [c for c in items if c not in COMPONENTS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"--components takes a list of {','.join(COMPONENTS)}, "
+                                         f"got {text!r}")
+    return items
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
+    p.add_argument("--scores", type=Path, help="detection directory or head_score.json "
+                   "(needed by top:K)")
+    p.add_argument("--score", choices=("step", "set"), default="step",
+                   help="which score of a detection directory ranks the heads")
+    p.add_argument("--senders", default="top:8", help="top:K or heads:L.H,... (default top:8)")
+    p.add_argument("--receivers", default="top:8",
+                   help="top:K, heads:L.H,... or all (default top:8)")
+    p.add_argument("--components", type=parse_components, default=COMPONENTS,
+                   help="receiver inputs: q,k,v,direct (default all four)")
+    p.add_argument("--out", type=Path, help="output directory (default runs/path_patch/<model>)")
+    p.add_argument("--n-pairs", type=int, default=8, help="clean/corrupted pairs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the needles and alternatives")
+    p.add_argument("--context-length", type=int, help="prompt tokens (default 3/4 of n_ctx)")
+    p.add_argument("--buffer", type=int, help="tokens kept for the question (default "
+                   "min(200, n_ctx/4))")
+    p.add_argument("--depths", type=float, nargs="+", help="needle depths in percent, cycled "
+                   "over pairs (default: evenly from 10 to 90)")
+    p.add_argument("--positions", default="answer", choices=("answer", "needle", "all"),
+                   help="where senders are patched: the last position (answer), the answer "
+                   "inside the context (needle), or everywhere")
+    p.add_argument("--direction", default="denoise", choices=("denoise", "noise"),
+                   help="denoise: clean into corrupted; noise: corrupted into clean")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None, help='"cpu", "cuda" or "auto"')
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--top", type=int, default=10, help="heads and paths to print")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rh_lens.errors import RhLensError
+
+    try:
+        return _run(args, argv)
+    except (RhLensError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def parse_heads(text: str, *, scores, n_layers: int, n_heads: int, what: str,
+                allow_all: bool = False) -> list[tuple[int, int]]:
+    """``top:K``, ``heads:L.H,...`` (or ``all``) as a list of heads."""
+    from rh_lens.hooks import validate_heads
+    from rh_lens.properties import ranked_heads
+
+    if allow_all and text == "all":
+        return [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    kind, _, rest = text.partition(":")
+    if kind == "top":
+        if scores is None:
+            raise ValueError(f"{what} {text}: top:K needs --scores (a detection directory)")
+        if not rest.isdigit() or int(rest) < 1:
+            raise ValueError(f"{what} {text}: K must be a positive integer")
+        return [(layer, head) for layer, head, _ in ranked_heads(scores)[: int(rest)]]
+    if kind == "heads" and rest:
+        try:
+            heads = [tuple(int(x) for x in item.split(".")) for item in rest.split(",")]
+        except ValueError:
+            raise ValueError(f"{what} {text}: write heads as L.H,L.H,...") from None
+        if any(len(h) != 2 for h in heads):
+            raise ValueError(f"{what} {text}: write heads as L.H,L.H,...")
+        return list(validate_heads(heads, n_layers, n_heads))
+    options = "top:K, heads:L.H,... or all" if allow_all else "top:K or heads:L.H,..."
+    raise ValueError(f"{what} must be {options}, got {text!r}")
+
+
+def _run(args, argv) -> int:
+    from rh_lens import patching as P
+    from rh_lens.models import load_model
+    from rh_lens.properties import load_head_scores
+    from rh_lens.results import RunMetadata
+
+    if args.n_pairs < 1:
+        raise ValueError(f"--n-pairs must be positive, got {args.n_pairs}")
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    n_layers, n_heads, n_ctx = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_ctx
+    scores = None
+    if args.scores is not None:
+        scores = load_head_scores(args.scores, score=args.score).mean
+        if scores.shape != (n_layers, n_heads):
+            raise ValueError(f"--scores {args.scores} has {scores.shape[0]}x{scores.shape[1]} "
+                             f"heads, model {args.model} has {n_layers}x{n_heads}")
+    shape = dict(n_layers=n_layers, n_heads=n_heads)
+    senders = parse_heads(args.senders, scores=scores, what="--senders", **shape)
+    receiver_heads = parse_heads(args.receivers, scores=scores, what="--receivers",
+                                 allow_all=True, **shape)
+    receivers = P.head_receivers(receiver_heads, args.components)
+    buffer = args.buffer if args.buffer is not None else min(200, n_ctx // 4)
+    context_length = args.context_length or n_ctx * 3 // 4
+    pairs = P.zoo_pairs(model, args.n_pairs, seed=args.seed, context_length=context_length,
+                        buffer=buffer, depths=args.depths)
+    cfg = P.PatchConfig(positions=args.positions, direction=args.direction,
+                        batch_size=args.batch_size)
+    act = P.compute_activation_patching(model, pairs, cfg, progress=not args.quiet)
+    path = P.compute_path_patching(model, pairs, senders, receivers, cfg,
+                                   progress=not args.quiet)
+    out = args.out or Path("runs") / "path_patch" / args.model.replace(":", "-").replace("/", "_")
+    config = {
+        "model": args.model, "scores": None if args.scores is None else str(args.scores),
+        "score": args.score, "senders": args.senders, "receivers": args.receivers,
+        "components": list(args.components), "n_pairs": args.n_pairs, "seed": args.seed,
+        "context_length": context_length, "buffer": buffer, "depths": args.depths,
+        **cfg.to_dict(),
+        "pairs": [{"n_tokens": p.n_tokens, "clean_answer": model.to_string([p.clean_answer]),
+                   "corrupted_answer": model.to_string([p.corrupted_answer])} for p in pairs],
+    }
+    meta = RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
+    write_outputs(out, act, path, config, meta, name=args.model, top=args.top)
+    return 0
+
+
+def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: int) -> None:
+    from rh_lens import patching as P
+    from rh_lens import plotting
+    from rh_lens.results import save_result, to_jsonable
+
+    clean, corrupted = act.clean_logit_diff, act.corrupted_logit_diff
+    receivers = path.receivers
+    arrays = {
+        "act_logit_diff": act.logit_diff, "act_effect": act.effect,
+        "act_normalized": act.normalized,
+        "path_logit_diff": path.logit_diff, "path_effect": path.effect,
+        "path_total": path.total, "path_total_effect": path.total_effect,
+        "clean_logit_diff": clean, "corrupted_logit_diff": corrupted,
+        "senders": np.array(path.senders, dtype=np.int64).reshape(-1, 2),
+        "receiver_layer": np.array([-1 if r.layer is None else r.layer for r in receivers]),
+        "receiver_head": np.array([-1 if r.head is None else r.head for r in receivers]),
+        "receiver_component": np.array([r.component for r in receivers], dtype="<U6"),
+    }
+    top_heads = _ranked_cells(act.effect, [f"L{i}" for i in range(act.effect.shape[0])],
+                              [f"H{j}" for j in range(act.effect.shape[1])], sep="")
+    top_paths = _ranked_cells(path.effect, path.sender_labels, path.receiver_labels, sep=" -> ")
+    summary = to_jsonable({
+        "n_pairs": int(clean.size),
+        "clean_logit_diff": float(clean.mean()), "corrupted_logit_diff": float(corrupted.mean()),
+        "pairs_discriminated": float(((clean > 0) & (corrupted < 0)).mean()),
+        "senders": path.sender_labels, "receivers": path.receiver_labels,
+        "top_heads": top_heads[:top], "top_paths": top_paths[:top],
+        "sender_total_effect": dict(zip(path.sender_labels, path.total_effect.tolist(),
+                                        strict=True)),
+    }, nan_to_none=True, where="summary")
+    save_result(out, kind="path_patch", config=config, meta=meta, summary=summary, arrays=arrays)
+    plotting.save_figure(P.plot_activation_patching(act, title=f"{name}: activation patching"),
+                         out / "activation_patching.html")
+    plotting.save_figure(P.plot_path_patching(path, title=f"{name}: path patching"),
+                         out / "path_patching.html")
+    print(f"{clean.size} pairs: clean logit diff {clean.mean():.3f}, corrupted "
+          f"{corrupted.mean():.3f} ({summary['pairs_discriminated']:.0%} of pairs "
+          f"discriminated); results in {out}")
+    if not np.isfinite(act.effect).any():
+        print("warning: clean and corrupted runs do not differ; effects are undefined",
+              file=sys.stderr)
+        return
+    print("heads by activation-patching effect:")
+    for label, value in top_heads[:top]:
+        print(f"  {label:<10} {value:+.3f}")
+    print("paths by effect (sender -> receiver):")
+    for label, value in top_paths[:top]:
+        print(f"  {label:<22} {value:+.3f}")
+
+
+def _ranked_cells(table: np.ndarray, rows: list[str], cols: list[str], *,
+                  sep: str) -> list[tuple[str, float]]:
+    """Finite cells by decreasing absolute value, labelled ``row + sep + col``."""
+    cells = [(f"{rows[i]}{sep}{cols[j]}", float(table[i, j]))
+             for i in range(table.shape[0]) for j in range(table.shape[1])
+             if np.isfinite(table[i, j])]
+    return sorted(cells, key=lambda c: -abs(c[1]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
