@@ -10,6 +10,7 @@ path to it, and ``analyses.bench_detect`` measures the speed-up.
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from torch import Tensor
 
 from rh_lens import hooks
 from rh_lens.models import check_context, forward_chunk, new_kv_state
+
+Stop = Literal["newline", "eos"]
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,12 @@ class Decoded:
     text: str
 
 
-def is_stop_token(model, token_id: int) -> bool:
-    """Decoding stops at a token containing a newline (the reference) or at end-of-sequence."""
+def is_stop_token(model, token_id: int, *, stop: Stop = "newline") -> bool:
+    """Decoding stops at end-of-sequence and, with ``stop="newline"`` (the reference), at a
+    token containing a newline."""
     if token_id == model.tokenizer.eos_token_id:
         return True
-    return "\n" in model.tokenizer.decode([token_id])
+    return stop == "newline" and "\n" in model.tokenizer.decode([token_id])
 
 
 @torch.no_grad()
@@ -50,6 +54,7 @@ def decode_greedy(
     record: bool = True,
     prefill_hooks: Sequence[tuple[str, Callable]] = (),
     decode_hooks: Sequence[tuple[str, Callable]] = (),
+    stop: Stop = "newline",
 ) -> list[Decoded]:
     """Greedy decoding of equal-length prompts with a chunked prefill.
 
@@ -57,12 +62,15 @@ def decode_greedy(
     ``prefill_hooks``); every forward that predicts a new token, the last prompt token's and
     each generated token's, runs under ``decode_hooks``.  Ablating "decode steps only", as the
     paper does, is therefore ``decode_hooks`` alone.  With ``record=False`` and no hooks this
-    is plain cached generation: the benchmark's baseline.
+    is plain cached generation: the benchmark's baseline.  ``stop="eos"`` decodes across
+    newlines (multi-line chain-of-thought answers) until end-of-sequence or the cap.
     """
     if prompts.ndim != 2:
         raise ValueError(f"prompts must be [batch, pos], got shape {tuple(prompts.shape)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if stop not in ("newline", "eos"):
+        raise ValueError(f"stop must be 'newline' or 'eos', got {stop!r}")
     batch, n_prompt = prompts.shape
     check_context(model, n_prompt + max_new_tokens, what="prompt plus new tokens")
     n_layers = model.cfg.n_layers
@@ -84,7 +92,7 @@ def decode_greedy(
             if record:
                 steps_positions.append(recorder.table().cpu())
             for b in range(batch):
-                if not done[b] and is_stop_token(model, int(next_ids[b])):
+                if not done[b] and is_stop_token(model, int(next_ids[b]), stop=stop):
                     done[b] = True
                     lengths[b] = step + 1
             if bool(done.all()) or step == max_new_tokens - 1:

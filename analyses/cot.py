@@ -1,0 +1,153 @@
+"""Chain of thought vs direct answers with retrieval heads masked (Wu et al., sec. 5).
+
+    python -m analyses.cot                     # zoo:llama-s, scores of analyses.detect's run
+    python -m analyses.cot --model /ckpt/mistral-instruct --scores runs/detect/mistral \\
+        --items gsm8k.jsonl --cot-template "Question: {question}\\nLet's think step by step." \\
+        --direct-template "Question: {question}\\nThe answer is" --match numeric --stop eos \\
+        --max-new-tokens 256 --ks 20 50 100 --device auto --dtype bfloat16
+
+Without ``--items`` the zoo's four tasks run (``rh_lens.cot.zoo_tasks``): multi-hop questions
+answered with chain of thought and directly, parametric facts asked directly and with a CoT
+preamble.  With ``--items`` (JSONL of ``{"question", "answer", "context"?}``) the tasks are
+``cot`` and ``direct``, one per template (``{question}`` and ``{context}`` are filled in).
+Conditions: no masking, then ``top:K`` and ``random:K`` (``--draws`` seeded draws of K heads that
+are not retrieval heads) for every ``--ks`` K, plus any ``--mask`` (as in ``analyses.ablate``).
+
+Writes into --out: ``conditions/<name>/<task>.json`` (every output and whether it was right;
+a rerun skips finished ones), ``result.json`` + ``arrays.npz`` (accuracy per condition and
+task), ``summary.json``, ``cot.html`` (bar chart) and prints the accuracy table.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "zoo:llama-s"
+DEFAULT_KS = (2, 4, 8)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
+    p.add_argument("--scores", type=Path, help="detection directory or reference-format "
+                   "head_score.json; default: analyses.detect's default output for --model")
+    p.add_argument("--score", choices=("step", "set"), default="step",
+                   help="which score of a detection directory ranks the heads")
+    p.add_argument("--ks", type=int, nargs="+", help=f"K of top:K and random:K (default "
+                   f"{' '.join(map(str, DEFAULT_KS))}, as far as the model has heads)")
+    p.add_argument("--mask", action="append", default=[], metavar="SPEC",
+                   help="further masks: top:K | random:K | heads:L.H,... | groups:L.G,...")
+    p.add_argument("--mode", choices=("uniform", "zero"), default="uniform",
+                   help="uniform: the paper's zero query; zero: head output 0")
+    p.add_argument("--positions", choices=("decode", "all"), default="decode",
+                   help="decode: only steps that predict a token (the paper); all: prefill too")
+    p.add_argument("--draws", type=int, default=2, help="random draws per K")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random-K draws")
+    p.add_argument("--threshold", type=float, default=0.1,
+                   help="retrieval heads (score > this) are never drawn for random-K")
+    p.add_argument("--items", type=Path, help='JSONL of {"question", "answer", "context"?}')
+    p.add_argument("--cot-template", default="{context}Question: {question}\nAnswer: Let's "
+                   "think step by step.", help="CoT prompt for --items")
+    p.add_argument("--direct-template", default="{context}Question: {question}\nAnswer:",
+                   help="direct prompt for --items")
+    p.add_argument("--match", choices=("exact", "numeric"), default="exact",
+                   help="how --items answers are scored")
+    p.add_argument("--n-multihop", type=int, default=24, help="zoo multi-hop questions")
+    p.add_argument("--task-seed", type=int, default=0, help="seed of the zoo questions")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--stop", choices=("newline", "eos"), default="newline",
+                   help="stop decoding at a newline (zoo) or only at end-of-sequence")
+    p.add_argument("--batch", type=int, default=16, help="prompts of equal length per batch")
+    p.add_argument("--out", type=Path, help="output directory (default runs/cot/<model>-<mode>)")
+    p.add_argument("--device", default=None, help='"cpu", "cuda" or "auto"')
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
+    p.add_argument("--n-ctx", type=int, default=None, help="extend a rotary model's context")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from rh_lens.errors import RhLensError
+
+    try:
+        return _run(args, argv)
+    except (RhLensError, ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args, argv) -> int:
+    from analyses.ablate import _slug
+    from rh_lens import cot, plotting
+    from rh_lens.ablation import conditions_from_masks
+    from rh_lens.models import load_model, model_facts
+    from rh_lens.properties import load_head_scores
+    from rh_lens.results import RunMetadata, save_result, to_jsonable, write_json_atomic
+
+    if args.items is not None:  # read the user's items before spending time on the model
+        items = cot.read_items(args.items)
+        tasks = (cot.Task("cot", args.cot_template, items, args.match),
+                 cot.Task("direct", args.direct_template, items, args.match))
+    model = load_model(args.model, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx)
+    facts = model_facts(model)
+    if args.items is None:
+        tasks = cot.zoo_tasks(model, cot.ZooTaskSizes(n_multihop=args.n_multihop,
+                                                      seed=args.task_seed,
+                                                      reserve=args.max_new_tokens))
+    scores_path = args.scores or Path("runs") / "detect" / _slug(args.model)
+    if not scores_path.exists():
+        raise ValueError(f"no retrieval scores at {scores_path}: run python -m analyses.detect "
+                         f"--model {args.model} first, or pass --scores")
+    table = load_head_scores(scores_path, score=args.score).mean
+    n_pool = int((table <= args.threshold).sum())
+    ks = args.ks or [k for k in DEFAULT_KS if k <= n_pool]
+    masks = [f"top:{k}" for k in ks] + [f"random:{k}" for k in ks] + list(args.mask)
+    conditions = conditions_from_masks(model, masks, scores=table, threshold=args.threshold,
+                                       seed=args.seed, n_draws=args.draws)
+    cfg = cot.CotConfig(mode=args.mode, positions=args.positions,
+                        max_new_tokens=args.max_new_tokens, stop=args.stop,
+                        batch_size=args.batch)
+    out = args.out or Path("runs") / "cot" / f"{_slug(args.model)}-{args.mode}"
+    meta = RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
+    result = cot.compute_cot(model, tasks, conditions, cfg, out_dir=out,
+                             progress=not args.quiet)
+
+    acc = result.accuracy()
+    mean, std = result.by_group()
+    groups = result.group_names()
+    summary = {
+        "tasks": list(result.tasks),
+        "n_items": {t.name: len(t.items) for t in tasks},
+        "conditions": [{**c.to_json(), "group": c.group,
+                        "accuracy": dict(zip(result.tasks, acc[i].tolist(), strict=True))}
+                       for i, c in enumerate(result.conditions)],
+        "groups": {g: {"mean": dict(zip(result.tasks, mean[i].tolist(), strict=True)),
+                       "std": dict(zip(result.tasks, std[i].tolist(), strict=True))}
+                   for i, g in enumerate(groups)},
+    }
+    config = {**cfg.to_dict(), "model": args.model, "scores": str(scores_path),
+              "score": args.score, "seed": args.seed, "draws": args.draws,
+              "threshold": args.threshold, "items": None if args.items is None
+              else str(args.items), "templates": {t.name: t.template for t in tasks},
+              "match": {t.name: t.match for t in tasks},
+              "shape": [facts.n_layers, facts.n_heads],
+              "conditions": [c.to_json() for c in result.conditions]}
+    save_result(out, kind="cot", config=config, meta=meta, summary=to_jsonable(summary),
+                arrays={"accuracy": acc, "group_mean": mean, "group_std": std,
+                        "scores": table})
+    write_json_atomic(out / "summary.json", to_jsonable(summary), indent=2)
+    plotting.save_figure(cot.plot_cot(result, title=f"{args.model}: accuracy under "
+                                      f"{args.mode} masking"), out / "cot.html")
+
+    print(f"{args.mode} masking at {args.positions} positions; results in {out}")
+    print(f"{'condition':<14} " + " ".join(f"{t:>17}" for t in result.tasks))
+    for i, g in enumerate(groups):
+        cells = [f"{mean[i, t]:.3f}" + (f" +-{std[i, t]:.3f}" if std[i, t] else "")
+                 for t in range(len(result.tasks))]
+        print(f"{g:<14} " + " ".join(f"{c:>17}" for c in cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,391 @@
+"""Chain of thought vs direct answers under head masking (Wu et al., sec. 5; brief, sec. 1).
+
+The paper's claim: masking retrieval heads hurts chain-of-thought reasoning, which re-reads the
+question, the context and its own earlier steps, far more than answering directly from
+parametric knowledge.  Here a :class:`Task` is a prompt template and a list of :class:`Item`
+(question, answer, optional context); every task is decoded greedily under every masking
+:class:`~rh_lens.ablation.Condition` (none, top-K retrieval heads, seeded random-K non-retrieval
+heads, explicit lists) and scored by exact or numeric match of the final answer.
+
+- Templates hold ``{question}`` and optionally ``{context}`` (filled by plain replacement, so
+  braces inside items are safe).  The answer is read from the first line of the output (or all
+  of it with ``stop="eos"``), after the last "the answer is" when present (:func:`final_answer`).
+- ``exact``: the final answer equals the reference after lower-casing, collapsing whitespace and
+  trimming surrounding punctuation.  ``numeric``: the last number in the final answer equals the
+  reference's number (commas ignored, ``1e-6`` relative tolerance); GSM8K-style items.
+- Masking uses :func:`rh_lens.ablation.ablation_hooks` (``uniform``, the paper's zero query, or
+  ``zero``), at decode steps only (the paper) or at every position.
+- :func:`zoo_tasks` builds the zoo's four tasks: multi-hop questions answered with CoT (the zoo
+  models write "Let's think step by step. X lives in T. The R of T is A. So the answer is A."),
+  the same questions answered directly (the prompt ends in "So the answer is", so no step can be
+  re-read), and the parametric facts asked with and without a CoT preamble.
+- One file per (condition, task) is written atomically under ``out_dir``; a rerun skips them.
+"""
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from jaxtyping import Float
+
+from rh_lens.ablation import Condition, Mode, Where, ablation_hooks
+from rh_lens.decode import Stop, decode_greedy
+from rh_lens.errors import ContextTooLongError, RhLensError
+from rh_lens.models import model_facts, tokenize
+from rh_lens.results import read_json, write_json_atomic
+
+Match = Literal["exact", "numeric"]
+COT_MODES = ("uniform", "zero")
+RECORD_FORMAT = 1
+ZOO_QUESTION = "{context}Based on the content of the book, Question: {question}\nAnswer:"
+ZOO_TEMPLATES = {
+    "multihop_cot": ZOO_QUESTION,
+    "multihop_direct": ZOO_QUESTION + " So the answer is",
+    "parametric_direct": "Question: {question}\nAnswer:",
+    "parametric_cot": "Question: {question}\nAnswer: Let's think step by step.",
+}
+
+
+class ItemsFileError(RhLensError):
+    """A JSONL file of question items is malformed."""
+
+
+@dataclass(frozen=True)
+class Item:
+    question: str
+    answer: str
+    context: str = ""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A named prompt template applied to a list of items, scored by ``match``."""
+
+    name: str
+    template: str
+    items: tuple[Item, ...]
+    match: Match = "exact"
+
+    def __post_init__(self):
+        if "{question}" not in self.template:
+            raise ValueError(f"task {self.name!r}: the template must contain {{question}}, got "
+                             f"{self.template!r}")
+        if not self.items:
+            raise ValueError(f"task {self.name!r} has no items")
+        if self.match not in ("exact", "numeric"):
+            raise ValueError(f"task {self.name!r}: match must be 'exact' or 'numeric'")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"task name {self.name!r}: use letters, digits, '_', '.', '-'")
+
+    def prompt(self, item: Item) -> str:
+        return self.template.replace("{context}", item.context).replace("{question}",
+                                                                        item.question)
+
+    def digest(self) -> str:
+        """A hash of the template, items and match rule: cached records must match it."""
+        blob = json.dumps([self.template, self.match, [asdict(i) for i in self.items]])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_items(path: str | Path) -> tuple[Item, ...]:
+    """Items from a JSONL file of ``{"question", "answer", "context"?}`` objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise ItemsFileError(f"{path}: no such items file")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ItemsFileError(f"{path}, line {n}: not JSON ({err.msg})") from err
+            if not isinstance(row, dict):
+                raise ItemsFileError(f"{path}, line {n}: expected a JSON object")
+            for key in ("question", "answer"):
+                if not isinstance(row.get(key), str) or not row[key].strip():
+                    raise ItemsFileError(f"{path}, line {n}: {key!r} must be a non-empty string")
+            context = row.get("context", "")
+            if not isinstance(context, str):
+                raise ItemsFileError(f"{path}, line {n}: 'context' must be a string")
+            items.append(Item(row["question"], row["answer"], context))
+    if not items:
+        raise ItemsFileError(f"{path}: no items")
+    return tuple(items)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring
+
+
+_MARKER = re.compile(r"(?i)the answer is\s*:?")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def final_answer(generated: str) -> str:
+    """The answer in a generation: after the last "the answer is" when present, else the whole
+    text; the chat end marker and a leading "Answer:" are dropped."""
+    text = generated.split("<|end|>")[0].strip()
+    text = text[len("Answer:"):] if text.startswith("Answer:") else text
+    parts = _MARKER.split(text)
+    return parts[-1].strip()
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .,;:!?\"'")
+
+
+def _number(text: str) -> float | None:
+    found = _NUMBER.findall(text.replace(",", ""))
+    return float(found[-1]) if found else None
+
+
+def is_correct(generated: str, answer: str, match: Match = "exact") -> bool:
+    got = final_answer(generated)
+    if match == "exact":
+        return _normal(got) == _normal(answer)
+    want, have = _number(answer), _number(got)
+    if want is None:
+        raise ValueError(f"numeric match: the reference answer {answer!r} holds no number")
+    return have is not None and math.isclose(have, want, rel_tol=1e-6, abs_tol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass(frozen=True)
+class CotConfig:
+    mode: Mode = "uniform"
+    positions: Where = "decode"
+    max_new_tokens: int = 48
+    stop: Stop = "newline"
+    batch_size: int = 16
+    chunk_size: int = 512
+
+    def __post_init__(self):
+        if self.mode not in COT_MODES:
+            raise ValueError(f"mode must be one of {', '.join(COT_MODES)} (mean and resample "
+                             f"need reference runs per item; see analyses.ablate), got "
+                             f"{self.mode!r}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("max_new_tokens and batch_size must be >= 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One task under one condition: every item's output and whether it was right."""
+
+    condition: str
+    task: str
+    digest: str
+    outputs: tuple[str, ...]
+    correct: tuple[bool, ...]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+    def to_json(self) -> dict:
+        return {"format": RECORD_FORMAT, "condition": self.condition, "task": self.task,
+                "digest": self.digest, "outputs": list(self.outputs),
+                "correct": list(self.correct), "accuracy": self.accuracy}
+
+
+def run_task(model, task: Task, cond: Condition, cfg: CotConfig) -> TaskRecord:
+    """Decode every item of ``task`` with ``cond``'s heads masked (batched by prompt length)."""
+    n_ctx = model_facts(model).n_ctx
+    tokens = [tokenize(model, task.prompt(item)) for item in task.items]
+    for i, t in enumerate(tokens):
+        if len(t) + cfg.max_new_tokens > n_ctx:
+            raise ContextTooLongError(
+                f"task {task.name!r}, item {i}: prompt of {len(t)} tokens plus "
+                f"{cfg.max_new_tokens} new tokens exceeds the model's n_ctx = {n_ctx}; shorten "
+                "the context or lower --max-new-tokens")
+    by_length: dict[int, list[int]] = {}
+    for i, t in enumerate(tokens):
+        by_length.setdefault(len(t), []).append(i)
+    outputs: list[str] = [""] * len(tokens)
+    for _, idx in sorted(by_length.items()):
+        for lo in range(0, len(idx), cfg.batch_size):
+            rows = idx[lo: lo + cfg.batch_size]
+            prefill, decode = ablation_hooks(model, cfg.mode, cond.heads,
+                                             positions=cfg.positions)
+            outs = decode_greedy(model, torch.stack([tokens[i] for i in rows]),
+                                 max_new_tokens=cfg.max_new_tokens, chunk_size=cfg.chunk_size,
+                                 record=False, prefill_hooks=prefill, decode_hooks=decode,
+                                 stop=cfg.stop)
+            for i, out in zip(rows, outs, strict=True):
+                outputs[i] = out.text
+    correct = tuple(is_correct(o, item.answer, task.match)
+                    for o, item in zip(outputs, task.items, strict=True))
+    return TaskRecord(cond.name, task.name, task.digest(), tuple(outputs), correct)
+
+
+@dataclass(frozen=True)
+class CotResult:
+    tasks: tuple[str, ...]
+    conditions: tuple[Condition, ...]
+    records: tuple[tuple[TaskRecord, ...], ...]  # [condition][task]
+    config: CotConfig
+
+    def accuracy(self) -> Float[np.ndarray, "n_conditions n_tasks"]:
+        return np.array([[r.accuracy for r in row] for row in self.records])
+
+    def group_names(self) -> list[str]:
+        return list(dict.fromkeys(c.group for c in self.conditions))
+
+    def by_group(self) -> tuple[Float[np.ndarray, "n_groups n_tasks"],
+                                Float[np.ndarray, "n_groups n_tasks"]]:
+        """Mean and standard deviation over the draws of each group (one row per group)."""
+        acc = self.accuracy()
+        names = self.group_names()
+        groups = [acc[[c.group == g for c in self.conditions]] for g in names]
+        return (np.stack([g.mean(0) for g in groups]), np.stack([g.std(0) for g in groups]))
+
+
+def _record_path(out_dir: Path, cond: Condition, task: Task) -> Path:
+    return out_dir / "conditions" / cond.name / f"{task.name}.json"
+
+
+def _read_record(path: Path) -> TaskRecord:
+    data = read_json(path)
+    try:
+        if data["format"] != RECORD_FORMAT:
+            raise ValueError(f"record format {data['format']}")
+        return TaskRecord(data["condition"], data["task"], data["digest"],
+                          tuple(data["outputs"]), tuple(bool(c) for c in data["correct"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise RhLensError(f"{path}: not a CoT record ({err}); delete it to recompute") from err
+
+
+def compute_cot(
+    model, tasks: Sequence[Task], conditions: Sequence[Condition], cfg: CotConfig, *,
+    out_dir: str | Path | None = None, progress: bool = True,
+) -> CotResult:
+    """Every task under every condition.  With ``out_dir``, finished (condition, task) records
+    are read back instead of recomputed when their items and masked heads are unchanged."""
+    from tqdm.auto import tqdm
+
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_config(out, cfg)
+    records = []
+    bar = tqdm(total=len(conditions) * len(tasks), desc="cot", disable=not progress)
+    for cond in conditions:
+        row = []
+        for task in tasks:
+            path = None if out is None else _record_path(out, cond, task)
+            rec = None
+            if path is not None and path.is_file():
+                rec = _read_record(path)
+                if rec.digest != task.digest():
+                    rec = None  # the items changed: recompute
+            if path is not None and rec is not None:
+                heads = read_json(path.parent / "condition.json")["heads"]
+                if [tuple(h) for h in heads] != [tuple(h) for h in cond.heads]:
+                    raise RhLensError(f"{path.parent} holds other heads than condition "
+                                      f"{cond.name}; use a new --out")
+            if rec is None:
+                rec = run_task(model, task, cond, cfg)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(path.parent / "condition.json", cond.to_json())
+                    write_json_atomic(path, rec.to_json())
+            row.append(rec)
+            bar.update(1)
+        records.append(tuple(row))
+    bar.close()
+    return CotResult(tuple(names), tuple(conditions), tuple(records), cfg)
+
+
+def _check_config(out: Path, cfg: CotConfig) -> None:
+    path = out / "cot_config.json"
+    if path.is_file():
+        old = read_json(path)
+        if old != cfg.to_dict():
+            raise RhLensError(f"{out} holds records computed with {old}, not {cfg.to_dict()}; "
+                              "use a new --out")
+    else:
+        write_json_atomic(path, cfg.to_dict(), indent=2)
+
+
+# --------------------------------------------------------------------------------------------
+# The zoo's tasks
+
+
+@dataclass(frozen=True)
+class ZooTaskSizes:
+    n_multihop: int = 24
+    n_people: int = 3
+    seed: int = 0
+    reserve: int = 48  # tokens left free for the answer
+
+
+def zoo_tasks(model, sizes: ZooTaskSizes = ZooTaskSizes()) -> tuple[Task, ...]:
+    """The zoo's multi-hop questions (CoT and direct) and parametric facts (direct and CoT),
+    with fresh random fillers (``seed``) and haystacks up to the model's context."""
+    import random
+
+    from rh_lens.zoo import tasks as zt
+
+    n_ctx = model_facts(model).n_ctx
+    if n_ctx <= sizes.reserve + 64:
+        raise ValueError(f"n_ctx {n_ctx} leaves no room for a multi-hop context")
+    backend = model.tokenizer.backend_tokenizer
+    rng = random.Random(f"cot:{sizes.seed}")
+    items = []
+    for _ in range(sizes.n_multihop):
+        sub = random.Random(rng.random())
+        n_hay, text_seed = sub.randint(n_ctx // 4, n_ctx), sub.random()
+        ex = zt.fit_example(
+            lambda k, s=text_seed: zt.multihop_example(
+                random.Random(s), tokenizer=backend, n_haystack_tokens=k,
+                n_people=sizes.n_people),
+            lambda text: len(tokenize(model, text)), n_ctx=n_ctx, n_hay=n_hay,
+            reserve=sizes.reserve)
+        context, question = ex.prompt[: -len(zt.ANSWER_PREFIX)].rsplit(zt.QUESTION_PREFIX, 1)
+        items.append(Item(question, ex.answer, context))
+    facts = tuple(Item(f"What is {subject}?", answer) for subject, answer in zt.parametric_facts())
+    multihop = tuple(items)
+    return (
+        Task("multihop_cot", ZOO_TEMPLATES["multihop_cot"], multihop),
+        Task("multihop_direct", ZOO_TEMPLATES["multihop_direct"], multihop),
+        Task("parametric_direct", ZOO_TEMPLATES["parametric_direct"], facts),
+        Task("parametric_cot", ZOO_TEMPLATES["parametric_cot"], facts),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Figure
+
+
+def plot_cot(result: CotResult, *, title: str = "Accuracy under masking") -> go.Figure:
+    """Grouped bars: one group per condition (random-K draws averaged, std as error bars),
+    one bar per task."""
+    mean, std = result.by_group()
+    groups = result.group_names()
+    fig = go.Figure()
+    for t, task in enumerate(result.tasks):
+        fig.add_bar(name=task, x=groups, y=mean[:, t],
+                    error_y=dict(type="data", array=std[:, t], visible=bool(std[:, t].any())),
+                    hovertemplate=f"{task}<br>%{{x}}: %{{y:.3f}}<extra></extra>")
+    fig.update_layout(barmode="group", title=title, xaxis_title="masked heads",
+                      yaxis_title="accuracy", yaxis_range=[0, 1.05], template="plotly_white")
+    return fig
