@@ -165,6 +165,56 @@ def plot_niah_grid(
     return fig
 
 
+STEP_SCALE = [[0.0, "#eeeeee"], [0.33, "#eeeeee"], [0.34, "#9ecae1"], [0.66, "#9ecae1"],
+              [0.67, "#08519c"], [1.0, "#08519c"]]
+
+
+def plot_decode_steps(
+    positions: Int[np.ndarray, "step n_layers n_heads"],
+    sequence: Int[np.ndarray, " pos"],
+    span: tuple[int, int],
+    *,
+    token_text: Sequence[str],
+    heads: Sequence[Head] | None = None,
+    title: str = "Where each head looks while the answer is generated",
+) -> go.Figure:
+    """Per decode step (y, labelled with the emitted token) and head (x): dark where the head's
+    top-1 key is in the answer span and holds the emitted token (it copies), light where it is in
+    the answer span but holds another token, grey elsewhere; hover gives the key position and
+    its token.  ``sequence`` is prompt + generated tokens, ``token_text[i]`` the text of
+    ``sequence[i]``; ``heads`` limits the columns (default: every head)."""
+    positions = np.asarray(positions)
+    sequence = np.asarray(sequence)
+    if positions.ndim != 3:
+        raise ValueError(f"positions must be [step, n_layers, n_heads], got {positions.shape}")
+    n_steps, n_layers, n_heads = positions.shape
+    n_prompt = len(sequence) - n_steps
+    if n_prompt < 1 or len(token_text) != len(sequence):
+        raise ValueError("sequence must hold the prompt and every generated token, and "
+                         "token_text one string per token of it")
+    heads = [(lay, h) for lay in range(n_layers) for h in range(n_heads)] if heads is None \
+        else list(heads)
+    cols = np.array([positions[:, lay, h] for lay, h in heads]).T  # [step, n_cols]
+    emitted = sequence[n_prompt:]
+    in_span = (cols >= span[0]) & (cols < span[1])
+    copies = in_span & (sequence[cols] == emitted[:, None])
+    z = np.where(copies, 2, np.where(in_span, 1, 0))
+    text = [[f"key {p}: {token_text[p]!r}" for p in row] for row in cols]
+    steps = [f"{t}: {token_text[n_prompt + t]!r}" for t in range(n_steps)]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"L{lay}H{h}" for lay, h in heads], y=steps, text=text, zmin=0, zmax=2,
+        colorscale=STEP_SCALE, colorbar=dict(tickvals=[0, 1, 2], ticktext=[
+            "elsewhere", "answer span", "copies"]),
+        hovertemplate="%{x}, step %{y}<br>%{text}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="head", type="category")
+    fig.update_yaxes(title_text="decode step: emitted token", type="category",
+                     autorange="reversed")
+    fig.update_layout(title=dict(text=title), width=max(520, 14 * len(heads) + 260),
+                      height=max(320, 24 * n_steps + 160))
+    return fig
+
+
 def plot_top_heads(
     table: Float[np.ndarray, "n_layers n_heads"],
     *,

@@ -123,3 +123,22 @@ def test_save_figure_offline_html(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["a.html", "b.html", "plotly.min.js"]
     with pytest.raises(ValueError, match=r"\.html"):
         save_figure(fig, tmp_path / "a.png")
+
+
+def test_decode_steps_marks_copies_span_hits_and_elsewhere():
+    from rh_lens.plotting import plot_decode_steps
+
+    sequence = np.array([0, 5, 6, 7, 9, 5, 6])  # prompt of 5 (answer span [1, 3)), then 5, 6
+    positions = np.zeros((2, 1, 3), dtype=np.int64)
+    positions[:, 0, 0] = [1, 2]  # copies both answer tokens
+    positions[:, 0, 1] = [2, 1]  # in the span, the other token
+    positions[:, 0, 2] = [4, 0]  # elsewhere
+    fig = plot_decode_steps(positions, sequence, (1, 3),
+                            token_text=[f"t{i}" for i in sequence])
+    np.testing.assert_array_equal(np.array(fig.data[0].z), [[2, 1, 0], [2, 1, 0]])
+    assert list(fig.data[0].x) == ["L0H0", "L0H1", "L0H2"]
+    assert fig.data[0].y[1] == "1: 't6'" and fig.data[0].text[0][2] == "key 4: 't9'"
+    only = plot_decode_steps(positions, sequence, (1, 3), token_text=["x"] * 7, heads=[(0, 2)])
+    np.testing.assert_array_equal(np.array(only.data[0].z), [[0], [0]])
+    with pytest.raises(ValueError, match="token_text"):
+        plot_decode_steps(positions, sequence, (1, 3), token_text=["x"])

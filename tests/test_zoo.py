@@ -218,3 +218,23 @@ def test_lr_schedule_warms_up_and_decays():
     r = get_recipe("llama-s")
     assert lr_at(r, 0) < lr_at(r, r.warmup) == pytest.approx(r.lr)
     assert lr_at(r, r.steps) == pytest.approx(r.lr * r.min_lr_frac)
+
+
+def test_copy_warmup_batches_repeat_random_spans_and_only_the_repeat_counts(zoo_tok):
+    import dataclasses
+
+    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.recipes import get_recipe
+
+    recipe = dataclasses.replace(get_recipe("micro"), copy_warmup=3, copy_batch=5)
+    main, param = make_batches(recipe, 2, zoo_tok)
+    assert param is None and main.tokens.shape[0] == 5
+    for row, answer, lm in zip(main.tokens, main.answer_mask, main.lm_mask, strict=True):
+        n = int(answer.sum())
+        assert torch.equal(answer, lm) and 8 <= n <= 32
+        assert row[0] == zoo_tok.bos_token_id
+        assert torch.equal(row[1 : 1 + n], row[1 + n : 1 + 2 * n])
+        assert not answer[:n].any() and answer[n : 2 * n].all()  # predicts tokens n+1 .. 2n
+    main2, param2 = make_batches(recipe, 3, zoo_tok)  # after the warm-up: the full mix
+    assert param2 is not None and main2.tokens.shape[0] == recipe.batch
+    assert torch.equal(make_batches(recipe, 2, zoo_tok)[0].tokens, main.tokens)

@@ -86,12 +86,10 @@ def _answer_of(generated: str) -> str:
 
 def _fit(make, tokenizer, n_ctx: int, n_hay: int, reserve: int):
     """Build an example whose prompt leaves ``reserve`` tokens free, shrinking the haystack."""
-    while True:
-        ex = make(n_hay)
-        n = len(tokenizer(ex.prompt)["input_ids"])
-        if n + reserve <= n_ctx or n_hay == 0:
-            return ex
-        n_hay = max(0, n_hay - (n + reserve - n_ctx) - 2)
+    from rh_lens.zoo.tasks import fit_example
+
+    return fit_example(make, lambda text: len(tokenizer(text)["input_ids"]), n_ctx=n_ctx,
+                       n_hay=n_hay, reserve=reserve)
 
 
 def eval_niah(twin, tok, *, n_ctx: int, seed: int, per_cell: int = 3, chat: bool = False,

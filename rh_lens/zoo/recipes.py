@@ -32,7 +32,7 @@ class Recipe:
     steps: int
     batch: int = 16
     param_batch: int = 16  # short rows of parametric facts per step
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup: int = 100
     min_lr_frac: float = 0.1
     weight_decay: float = 0.05
@@ -40,6 +40,16 @@ class Recipe:
     rotary_base: int = 10_000
     min_haystack: int = 16  # shortest haystack in tokens (lengths vary up to the context)
     mix: Mix = field(default_factory=Mix)
+    copy_warmup: int = 800  # first steps train induction only (see rh_lens.zoo.data)
+    copy_batch: int = 64
+    procedural: float = 0.0  # share of NIAH needles from procedural templates (main stage)
+    finetune_steps: int = 0  # a last stage at a constant learning rate, after ``steps``
+    finetune_lr: float = 5e-4
+    finetune_procedural: float = 0.5
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.finetune_steps
     seed: int = 0
     parent: str | None = None  # continue from this zoo model's weights
     chat: bool = False  # wrap NIAH / multi-hop rows in the chat template
@@ -81,19 +91,21 @@ _LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=2
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=3000),
+        Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=3000, finetune_steps=800),
         Recipe(name="llama-s-long", **_LLAMA_S, n_ctx=1024, steps=600, batch=4, lr=1e-3,
-               warmup=20, parent="llama-s", rotary_base=10_000, seed=1),
+               warmup=20, parent="llama-s", rotary_base=10_000, seed=1, copy_warmup=0,
+               procedural=0.5),
         Recipe(name="gpt2-s", family="gpt2", n_layers=4, d_model=128, n_heads=8, n_kv_heads=8,
-               d_head=16, d_mlp=512, n_ctx=256, steps=3000, seed=2),
+               d_head=16, d_mlp=512, n_ctx=256, steps=3000, seed=2,
+               copy_warmup=1000, finetune_steps=600),  # learned positions: induction is slower
         Recipe(name="llama-m", family="llama", n_layers=6, d_model=192, n_heads=12, n_kv_heads=4,
-               d_head=16, d_mlp=576, n_ctx=256, steps=1300, seed=3),
+               d_head=16, d_mlp=576, n_ctx=256, steps=1800, seed=3, procedural=0.5),
         Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
-               parent="llama-s", chat=True, seed=4),
+               parent="llama-s", chat=True, seed=4, copy_warmup=0, procedural=0.5),
         # A micro recipe for smoke tests: trains a few steps in seconds.
         Recipe(name="micro", family="llama", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2,
                d_head=8, d_mlp=64, n_ctx=128, steps=4, batch=2, param_batch=2, warmup=1,
-               vocab_size=512),
+               vocab_size=512, copy_warmup=2, copy_batch=2),
     )
 }
 ZOO_NAMES = ("llama-s", "llama-s-long", "gpt2-s", "llama-m", "llama-s-chat")

@@ -78,6 +78,30 @@ HELDOUT_TEMPLATES = (
 )
 
 
+# Procedural templates: "The ATTRIBUTE of OWNER is ANSWER." with random attribute phrases, so a
+# model learns the rule (find the sentence that matches the question, copy what follows "is")
+# instead of a dozen fixed sentences.  None of their words is one of the held-out templates'.
+_ATTRIBUTES = (
+    "secret name", "true owner", "hidden price", "old nickname", "lucky number", "last wish",
+    "missing piece", "strange habit", "first rule", "best trick", "quiet hobby", "golden rule",
+    "real purpose", "oldest memory", "favourite food", "weekly chore", "only fear", "odd gift",
+    "winter plan", "summer job", "night route", "spare part", "secret recipe", "true name",
+)
+_OWNERS = ("{name}", "{name}'s {noun}", "the {adj} {noun}", "the {noun} in {place}",
+           "{name}'s {adj} {noun}")
+_HELDOUT_WORDS = {"song", "message", "colour", "color", "door", "prize", "fair"}
+_KINDS = ("things", "code", "object", "title", "place", "person")
+
+
+def procedural_template(rng: random.Random) -> NeedleTemplate:
+    """A random training template (never one of ``HELDOUT_TEMPLATES``' phrasings)."""
+    attribute, owner = rng.choice(_ATTRIBUTES), rng.choice(_OWNERS)
+    verb = rng.choice(("is", "was"))
+    subject = f"the {attribute} of {owner}"
+    return NeedleTemplate(f"{subject[0].upper()}{subject[1:]} {verb} {{answer}}.",
+                          f"What {verb} {subject}?", rng.choice(_KINDS))
+
+
 def _answer(rng: random.Random, kind: str) -> str:
     c, a, n = rng.choice, rng.choice(ADJECTIVES), rng.choice(NOUNS)
     if kind == "things":
@@ -104,11 +128,14 @@ class Needle:
     answer: str
 
 
-def make_needle(rng: random.Random, template: NeedleTemplate) -> Needle:
-    """Fill a template's slots (and its answer) with random fillers."""
+def make_needle(rng: random.Random, template: NeedleTemplate, *,
+                avoid: frozenset[str] = frozenset()) -> Needle:
+    """Fill a template's slots (and its answer) with random fillers (slot words in ``avoid``
+    are not drawn)."""
+    nouns = [n for n in NOUNS if n not in avoid]
     slots = dict(
         name=rng.choice(FIRST_NAMES), name2=rng.choice(FIRST_NAMES), place=rng.choice(PLACES),
-        noun=rng.choice(NOUNS), adj=rng.choice(ADJECTIVES), color=rng.choice(COLORS),
+        noun=rng.choice(nouns), adj=rng.choice(ADJECTIVES), color=rng.choice(COLORS),
     )
     answer = _answer(rng, template.answer_kind)
     return Needle(template.needle.format(answer=answer, **slots),
@@ -164,9 +191,14 @@ def niah_prompt(context: str, question: str) -> str:
 
 
 def niah_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int, depth: float,
-                 templates: tuple[NeedleTemplate, ...] = TRAIN_TEMPLATES) -> Example:
-    """One NIAH trial: prose of ``n_haystack_tokens`` tokens, a needle at ``depth``."""
-    needle = make_needle(rng, rng.choice(templates))
+                 templates: tuple[NeedleTemplate, ...] = TRAIN_TEMPLATES,
+                 procedural: float = 0.0) -> Example:
+    """One NIAH trial: prose of ``n_haystack_tokens`` tokens, a needle at ``depth``; with
+    probability ``procedural`` the needle comes from :func:`procedural_template` instead."""
+    if procedural and rng.random() < procedural:
+        needle = make_needle(rng, procedural_template(rng), avoid=frozenset(_HELDOUT_WORDS))
+    else:
+        needle = make_needle(rng, rng.choice(templates))
     context = haystack(Prose(rng), n_tokens=n_haystack_tokens, tokenizer=tokenizer)
     context, at = insert_at_depth(context, needle.needle, depth)
     return Example(niah_prompt(context, needle.question), f" {needle.answer}\n", "niah",
@@ -293,5 +325,5 @@ __all__ = [
     "NeedleTemplate", "chat_render", "chat_user_text", "final_answer", "fit_example", "haystack",
     "insert_at_depth", "make_needle", "multihop_example", "niah_example", "niah_prompt",
     "parametric_example", "parametric_facts", "parametric_prompt", "parametric_statement",
-    "to_chat",
+    "procedural_template", "to_chat",
 ]

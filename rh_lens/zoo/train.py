@@ -21,7 +21,10 @@ RUNS = Path("runs") / "zoo"
 
 
 def lr_at(recipe, step: int) -> float:
-    """Linear warmup, then cosine decay to ``min_lr_frac`` of the peak."""
+    """Linear warmup, then cosine decay to ``min_lr_frac`` of the peak over ``recipe.steps``;
+    the fine-tuning stage after it runs at the constant ``recipe.finetune_lr``."""
+    if step >= recipe.steps:
+        return recipe.finetune_lr
     if step < recipe.warmup:
         return recipe.lr * (step + 1) / recipe.warmup
     t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
@@ -107,7 +110,7 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
     from rh_lens.zoo.data import make_batches
     from rh_lens.zoo.twin import Twin
 
-    steps = recipe.steps if steps is None else steps
+    steps = recipe.total_steps if steps is None else steps
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = get_tokenizer(recipe, run_dir)
     if len(tokenizer) != recipe.vocab_size:
@@ -146,9 +149,9 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
         main, param = make_batches(recipe, step, tokenizer)
         for group in opt.param_groups:
             group["lr"] = lr_at(recipe, step)
-        loss_main, ans = loss_of(main, recipe.answer_weight)
-        loss_param, _ = loss_of(param, 1.0)
-        loss = loss_main + loss_param
+        loss, ans = loss_of(main, recipe.answer_weight)
+        if param is not None:
+            loss = loss + loss_of(param, 1.0)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

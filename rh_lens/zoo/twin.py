@@ -7,7 +7,8 @@ reproduces ``HookedTransformer.forward`` for the two zoo families, but computes 
 
 - Llama family: RMSNorm, rotary (TL's default half-rotation pairing), SwiGLU (``act_fn="silu"``,
   ``gated_mlp=True``), grouped-query attention, no biases (kept at zero, not trained).
-- GPT-2 family: LayerNorm, learned absolute positions, exact GELU (``act_fn="gelu"``), MHA.
+- GPT-2 family: LayerNorm, learned absolute positions (initialised sinusoidally), exact GELU
+  (``act_fn="gelu"``), MHA.
 
 A test checks the twin's logits against ``HookedTransformer`` on the same weights.
 """
@@ -45,6 +46,18 @@ def _check(cfg: HookedTransformerConfig) -> str:
     return family
 
 
+def _sinusoids(n: int, d: int) -> Tensor:
+    """Sinusoidal position table (Vaswani et al.), RMS 1/sqrt(2): the GPT-2 family's learned
+    positions start from it, so that offsets are linear maps of positions from the first step
+    (previous-token and induction heads formed only slowly from random positions)."""
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10_000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)
+    table = torch.zeros(n, d)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
 class _Holder(nn.Module):
     """A module whose only job is to give its parameters TransformerLens's dotted names."""
 
@@ -65,7 +78,7 @@ class Twin(nn.Module):
         self.embed.W_E = _param(cfg.d_vocab, d, std=std)
         if not llama:
             self.pos_embed = _Holder()
-            self.pos_embed.W_pos = _param(cfg.n_ctx, d, std=std)
+            self.pos_embed.W_pos = nn.Parameter(_sinusoids(cfg.n_ctx, d) * std / math.sqrt(0.5))
         self.blocks = nn.ModuleList()
         for _ in range(cfg.n_layers):
             block = _Holder()
