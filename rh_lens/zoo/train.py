@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     parser.add_argument("--install", action="store_true",
                         help="copy into rh_lens/zoo/models/NAME if the targets are met")
+    parser.add_argument("--install-anyway", action="store_true",
+                        help="copy into the package even below the targets (the card says so)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
@@ -231,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
 
     report = evaluate.evaluate_dir(out, progress=not args.quiet)
     print(evaluate.format_report(report))
-    if args.install:
-        if not report["meets_targets"]:
-            print("targets not met: not installed")
+    if args.install or args.install_anyway:
+        if not report["meets_targets"] and not args.install_anyway:
+            print("targets not met: not installed (--install-anyway installs all the same)")
             return 1
         dest = PACKAGE_MODELS / recipe.name
         shutil.rmtree(dest, ignore_errors=True)

@@ -1,0 +1,60 @@
+"""The bundled zoo models: each loads offline through ``load_model("zoo:NAME")`` and answers
+NIAH prompts built from held-out needle templates."""
+
+import random
+
+import pytest
+import torch
+
+from rh_lens.zoo import tasks
+from rh_lens.zoo.recipes import ZOO_NAMES
+from rh_lens.zoo.train import PACKAGE_MODELS
+
+# llama-s is the embedded default: it must be present.  The others are checked when built.
+REQUIRED = ("llama-s",)
+
+
+def _greedy_line(model, prompt: str, max_new_tokens: int = 24) -> str:
+    tokens = model.to_tokens(prompt, truncate=False)
+    assert tokens.shape[1] + max_new_tokens <= model.cfg.n_ctx
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = int(model(tokens)[0, -1].argmax())
+            new.append(nxt)
+            tokens = torch.cat([tokens, torch.tensor([[nxt]])], dim=1)
+            if "\n" in model.tokenizer.decode([nxt]):
+                break
+    return model.tokenizer.decode(new)
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_model_loads_and_answers_heldout_niah(name):
+    if not (PACKAGE_MODELS / name / "config.json").is_file():
+        if name in REQUIRED:
+            pytest.fail(f"the default zoo model {name} is missing from the package")
+        pytest.skip(f"zoo model {name} has not been trained yet")
+    from rh_lens.models import load_model
+
+    model = load_model(f"zoo:{name}")
+    weights = PACKAGE_MODELS / name / "model.safetensors"
+    assert weights.stat().st_size <= 10 * 2**20
+    chat = model.tokenizer.chat_template is not None
+    rng = random.Random(f"test:{name}")
+    n_ctx = min(model.cfg.n_ctx, 256)
+    hits = 0
+    for depth in (0.0, 0.5, 1.0):
+        ex = tasks.niah_example(rng, tokenizer=model.tokenizer.backend_tokenizer,
+                                n_haystack_tokens=n_ctx - 80, depth=depth,
+                                templates=tasks.HELDOUT_TEMPLATES)
+        if chat:  # the tokenizer's own chat template builds the same prompt
+            context, question = ex.prompt[: -len(tasks.ANSWER_PREFIX)].rsplit(
+                tasks.QUESTION_PREFIX, 1)
+            ex = tasks.to_chat(ex)
+            messages = [{"role": "user", "content": tasks.chat_user_text(context, question)}]
+            assert model.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True) == ex.prompt
+        out = _greedy_line(model, ex.prompt)
+        out = out.removeprefix("Answer:")
+        hits += out.strip() == ex.answer
+    assert hits >= 2, f"{name} answered {hits}/3 held-out NIAH prompts"
