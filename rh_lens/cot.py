@@ -46,9 +46,10 @@ Match = Literal["exact", "numeric"]
 COT_MODES = ("uniform", "zero")
 RECORD_FORMAT = 1
 ZOO_QUESTION = "{context}Based on the content of the book, Question: {question}\nAnswer:"
+DIRECT_SUFFIX = " So the answer is"
 ZOO_TEMPLATES = {
     "multihop_cot": ZOO_QUESTION,
-    "multihop_direct": ZOO_QUESTION + " So the answer is",
+    "multihop_direct": ZOO_QUESTION + DIRECT_SUFFIX,
     "parametric_direct": "Question: {question}\nAnswer:",
     "parametric_cot": "Question: {question}\nAnswer: Let's think step by step.",
 }
@@ -358,8 +359,8 @@ def zoo_tasks(model, sizes: ZooTaskSizes = ZooTaskSizes()) -> tuple[Task, ...]:
             lambda k, s=text_seed: zt.multihop_example(
                 random.Random(s), tokenizer=backend, n_haystack_tokens=k,
                 n_people=sizes.n_people),
-            lambda text: len(tokenize(model, text)), n_ctx=n_ctx, n_hay=n_hay,
-            reserve=sizes.reserve)
+            lambda text: len(tokenize(model, text + DIRECT_SUFFIX)), n_ctx=n_ctx, n_hay=n_hay,
+            reserve=sizes.reserve)  # the direct prompt is the longer one
         context, question = ex.prompt[: -len(zt.ANSWER_PREFIX)].rsplit(zt.QUESTION_PREFIX, 1)
         items.append(Item(question, ex.answer, context))
     facts = tuple(Item(f"What is {subject}?", answer) for subject, answer in zt.parametric_facts())

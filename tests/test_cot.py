@@ -186,3 +186,17 @@ def test_script_on_user_items_and_bad_input(copy_task, tmp_path, monkeypatch, ca
                         "--items", str(items), "--out", str(tmp_path / "o3")]) == 2
     assert "no retrieval scores" in capsys.readouterr().err
     assert res.meta["model_spec"] == "known"
+
+
+def test_zoo_tasks_fit_the_context_of_the_default_model():
+    from rh_lens.models import load_model
+
+    model = load_model("zoo:llama-s")
+    tasks = cot.zoo_tasks(model, cot.ZooTaskSizes(n_multihop=12, reserve=48))
+    assert [t.name for t in tasks] == list(cot.ZOO_TEMPLATES)
+    assert tasks[0].items == tasks[1].items and tasks[2].items == tasks[3].items
+    for task in tasks:
+        for item in task.items:
+            assert len(tokenize(model, task.prompt(item))) + 48 <= model.cfg.n_ctx
+    item = tasks[0].items[0]
+    assert item.question.startswith("Who is the") and item.answer in item.context
