@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-needles", type=int, default=3, help="zoo needles when --needles is unset")
     p.add_argument("--score", choices=("step", "set"), default="step",
                    help="step: the reference code's score; set: the paper's formula")
-    p.add_argument("--buffer", type=int, help="tokens kept for question and answer "
+    p.add_argument("--buffer", type=int, help="tokens kept for question and answer (plus the "
+                   "chat template's tokens with --chat) "
                    "(default min(200, n_ctx/4))")
-    p.add_argument("--max-new-tokens", type=int, help="decoding cap (default min(50, buffer/2))")
+    p.add_argument("--max-new-tokens", type=int, help="decoding cap (default min(50, n_ctx/8))")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
     p.add_argument("--batch", type=int, default=1, help="trials of equal length per batch")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
@@ -98,8 +99,12 @@ def _run(args, argv) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx)
     needles, haystacks, source = _inputs(args)
     n_ctx = model.cfg.n_ctx
-    buffer = args.buffer if args.buffer is not None else min(200, n_ctx // 4)
-    max_new = args.max_new_tokens or max(1, min(50, buffer // 2))
+    buffer = args.buffer
+    if buffer is None:  # the chat template's own tokens come on top of question and answer
+        from rh_lens.niah import chat_overhead
+
+        buffer = min(200, n_ctx // 4) + (chat_overhead(model) if args.chat else 0)
+    max_new = args.max_new_tokens or max(1, min(50, min(200, n_ctx // 4) // 2))
     lengths = args.lengths or sorted({int(x) for x in np.linspace(max(buffer + 48, n_ctx // 8),
                                                                   n_ctx, 10)})
     depths = args.depths or [float(d) for d in np.linspace(0, 100, 10)]

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
     p.add_argument("--scores", type=Path, help="detection directory or head_score.json "
+                   "(default: analyses.detect's default output for --model, when present) "
                    "(needed by top:K)")
     p.add_argument("--score", choices=("step", "set"), default="step",
                    help="which score of a detection directory ranks the heads")
@@ -113,11 +114,15 @@ def _run(args, argv) -> int:
         raise ValueError(f"--n-pairs must be positive, got {args.n_pairs}")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     n_layers, n_heads, n_ctx = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_ctx
-    scores = None
-    if args.scores is not None:
-        scores = load_head_scores(args.scores, score=args.score).mean
+    from analyses.ablate import _slug
+
+    scores, scores_path = None, args.scores
+    if scores_path is None and (Path("runs") / "detect" / _slug(args.model)).exists():
+        scores_path = Path("runs") / "detect" / _slug(args.model)  # analyses.detect's default
+    if scores_path is not None:
+        scores = load_head_scores(scores_path, score=args.score).mean
         if scores.shape != (n_layers, n_heads):
-            raise ValueError(f"--scores {args.scores} has {scores.shape[0]}x{scores.shape[1]} "
+            raise ValueError(f"--scores {scores_path} has {scores.shape[0]}x{scores.shape[1]} "
                              f"heads, model {args.model} has {n_layers}x{n_heads}")
     shape = dict(n_layers=n_layers, n_heads=n_heads)
     senders = parse_heads(args.senders, scores=scores, what="--senders", **shape)
@@ -135,7 +140,7 @@ def _run(args, argv) -> int:
                                    progress=not args.quiet)
     out = args.out or Path("runs") / "path_patch" / args.model.replace(":", "-").replace("/", "_")
     config = {
-        "model": args.model, "scores": None if args.scores is None else str(args.scores),
+        "model": args.model, "scores": None if scores_path is None else str(scores_path),
         "score": args.score, "senders": args.senders, "receivers": args.receivers,
         "components": list(args.components), "n_pairs": args.n_pairs, "seed": args.seed,
         "context_length": context_length, "buffer": buffer, "depths": args.depths,

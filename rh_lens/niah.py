@@ -274,6 +274,15 @@ def _render(model, context: str, question: str, *, chat: bool) -> tuple[str, int
     return prompt, at
 
 
+def chat_overhead(model) -> int:
+    """Tokens the model's chat template adds around the base prompt (0 without chat): a
+    default buffer for chat prompts must hold them too."""
+    from rh_lens.models import tokenize
+
+    base = tokenize(model, _render(model, "", "", chat=False)[0])
+    return max(0, len(tokenize(model, _render(model, "", "", chat=True)[0])) - len(base))
+
+
 def _token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
     hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     return (hits[0], hits[-1] + 1) if hits else None
