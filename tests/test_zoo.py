@@ -217,7 +217,9 @@ def test_lr_schedule_warms_up_and_decays():
 
     r = get_recipe("llama-s")
     assert lr_at(r, 0) < lr_at(r, r.warmup) == pytest.approx(r.lr)
-    assert lr_at(r, r.steps) == pytest.approx(r.lr * r.min_lr_frac)
+    assert lr_at(r, r.steps - 1) == pytest.approx(r.lr * r.min_lr_frac, rel=1e-4)
+    assert r.finetune_steps > 0 and r.total_steps == r.steps + r.finetune_steps
+    assert lr_at(r, r.steps) == lr_at(r, r.total_steps - 1) == r.finetune_lr
 
 
 def test_copy_warmup_batches_repeat_random_spans_and_only_the_repeat_counts(zoo_tok):
@@ -238,3 +240,17 @@ def test_copy_warmup_batches_repeat_random_spans_and_only_the_repeat_counts(zoo_
     main2, param2 = make_batches(recipe, 3, zoo_tok)  # after the warm-up: the full mix
     assert param2 is not None and main2.tokens.shape[0] == recipe.batch
     assert torch.equal(make_batches(recipe, 2, zoo_tok)[0].tokens, main.tokens)
+
+
+def test_procedural_templates_never_use_the_heldout_phrasings():
+    rng = random.Random(3)
+    heldout = {t.needle for t in tasks.HELDOUT_TEMPLATES} | {t.question for t in
+                                                             tasks.HELDOUT_TEMPLATES}
+    for _ in range(300):
+        t = tasks.procedural_template(rng)
+        assert t not in tasks.HELDOUT_TEMPLATES and t.needle not in heldout
+        needle = tasks.make_needle(rng, t, avoid=frozenset(tasks._HELDOUT_WORDS))
+        words = set(needle.needle.lower().replace(".", " ").replace("'s", " ").split())
+        assert not words & tasks._HELDOUT_WORDS - set(needle.answer.split())
+        assert needle.needle.endswith(f" {needle.answer}.")
+        assert needle.question.endswith("?") and needle.question.split()[1] in ("is", "was")
