@@ -91,15 +91,15 @@ _LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=2
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=3000, finetune_steps=800),
+        Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=3000, finetune_steps=500),
         Recipe(name="llama-s-long", **_LLAMA_S, n_ctx=1024, steps=600, batch=4, lr=1e-3,
                warmup=20, parent="llama-s", rotary_base=10_000, seed=1, copy_warmup=0,
                procedural=0.5),
         Recipe(name="gpt2-s", family="gpt2", n_layers=4, d_model=128, n_heads=8, n_kv_heads=8,
                d_head=16, d_mlp=512, n_ctx=256, steps=3000, seed=2,
-               copy_warmup=1000, finetune_steps=600),  # learned positions: induction is slower
+               copy_warmup=1000, finetune_steps=200),  # learned positions: induction is slower
         Recipe(name="llama-m", family="llama", n_layers=6, d_model=192, n_heads=12, n_kv_heads=4,
-               d_head=16, d_mlp=576, n_ctx=256, steps=1800, seed=3, procedural=0.5),
+               d_head=16, d_mlp=576, n_ctx=256, steps=1400, seed=3, procedural=0.5),
         Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
                parent="llama-s", chat=True, seed=4, copy_warmup=0, procedural=0.5),
         # A micro recipe for smoke tests: trains a few steps in seconds.
