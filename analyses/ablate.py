@@ -21,7 +21,6 @@ HTML figures (``k_curve``, ``k_curve_success``, ``grids``, ``errors``, ``failure
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "zoo:llama-s"
@@ -79,23 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from rh_lens.errors import RhLensError
+    from analyses._cli import run_guarded
 
-    try:
-        return _run(args, argv)
-    except (RhLensError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-def _slug(spec: str) -> str:
-    return spec.replace(":", "-").replace("/", "_")
+    return run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 def _run(args, argv) -> int:
     import numpy as np
 
+    from analyses._cli import detect_dir, slug
     from analyses.detect import _inputs
     from rh_lens.ablation import (
         AblationConfig,
@@ -118,7 +109,7 @@ def _run(args, argv) -> int:
     if not masks and not ks:
         ks = [k for k in DEFAULT_KS if k <= n_total]
     needs_scores = bool(ks) or any(m.startswith(("top:", "random:")) for m in masks)
-    scores_path = args.scores or Path("runs") / "detect" / _slug(args.model)
+    scores_path = args.scores or detect_dir(args.model)
     table = None
     if args.scores is not None or needs_scores:
         if not scores_path.exists():
@@ -150,7 +141,7 @@ def _run(args, argv) -> int:
                          chat=args.chat, batch_size=args.batch)
     cfg = AblationConfig(sweep, mode=args.mode, positions=args.positions,
                          n_reference=args.n_reference, reference_length=args.reference_length)
-    out = args.out or Path("runs") / "ablate" / f"{_slug(args.model)}-{args.mode}-{args.positions}"
+    out = args.out or Path("runs") / "ablate" / f"{slug(args.model)}-{args.mode}-{args.positions}"
     identity = {
         "model": args.model,
         "shape": {"n_layers": facts.n_layers, "n_heads": facts.n_heads,

@@ -19,7 +19,6 @@ task), ``summary.json``, ``cot.html`` (bar chart) and prints the accuracy table.
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 DEFAULT_MODEL = "zoo:llama-s"
@@ -67,18 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from rh_lens.errors import RhLensError
+    from analyses._cli import run_guarded
 
-    try:
-        return _run(args, argv)
-    except (RhLensError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 def _run(args, argv) -> int:
-    from analyses.ablate import _slug
+    from analyses._cli import detect_dir, slug
     from rh_lens import cot, plotting
     from rh_lens.ablation import conditions_from_masks
     from rh_lens.models import load_model, model_facts
@@ -95,7 +89,7 @@ def _run(args, argv) -> int:
         tasks = cot.zoo_tasks(model, cot.ZooTaskSizes(n_multihop=args.n_multihop,
                                                       seed=args.task_seed,
                                                       reserve=args.max_new_tokens))
-    scores_path = args.scores or Path("runs") / "detect" / _slug(args.model)
+    scores_path = args.scores or detect_dir(args.model)
     if not scores_path.exists():
         raise ValueError(f"no retrieval scores at {scores_path}: run python -m analyses.detect "
                          f"--model {args.model} first, or pass --scores")
@@ -108,7 +102,7 @@ def _run(args, argv) -> int:
     cfg = cot.CotConfig(mode=args.mode, positions=args.positions,
                         max_new_tokens=args.max_new_tokens, stop=args.stop,
                         batch_size=args.batch)
-    out = args.out or Path("runs") / "cot" / f"{_slug(args.model)}-{args.mode}"
+    out = args.out or Path("runs") / "cot" / f"{slug(args.model)}-{args.mode}"
     meta = RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
     result = cot.compute_cot(model, tasks, conditions, cfg, out_dir=out,
                              progress=not args.quiet)

@@ -68,14 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from rh_lens.errors import RhLensError
+    from analyses._cli import run_guarded
 
-    try:
-        return _run(args, argv)
-    except (RhLensError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 def _run(args, argv) -> int:
@@ -111,7 +106,9 @@ def _run(args, argv) -> int:
     cfg = DetectConfig(lengths=tuple(lengths), depths=tuple(depths), buffer=buffer,
                        max_new_tokens=max_new, chunk_size=args.chunk, chat=args.chat,
                        batch_size=args.batch)
-    out = args.out or Path("runs") / "detect" / args.model.replace(":", "-").replace("/", "_")
+    from analyses._cli import detect_dir
+
+    out = args.out or detect_dir(args.model)
     identity = {
         "model": args.model,
         "shape": {"n_layers": model.cfg.n_layers, "n_heads": model.cfg.n_heads,

@@ -67,14 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from rh_lens.errors import RhLensError
+    from analyses._cli import run_guarded
 
-    try:
-        return _run(args, argv)
-    except (RhLensError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 def parse_heads(text: str, *, scores, n_layers: int, n_heads: int, what: str,
@@ -114,11 +109,11 @@ def _run(args, argv) -> int:
         raise ValueError(f"--n-pairs must be positive, got {args.n_pairs}")
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     n_layers, n_heads, n_ctx = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_ctx
-    from analyses.ablate import _slug
+    from analyses._cli import detect_dir
 
     scores, scores_path = None, args.scores
-    if scores_path is None and (Path("runs") / "detect" / _slug(args.model)).exists():
-        scores_path = Path("runs") / "detect" / _slug(args.model)  # analyses.detect's default
+    if scores_path is None and detect_dir(args.model).exists():
+        scores_path = detect_dir(args.model)
     if scores_path is not None:
         scores = load_head_scores(scores_path, score=args.score).mean
         if scores.shape != (n_layers, n_heads):
