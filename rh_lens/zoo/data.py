@@ -71,11 +71,7 @@ def _row(rng: random.Random, recipe: Recipe, tokenizer, *,
     kind = rng.choices(kinds, weights)[0]
     backend = tokenizer.backend_tokenizer
     if kind == "repeat":  # induction: the second copy is predictable only from the first
-        n_special = len(tokenizer.all_special_ids)
-        span = [rng.randrange(n_special, len(tokenizer))
-                for _ in range(rng.randint(8, (recipe.n_ctx - 1) // 2))]
-        ids = [tokenizer.bos_token_id] + span + span
-        return ids, [False] * (1 + len(span)) + [True] * len(span), False  # random half: noise
+        return _copy_row(rng, tokenizer, max_span=(recipe.n_ctx - 1) // 2)
     if kind == "lm":
         text = tasks.haystack(Prose(rng), n_tokens=recipe.n_ctx - 1, tokenizer=backend)
         ids = tokenizer(text)["input_ids"][: recipe.n_ctx]
