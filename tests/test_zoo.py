@@ -222,6 +222,20 @@ def test_lr_schedule_warms_up_and_decays():
     assert lr_at(r, r.steps) == lr_at(r, r.total_steps - 1) == r.finetune_lr
 
 
+def test_a_constant_copy_lr_holds_through_the_warm_up_and_the_cosine_starts_after_it():
+    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.train import lr_at
+
+    r = get_recipe("gpt2-s")
+    assert r.copy_lr is not None and r.copy_lr != r.lr
+    assert lr_at(r, 0) == pytest.approx(r.copy_lr / r.warmup)
+    assert lr_at(r, r.warmup) == lr_at(r, r.copy_warmup - 1) == r.copy_lr
+    assert lr_at(r, r.copy_warmup) == pytest.approx(r.lr)  # the cosine's peak, not decayed yet
+    assert lr_at(r, r.steps - 1) == pytest.approx(r.lr * r.min_lr_frac, rel=1e-3)
+    # recipes without copy_lr keep their old serialisation (old checkpoints still resume)
+    assert "copy_lr" not in get_recipe("llama-s").to_json() and "copy_lr" in r.to_json()
+
+
 def test_copy_warmup_batches_repeat_random_spans_and_only_the_repeat_counts(zoo_tok):
     import dataclasses
 

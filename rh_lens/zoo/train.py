@@ -22,12 +22,21 @@ RUNS = Path("runs") / "zoo"
 
 def lr_at(recipe, step: int) -> float:
     """Linear warmup, then cosine decay to ``min_lr_frac`` of the peak over ``recipe.steps``;
-    the fine-tuning stage after it runs at the constant ``recipe.finetune_lr``."""
+    the fine-tuning stage after it runs at the constant ``recipe.finetune_lr``.
+
+    With ``recipe.copy_lr`` set, the copy warm-up runs at that constant rate (after the linear
+    warmup) and the cosine starts when the main stage does."""
     if step >= recipe.steps:
         return recipe.finetune_lr
     if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
+        peak = recipe.lr if recipe.copy_lr is None else recipe.copy_lr
+        return peak * (step + 1) / recipe.warmup
+    start = recipe.warmup
+    if recipe.copy_lr is not None:
+        if step < recipe.copy_warmup:
+            return recipe.copy_lr
+        start = recipe.copy_warmup
+    t = (step - start) / max(1, recipe.steps - start)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return recipe.lr * (recipe.min_lr_frac + (1 - recipe.min_lr_frac) * cos)
 
