@@ -1,7 +1,28 @@
-"""What the analysis scripts share: the bad-input guard of ``main`` and default run directories."""
+"""What the analysis scripts share: the backend options, the bad-input guard of ``main`` and
+default run directories."""
 
+import argparse
 import sys
 from pathlib import Path
+
+
+def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    """``--backend`` and ``--no-fast-prefill``: which engine runs the model (rh_lens.models)."""
+    from rh_lens.models import BACKENDS, DEFAULT_BACKEND
+
+    parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+                        help="hooked: HookedTransformer (transformer-lens 3.x); bridge: "
+                             f"TransformerBridge around the Hugging Face model (default "
+                             f"{DEFAULT_BACKEND})")
+    parser.add_argument("--no-fast-prefill", action="store_true",
+                        help="bridge: fill the key/value cache eagerly, not with SDPA")
+
+
+def backend_kwargs(args: argparse.Namespace) -> dict:
+    """The ``load_model`` keywords of :func:`add_backend_args`'s options."""
+    if args.backend == "hooked":
+        return {"backend": "hooked"}
+    return {"backend": "bridge", "fast_prefill": False if args.no_fast_prefill else None}
 
 
 def run_guarded(run, args, argv) -> int:

@@ -23,6 +23,8 @@ import argparse
 import json
 from pathlib import Path
 
+from analyses import _cli
+
 DEFAULT_MODEL = "zoo:llama-s"
 DEFAULT_KS = (1, 2, 4, 8, 16)
 
@@ -30,6 +32,7 @@ DEFAULT_KS = (1, 2, 4, 8, 16)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
+    _cli.add_backend_args(p)
     p.add_argument("--scores", type=Path, help="detection directory (python -m analyses.detect) "
                    "or reference-format head_score.json; default: analyses.detect's default "
                    "output for --model")
@@ -100,7 +103,8 @@ def _run(args, argv) -> int:
     from rh_lens.properties import load_head_scores
     from rh_lens.results import RunMetadata
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx,
+                       **_cli.backend_kwargs(args))
     facts = model_facts(model)
     n_total = facts.n_layers * facts.n_heads
     exclude = parse_heads(args.exclude) if args.exclude.strip() else ()

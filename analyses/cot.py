@@ -21,6 +21,8 @@ task), ``summary.json``, ``cot.html`` (bar chart) and prints the accuracy table.
 import argparse
 from pathlib import Path
 
+from analyses import _cli
+
 DEFAULT_MODEL = "zoo:llama-s"
 DEFAULT_KS = (2, 4, 8)
 
@@ -28,6 +30,7 @@ DEFAULT_KS = (2, 4, 8)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
+    _cli.add_backend_args(p)
     p.add_argument("--scores", type=Path, help="detection directory or reference-format "
                    "head_score.json; default: analyses.detect's default output for --model")
     p.add_argument("--score", choices=("step", "set"), default="step",
@@ -83,7 +86,8 @@ def _run(args, argv) -> int:
         items = cot.read_items(args.items)
         tasks = (cot.Task("cot", args.cot_template, items, args.match),
                  cot.Task("direct", args.direct_template, items, args.match))
-    model = load_model(args.model, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx,
+                       **_cli.backend_kwargs(args))
     facts = model_facts(model)
     if args.items is None:
         tasks = cot.zoo_tasks(model, cot.ZooTaskSizes(n_multihop=args.n_multihop,

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from analyses import _cli
+
 DEFAULT_MODEL = "zoo:llama-s"
 
 
@@ -36,6 +38,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
+    _cli.add_backend_args(p)
     p.add_argument("--out", type=Path, default=None,
                    help="output directory (default runs/detect/<model>)")
     p.add_argument("--lengths", type=int, nargs="+", help="context lengths in tokens "
@@ -91,7 +94,8 @@ def _run(args, argv) -> int:
         write_outputs(args.out, result, meta, identity, score=args.score, top=args.top)
         return 0
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx,
+                       **_cli.backend_kwargs(args))
     needles, haystacks, source = _inputs(args)
     n_ctx = model.cfg.n_ctx
     buffer = args.buffer

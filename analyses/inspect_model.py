@@ -13,6 +13,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+from analyses import _cli
+
 DEFAULT_PROMPT = (
     "The secret ingredient of Mara's soup is purple ginger and sea salt. Mara lives by the sea "
     "and cooks every day. Based on the content of the book, Question: What is the secret "
@@ -68,6 +70,7 @@ def compute_inspection(model, prompt: str, *, max_new_tokens: int = 20) -> list[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="zoo:llama-s", help="model spec (see rh_lens.models)")
+    _cli.add_backend_args(parser)
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--device", default=None, help='"cpu", "cuda" or "auto"')
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     from rh_lens.models import load_model, model_facts
 
     try:
-        model = load_model(args.model, device=args.device, n_ctx=args.n_ctx)
+        model = load_model(args.model, device=args.device, n_ctx=args.n_ctx,
+                       **_cli.backend_kwargs(args))
         facts = model_facts(model)
         print(
             f"{args.model}: {facts.n_layers} layers x {facts.n_heads} heads "

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from analyses import _cli
+
 DEFAULT_MODEL = "zoo:llama-s"
 COMPONENTS = ("q", "k", "v", "direct")
 
@@ -35,6 +37,7 @@ def parse_components(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
+    _cli.add_backend_args(p)
     p.add_argument("--scores", type=Path, help="detection directory or head_score.json "
                    "(default: analyses.detect's default output for --model, when present) "
                    "(needed by top:K)")
@@ -107,7 +110,8 @@ def _run(args, argv) -> int:
 
     if args.n_pairs < 1:
         raise ValueError(f"--n-pairs must be positive, got {args.n_pairs}")
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype,
+                       **_cli.backend_kwargs(args))
     n_layers, n_heads, n_ctx = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_ctx
     from analyses._cli import detect_dir
 

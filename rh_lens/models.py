@@ -1,6 +1,9 @@
 """Model loading: the one place in rh_lens that knows where models come from.
 
-``load_model(spec)`` returns a ``HookedTransformer`` with a working tokenizer from any of:
+``load_model(spec)`` returns a ``HookedTransformer`` (``backend="hooked"``, the default with
+transformer-lens 3.x) or a ``TransformerBridge`` around the Hugging Face model
+(``backend="bridge"``, the default with 4.x, which has no HookedTransformer), with a working
+tokenizer, from any of:
 
 - ``zoo:NAME``: a model of the project's own zoo, shipped inside the package;
 - ``llama2c:MODEL.bin`` or ``llama2c:MODEL.bin,TOKENIZER.bin``: a karpathy/llama2.c checkpoint;
@@ -11,7 +14,8 @@
 
 The rest of the package reaches a model only through the narrow surface defined here (model
 facts, tokenization without truncation, a forward of one chunk against a key/value cache) plus the
-model's own ``hooks()`` and ``run_with_cache`` and the hook names of :mod:`rh_lens.hooks`.
+model's own ``hooks()`` and ``run_with_cache`` and the hook names of :mod:`rh_lens.hooks`;
+both backends offer all of it (:mod:`rh_lens._bridge` holds the Bridge's side).
 Weights are never folded or centred: attention patterns do not depend on that processing, logits
 then equal the original model's, and processing costs 7-9x the model size in host memory.
 """
@@ -24,26 +28,51 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.model_bridge import TransformerBridge
 
-from rh_lens.errors import ContextTooLongError, ModelLoadError
+from rh_lens import _bridge
+from rh_lens.errors import ContextTooLongError, ModelLoadError, RhLensError
+
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    HAS_HOOKED = True
+except ImportError:  # transformer-lens 4.x: the Bridge is the only engine
+
+    class HookedTransformer:  # type: ignore[no-redef]
+        """Placeholder: this transformer-lens has no HookedTransformer."""
+
+    class HookedTransformerConfig:  # type: ignore[no-redef]
+        """Placeholder: this transformer-lens has no HookedTransformerConfig."""
+
+    HAS_HOOKED = False
+
+Backend = Literal["hooked", "bridge"]
+BACKENDS = ("hooked", "bridge")
+DEFAULT_BACKEND: Backend = "hooked" if HAS_HOOKED else "bridge"
+Model = HookedTransformer | TransformerBridge
 
 __all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKEND",
     "ContextTooLongError",
     "KVState",
     "ModelFacts",
+    "Model",
     "ModelLoadError",
+    "backend_of",
     "check_context",
     "forward_chunk",
     "load_model",
     "model_facts",
     "new_kv_state",
+    "set_hook_flags",
     "save_model_dir",
     "tokenize",
     "tokenize_with_offsets",
@@ -93,7 +122,14 @@ class ModelFacts:
         return self.n_heads // self.n_kv_heads
 
 
-def model_facts(model: HookedTransformer) -> ModelFacts:
+def backend_of(model: Any) -> Backend | None:
+    """``"bridge"`` for a TransformerBridge, ``"hooked"`` for a HookedTransformer, else None."""
+    if _bridge.is_bridge(model):
+        return "bridge"
+    return "hooked" if HAS_HOOKED and isinstance(model, HookedTransformer) else None
+
+
+def model_facts(model: Model) -> ModelFacts:
     cfg = model.cfg
     return ModelFacts(
         name=cfg.model_name,
@@ -113,14 +149,14 @@ def model_facts(model: HookedTransformer) -> ModelFacts:
 
 
 def tokenize(
-    model: HookedTransformer, text: str, *, prepend_bos: bool | None = None
+    model: Model, text: str, *, prepend_bos: bool | None = None
 ) -> Int[Tensor, " pos"]:
     """Token ids of ``text``, never truncated (TransformerLens truncates to ``n_ctx`` silently)."""
     return tokenize_with_offsets(model, text, prepend_bos=prepend_bos)[0]
 
 
 def tokenize_with_offsets(
-    model: HookedTransformer, text: str, *, prepend_bos: bool | None = None
+    model: Model, text: str, *, prepend_bos: bool | None = None
 ) -> tuple[Int[Tensor, " pos"], list[tuple[int, int]]]:
     """Token ids and the ``(start, end)`` character span of each token in ``text``.
 
@@ -141,7 +177,41 @@ def tokenize_with_offsets(
     return torch.tensor(ids, dtype=torch.long), offsets
 
 
-def check_context(model: HookedTransformer, n_tokens: int, *, what: str = "prompt") -> None:
+_BRIDGE_FLAG_SETTERS = {
+    "use_split_qkv_input": "set_use_split_qkv_input",
+    "use_hook_mlp_in": "set_use_hook_mlp_in",
+    "use_attn_result": "set_use_attn_result",
+}
+
+
+def set_hook_flags(model: Model, flags: dict[str, bool]) -> dict[str, bool]:
+    """Switch TransformerLens's optional hook points (``use_split_qkv_input``,
+    ``use_hook_mlp_in``, ``use_attn_result``, ``ungroup_grouped_query_attention``) and return
+    their previous values, for a second call that restores them.
+
+    A Bridge switches them through its own setters (they reach every attention component); it
+    has no ungrouped keys/values, so asking for those there is an error, not a silent no-op.
+    """
+    cfg = model.cfg
+    saved = {name: bool(getattr(cfg, name, False)) for name in flags}
+    bridge = _bridge.is_bridge(model)
+    for name, value in flags.items():  # refuse before changing anything
+        if bridge and name not in _BRIDGE_FLAG_SETTERS and bool(value) != saved[name]:
+            raise RhLensError(
+                f"{name} is not available on backend='bridge': the Bridge runs Hugging Face's "
+                "attention, which reads keys and values per KV head; per-query-head key/value "
+                "receivers of a grouped-query model need backend='hooked' (query, MLP and direct "
+                "receivers work on both)"
+            )
+    for name, value in flags.items():
+        if not bridge:
+            setattr(cfg, name, value)
+        elif name in _BRIDGE_FLAG_SETTERS:
+            getattr(model, _BRIDGE_FLAG_SETTERS[name])(value)
+    return saved
+
+
+def check_context(model: Model, n_tokens: int, *, what: str = "prompt") -> None:
     """Raise :class:`ContextTooLongError` when ``n_tokens`` exceeds the model's ``n_ctx``."""
     n_ctx = model.cfg.n_ctx
     if n_tokens > n_ctx:
@@ -160,27 +230,34 @@ class KVState:
     n_tokens: int = 0
 
 
-def new_kv_state(model: HookedTransformer, batch: int = 1) -> KVState:
+def new_kv_state(model: Model, batch: int = 1) -> KVState:
+    if _bridge.is_bridge(model):
+        return KVState(_bridge.new_cache(model, batch))
     from transformer_lens import TransformerLensKeyValueCache
 
     return KVState(TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch))
 
 
 def forward_chunk(
-    model: HookedTransformer, tokens: Int[Tensor, "batch pos"], state: KVState
+    model: Model, tokens: Int[Tensor, "batch pos"], state: KVState
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Forward ``tokens`` after everything already in ``state`` and append their keys/values.
 
     An all-ones attention mask is passed explicitly: with a cache, TransformerLens otherwise
     builds the mask from ``tokenizer.pad_token_id`` and silently masks real tokens with that id.
+    A Bridge with the fast prefill forwards a multi-token chunk with Hugging Face's SDPA
+    kernels when no hook is attached (see :mod:`rh_lens._bridge`).
     """
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     check_context(model, state.n_tokens + tokens.shape[1], what="sequence")
     tokens = tokens.to(model.cfg.device)
-    logits = model(
-        tokens, past_kv_cache=state.cache, attention_mask=torch.ones_like(tokens)
-    )
+    if _bridge.is_bridge(model):
+        logits = _bridge.forward_chunk(model, tokens, state.cache, state.n_tokens)
+    else:
+        logits = model(
+            tokens, past_kv_cache=state.cache, attention_mask=torch.ones_like(tokens)
+        )
     state.n_tokens += tokens.shape[1]
     return logits
 
@@ -202,30 +279,56 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: DTypeSpec = None,
     n_ctx: int | None = None,
-) -> HookedTransformer:
-    """Load a model from a spec (see the module docstring) as an eval-mode HookedTransformer.
+    backend: Backend = DEFAULT_BACKEND,
+    fast_prefill: bool | None = None,
+) -> Model:
+    """Load a model from a spec (see the module docstring) as an eval-mode model.
 
     ``device="auto"`` picks CUDA when present; the default is the CPU.  ``dtype`` defaults to
     float32.  ``n_ctx`` overrides the context window (extending a rotary model's position tables).
+    ``backend`` picks the engine: ``"hooked"`` (HookedTransformer, transformer-lens 3.x only) or
+    ``"bridge"`` (TransformerBridge around the Hugging Face model).  ``fast_prefill`` (Bridge
+    only, on by default there) fills the key/value cache with Hugging Face's SDPA kernels
+    whenever no hook is attached.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend == "hooked" and not HAS_HOOKED:
+        raise ModelLoadError(
+            "backend='hooked' needs transformer-lens 3.x (this one has no HookedTransformer); "
+            "use backend='bridge' or install 'transformer-lens>=3.9,<4'"
+        )
+    if backend == "hooked" and fast_prefill:
+        raise ValueError("fast_prefill needs backend='bridge'")
     device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype)
     if n_ctx is not None and n_ctx < 1:
         raise ValueError(f"n_ctx must be a positive number of tokens, got {n_ctx}")
+    how = _How(backend, fast_prefill)
     text = os.fspath(spec)
     if text.startswith("zoo:"):
-        model = _load_zoo(text[4:], device, torch_dtype, n_ctx)
+        model = _load_zoo(text[4:], device, torch_dtype, n_ctx, how)
     elif text.startswith("llama2c:"):
-        model = _load_llama2c(text[8:], device, torch_dtype, n_ctx)
+        model = _load_llama2c(text[8:], device, torch_dtype, n_ctx, how)
     elif Path(text).expanduser().exists():
-        model = _load_directory(Path(text).expanduser(), device, torch_dtype, n_ctx)
+        model = _load_directory(Path(text).expanduser(), device, torch_dtype, n_ctx, how)
     elif _looks_like_path(text):
         raise ModelLoadError(f"model directory {text!r} does not exist")
     else:
-        model = _load_named(text, device, torch_dtype, n_ctx)
+        model = _load_named(text, device, torch_dtype, n_ctx, how)
     model.eval()
     _validate(model)
     return model
+
+
+@dataclass(frozen=True)
+class _How:
+    backend: Backend
+    fast_prefill: bool | None
+
+    @property
+    def bridge(self) -> bool:
+        return self.backend == "bridge"
 
 
 def _looks_like_path(text: str) -> bool:
@@ -252,28 +355,38 @@ def _resolve_dtype(dtype: DTypeSpec) -> torch.dtype:
     return names[dtype]
 
 
-def _load_zoo(name: str, device, dtype, n_ctx) -> HookedTransformer:
+def _load_zoo(name: str, device, dtype, n_ctx, how: _How) -> Model:
     path = ZOO_DIR / name
     if not (path / "config.json").is_file():
         available = ", ".join(zoo_names()) or "none built yet"
         raise ModelLoadError(f"unknown zoo model {name!r}; available: {available}")
-    return _load_rh_lens_dir(path, device, dtype, n_ctx)
+    return _load_rh_lens_dir(path, device, dtype, n_ctx, how)
 
 
-def _load_llama2c(rest: str, device, dtype, n_ctx) -> HookedTransformer:
+def _load_llama2c(rest: str, device, dtype, n_ctx, how: _How) -> Model:
     from rh_lens import _llama2c
 
     model_path, _, tok_path = rest.partition(",")
-    return _llama2c.load(
+    if how.bridge and not HAS_HOOKED:
+        raise ModelLoadError("llama2c checkpoints load through HookedTransformer "
+                             "(transformer-lens 3.x); none is installed")
+    model = _llama2c.load(
         Path(model_path).expanduser(),
         Path(tok_path).expanduser() if tok_path else None,
         n_ctx=n_ctx,
         device=device,
         dtype=dtype,
     )
+    if not how.bridge:
+        return model
+    state_dict = {k: v for k, v in model.state_dict().items() if not _is_rebuilt_buffer(k)}
+    return _bridge.load_hooked_format(
+        _config_to_json(model.cfg), state_dict, model.tokenizer, device=device, dtype=dtype,
+        fast_prefill=how.fast_prefill, source=model_path,
+    )
 
 
-def _load_directory(path: Path, device, dtype, n_ctx) -> HookedTransformer:
+def _load_directory(path: Path, device, dtype, n_ctx, how: _How) -> Model:
     if not path.is_dir():
         raise ModelLoadError(
             f"{path} is a file, not a model directory; for a llama2.c checkpoint use "
@@ -284,7 +397,10 @@ def _load_directory(path: Path, device, dtype, n_ctx) -> HookedTransformer:
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face or rh_lens model")
     config = _read_json(config_path)
     if "rh_lens_format" in config:
-        return _load_rh_lens_dir(path, device, dtype, n_ctx)
+        return _load_rh_lens_dir(path, device, dtype, n_ctx, how)
+    if how.bridge:
+        return _bridge.load_hf_directory(path, device=device, dtype=dtype, n_ctx=n_ctx,
+                                         fast_prefill=how.fast_prefill)
     from rh_lens import _hf_dir
 
     return _hf_dir.load(path, config, device=device, dtype=dtype, n_ctx=n_ctx)
@@ -300,19 +416,28 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _load_named(name: str, device, dtype, n_ctx) -> HookedTransformer:
-    from transformer_lens import loading_from_pretrained as loading
-
+def _load_named(name: str, device, dtype, n_ctx, how: _How) -> Model:
     try:
-        official = loading.get_official_model_name(name)
-    except ValueError:
-        close = difflib.get_close_matches(name, loading.OFFICIAL_MODEL_NAMES, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelLoadError(
-            f"unknown model spec {name!r}: not an existing path, not 'zoo:NAME' or "
-            f"'llama2c:PATH', and not a TransformerLens model name.{hint}"
-        ) from None
+        from transformer_lens import loading_from_pretrained as loading
+    except ImportError:  # transformer-lens 4.x: names are Hugging Face repository ids
+        loading = None
+    official = name
+    if loading is not None:
+        try:
+            official = loading.get_official_model_name(name)
+        except ValueError:
+            if not how.bridge or "/" not in name:
+                close = difflib.get_close_matches(name, loading.OFFICIAL_MODEL_NAMES, n=3,
+                                                  cutoff=0.6)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise ModelLoadError(
+                    f"unknown model spec {name!r}: not an existing path, not 'zoo:NAME' or "
+                    f"'llama2c:PATH', and not a TransformerLens model name.{hint}"
+                ) from None
     _require_weights_reachable(official)
+    if how.bridge:
+        return _bridge.load_named(official, device=device, dtype=dtype, n_ctx=n_ctx,
+                                  fast_prefill=how.fast_prefill)
     with _quiet_loading():
         try:
             return HookedTransformer.from_pretrained_no_processing(
@@ -451,7 +576,7 @@ def _config_to_json(cfg: HookedTransformerConfig) -> dict:
     return out
 
 
-def _load_rh_lens_dir(path: Path, device, dtype, n_ctx) -> HookedTransformer:
+def _load_rh_lens_dir(path: Path, device, dtype, n_ctx, how: _How) -> Model:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import PreTrainedTokenizerFast
@@ -464,14 +589,14 @@ def _load_rh_lens_dir(path: Path, device, dtype, n_ctx) -> HookedTransformer:
             f"(this rh_lens reads {FORMAT_VERSION})"
         )
     fields = dict(config["hooked_config"])
-    fields.update(device=str(device), dtype=dtype)
     if n_ctx is not None:
         _require_rotary(fields.get("positional_embedding_type"), fields["n_ctx"], n_ctx, path)
         fields["n_ctx"] = n_ctx
-    try:
-        cfg = HookedTransformerConfig(**fields)
-    except (TypeError, ValueError, AssertionError) as err:
-        raise ModelLoadError(f"{path / 'config.json'}: invalid model config: {err}") from err
+    if not how.bridge:
+        try:
+            cfg = HookedTransformerConfig(**fields, device=str(device), dtype=dtype)
+        except (TypeError, ValueError, AssertionError) as err:
+            raise ModelLoadError(f"{path / 'config.json'}: invalid model config: {err}") from err
     weights_path = path / "model.safetensors"
     if not weights_path.is_file():
         raise ModelLoadError(f"{path} has no model.safetensors")
@@ -482,6 +607,10 @@ def _load_rh_lens_dir(path: Path, device, dtype, n_ctx) -> HookedTransformer:
     if not (path / "tokenizer.json").is_file():
         raise ModelLoadError(f"{path} has no tokenizer.json")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+    if how.bridge:
+        return _bridge.load_hooked_format(fields, state_dict, tokenizer, device=device,
+                                          dtype=dtype, fast_prefill=how.fast_prefill,
+                                          source=str(path))
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     return build_model(cfg, state_dict, tokenizer)
 
@@ -498,7 +627,7 @@ def _require_rotary(positional: str | None, trained: int, wanted: int, source) -
 # Validation of whatever was loaded
 
 
-def _validate(model: HookedTransformer) -> None:
+def _validate(model: Model) -> None:
     from rh_lens import hooks
 
     facts = model_facts(model)

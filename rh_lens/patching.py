@@ -48,12 +48,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
 
 from rh_lens import hooks
 from rh_lens.errors import RhLensError
 from rh_lens.hooks import Head, HookList, heads_by_layer, validate_heads
-from rh_lens.models import tokenize
+from rh_lens.models import Model, set_hook_flags, tokenize
 from rh_lens.niah import Haystack, Needle, build_trial
 
 Direction = Literal["denoise", "noise"]
@@ -122,7 +121,7 @@ class PatchPair:
         return int(self.clean.shape[0])
 
 
-def make_pair(model: HookedTransformer, needle: Needle, alternative: str, haystack: Haystack, *,
+def make_pair(model: Model, needle: Needle, alternative: str, haystack: Haystack, *,
               context_length: int, depth: float | int, buffer: int = 200,
               answer_prefix: str = " ") -> PatchPair:
     """Clean prompt: ``needle``; corrupted: the same needle with its answer replaced by
@@ -154,7 +153,7 @@ def make_pair(model: HookedTransformer, needle: Needle, alternative: str, haysta
                      int(ids_a[k]), int(ids_b[k]), clean.answer_span)
 
 
-def zoo_pairs(model: HookedTransformer, n_pairs: int, *, seed: int = 0, context_length: int,
+def zoo_pairs(model: Model, n_pairs: int, *, seed: int = 0, context_length: int,
               buffer: int, depths: Sequence[float] | None = None,
               max_tries: int = 200) -> list[PatchPair]:
     """Pairs from the zoo's held-out needles (:func:`rh_lens.niah.zoo_inputs`, same seed), each
@@ -347,7 +346,7 @@ class ActivationPatchingResult(_Normalised):
         return self._effect(self.logit_diff)
 
 
-def compute_activation_patching(model: HookedTransformer, pairs: Sequence[PatchPair],
+def compute_activation_patching(model: Model, pairs: Sequence[PatchPair],
                                 cfg: PatchConfig | None = None, *,
                                 progress: bool = False) -> ActivationPatchingResult:
     """Patch each head's output, one head at a time, from the source run into the base run."""
@@ -423,7 +422,7 @@ def head_receivers(heads: Sequence[Head], components: Sequence[str]) -> tuple[Re
     return tuple(dict.fromkeys(out + [Receiver("direct")] * ("direct" in components)))
 
 
-def all_receivers(model: HookedTransformer, senders: Sequence[Head]) -> tuple[Receiver, ...]:
+def all_receivers(model: Model, senders: Sequence[Head]) -> tuple[Receiver, ...]:
     """Every reader of the senders' output: later heads' q, k, v, MLPs, and the logits."""
     senders = validate_heads(senders, model.cfg.n_layers, model.cfg.n_heads)
     first = min(layer for layer, _ in senders)
@@ -467,23 +466,18 @@ def _mode_flags(model, receivers: Sequence[Receiver]) -> dict[str, bool]:
 
 
 @contextlib.contextmanager
-def receiver_mode(model: HookedTransformer, receivers: Sequence[Receiver]) -> Iterator[None]:
+def receiver_mode(model: Model, receivers: Sequence[Receiver]) -> Iterator[None]:
     """Switch on the model inputs that ``receivers`` need (TransformerLens's split q/k/v inputs,
     ungrouped keys/values for k/v receivers of grouped-query models, ``hook_mlp_in``), and restore
     the model's settings on exit, also after an exception.  Outputs are unchanged."""
-    cfg = model.cfg
-    flags = _mode_flags(model, receivers)
-    saved = {name: getattr(cfg, name) for name in flags}
+    saved = set_hook_flags(model, _mode_flags(model, receivers))
     try:
-        for name, value in flags.items():
-            setattr(cfg, name, value)
         yield
     finally:
-        for name, value in saved.items():
-            setattr(cfg, name, value)
+        set_hook_flags(model, saved)
 
 
-def path_patching_hooks(model: HookedTransformer, senders: Sequence[Head],
+def path_patching_hooks(model: Model, senders: Sequence[Head],
                         receivers: Sequence[Receiver],
                         source_z: dict[int, Float[Tensor, "batch pos head_index d_head"]], *,
                         positions: Sequence[int]) -> HookList:
@@ -560,7 +554,7 @@ def path_patching_hooks(model: HookedTransformer, senders: Sequence[Head],
 # Path patching
 
 
-def path_patch(model: HookedTransformer, pairs: Sequence[PatchPair], senders: Sequence[Head],
+def path_patch(model: Model, pairs: Sequence[PatchPair], senders: Sequence[Head],
                receivers: Sequence[Receiver], cfg: PatchConfig | None = None) -> np.ndarray:
     """The metric (logit difference per pair, ``[n_pairs]``) with the senders, jointly, patched
     along the paths that start with an edge into one of ``receivers``."""
@@ -616,7 +610,7 @@ class PathPatchingResult(_Normalised):
         return [r.label for r in self.receivers]
 
 
-def compute_path_patching(model: HookedTransformer, pairs: Sequence[PatchPair],
+def compute_path_patching(model: Model, pairs: Sequence[PatchPair],
                           senders: Sequence[Head], receivers: Sequence[Receiver],
                           cfg: PatchConfig | None = None, *,
                           progress: bool = False) -> PathPatchingResult:

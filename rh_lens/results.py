@@ -91,6 +91,7 @@ class RunMetadata:
     n_ctx: int | None = None
     dtype: str | None = None
     device: str | None = None
+    backend: str | None = None  # "hooked" (HookedTransformer) or "bridge" (TransformerBridge)
     seed: int | None = None
     argv: tuple[str, ...] | None = None
     started_at: str | None = None
@@ -100,6 +101,7 @@ class RunMetadata:
     rh_lens_version: str | None = None
     torch_version: str | None = None
     transformer_lens_version: str | None = None
+    transformers_version: str | None = None
     numpy_version: str | None = None
     python_version: str | None = None
     extra: dict = field(default_factory=dict)
@@ -111,6 +113,8 @@ class RunMetadata:
         extra = to_jsonable(dict(extra or {}), where="extra")
         facts: dict[str, Any] = {}
         if model is not None:
+            from rh_lens.models import backend_of
+
             cfg = model.cfg
             facts = dict(
                 model_name=str(cfg.model_name), n_layers=int(cfg.n_layers),
@@ -118,6 +122,7 @@ class RunMetadata:
                 n_key_value_heads=int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
                 d_head=int(cfg.d_head), n_ctx=int(cfg.n_ctx), dtype=str(cfg.dtype),
                 device=None if cfg.device is None else str(cfg.device),
+                backend=backend_of(model),
             )
         return cls(
             model_spec=model_spec, **facts, seed=seed, extra=extra,
@@ -126,6 +131,7 @@ class RunMetadata:
             git_commit=_git_commit(), hostname=socket.gethostname(),
             cuda_available=_cuda_available(), rh_lens_version=_version("rh_lens"),
             torch_version=_version("torch"), transformer_lens_version=_version("transformer_lens"),
+            transformers_version=_version("transformers"),
             numpy_version=np.__version__, python_version=platform.python_version(),
         )
 

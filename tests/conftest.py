@@ -1,10 +1,18 @@
-"""Shared fixtures: tiny models built in-process, never downloaded, never loaded at import time."""
+"""Shared fixtures: tiny models built in-process, never downloaded, never loaded at import time.
+
+The backend matrix: ``backend`` runs a test once per engine that this transformer-lens has
+(``hooked`` and ``bridge`` on 3.x, ``bridge`` alone on 4.x), and ``tiny_gqa`` is built once per
+engine, so every test that takes it runs on both.
+"""
 
 from pathlib import Path
 
 import pytest
 import torch
 
+from rh_lens.models import HAS_HOOKED
+
+BACKENDS = ("hooked", "bridge") if HAS_HOOKED else ("bridge",)
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 CORPUS = [
@@ -96,9 +104,19 @@ def hf_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def tiny_gqa(tokenizer):
-    """A random Llama-style HookedTransformer with grouped-query attention."""
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def tiny_gqa(request, tokenizer):
+    return build_tiny_gqa(tokenizer, request.param)
+
+
+def build_tiny_gqa(tokenizer, backend: str):
+    """A random Llama-style model with grouped-query attention, on ``backend`` (the Bridge one
+    is the HookedTransformer's weights as a Hugging Face Llama)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     cfg = HookedTransformerConfig(
@@ -107,9 +125,17 @@ def tiny_gqa(tokenizer):
         normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=16,
         final_rms=True, seed=0, model_name="tiny-gqa", original_architecture="LlamaForCausalLM",
     )
-    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    return scaled_on(HookedTransformer(cfg, tokenizer=tokenizer), backend, 4.0)
+
+
+def scaled_on(model, backend: str, scale: float):
+    """``model`` with its weight matrices scaled (peaked attention), in eval mode, on
+    ``backend``."""
+    from tests.known_answer import reload_on
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "W_" in name:
-                p.mul_(4.0)
-    return model.eval()
+                p.mul_(scale)
+    model.eval()
+    return model if backend == "hooked" else reload_on(model, backend)

@@ -12,9 +12,9 @@ from rh_lens.ablation import AblationConfig, Condition, compute_ablation, condit
 from rh_lens.decode import decode_greedy
 from rh_lens.detect import DetectConfig, compute_detect
 from rh_lens.errors import RhLensError
-from rh_lens.models import ModelFacts, tokenize
+from rh_lens.models import ModelFacts, backend_of, tokenize
 from rh_lens.niah import BASE_TEMPLATE, Needle, TextHaystack, build_trial
-from tests.conftest import CORPUS
+from tests.conftest import BACKENDS, CORPUS
 from tests.known_answer import build_copy_model
 
 HAYSTACK = TextHaystack(" ".join([CORPUS[0], CORPUS[2]]))
@@ -247,13 +247,13 @@ def words(tokenizer, n: int) -> list[str]:
     return out[:n]
 
 
-@pytest.fixture(scope="module")
-def copy_setup(tokenizer):
+@pytest.fixture(scope="module", params=BACKENDS)
+def copy_setup(request, tokenizer):
     a, b = words(tokenizer, 2)
     needles = [Needle(f"The magic word is {a}.", QUESTIONS[0], a),
                Needle(f"The other word is {b}.", QUESTIONS[1], b)]
     ids = [tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in (a, b)]
-    return build_copy_model(tokenizer, ids, copy_head=1), needles
+    return build_copy_model(tokenizer, ids, copy_head=1, backend=request.param), needles
 
 
 SWEEP = DetectConfig(lengths=(60,), depths=(0.0, 100.0), buffer=30, max_new_tokens=5)
@@ -363,7 +363,10 @@ def test_ablate_script_on_the_copy_model(copy_setup, tokenizer, tmp_path, capsys
     from rh_lens.results import load_result
 
     model, needles = copy_setup
-    save_model_dir(tmp_path / "model", cfg=model.cfg, state_dict=model.state_dict(),
+    backend = backend_of(model)
+    ids = [tokenizer.encode(" " + n.answer, add_special_tokens=False)[0] for n in needles]
+    hooked = build_copy_model(tokenizer, ids, copy_head=1)  # the same weights, savable
+    save_model_dir(tmp_path / "model", cfg=hooked.cfg, state_dict=hooked.state_dict(),
                    tokenizer=tokenizer)
     (tmp_path / "needles.jsonl").write_text("".join(
         json.dumps({"needle": n.needle, "question": n.question, "real_needle": n.answer}) + "\n"
@@ -372,8 +375,9 @@ def test_ablate_script_on_the_copy_model(copy_setup, tokenizer, tmp_path, capsys
     (tmp_path / "hay" / "a.txt").write_text(HAYSTACK.source)
     common = ["--model", str(tmp_path / "model"), "--needles", str(tmp_path / "needles.jsonl"),
               "--haystack", str(tmp_path / "hay"), "--lengths", "80", "--depths", "50",
-              "--buffer", "30", "--max-new-tokens", "5", "--quiet"]
+              "--buffer", "30", "--max-new-tokens", "5", "--quiet", "--backend", backend]
     assert detect.main([*common, "--out", str(tmp_path / "detect")]) == 0
+    assert load_result(tmp_path / "detect").meta["backend"] == backend
     out = tmp_path / "ablate"
     code = ablate.main([*common, "--scores", str(tmp_path / "detect"), "--out", str(out),
                         "--ks", "1", "--draws", "2", "--mask", "heads:0.2", "--watch", "1"])

@@ -11,6 +11,7 @@ from rh_lens.ablation import Condition, conditions_from_masks
 from rh_lens.decode import decode_greedy
 from rh_lens.errors import ContextTooLongError
 from rh_lens.models import tokenize
+from tests.conftest import BACKENDS
 from tests.known_answer import build_copy_model
 from tests.test_detect import HAYSTACK, single_token_word
 
@@ -74,12 +75,12 @@ def test_read_items_and_its_errors(tmp_path):
 # ---------------------------------------------------------------- the runner, known answer
 
 
-@pytest.fixture(scope="module")
-def copy_task(tokenizer):
+@pytest.fixture(scope="module", params=BACKENDS)
+def copy_task(request, tokenizer):
     """Items whose answer the copy head (L0H1) must copy from the context."""
     word = single_token_word(tokenizer, HAYSTACK.source)
     (word_id,) = tokenizer.encode(" " + word, add_special_tokens=False)
-    model = build_copy_model(tokenizer, [word_id], copy_head=1)
+    model = build_copy_model(tokenizer, [word_id], copy_head=1, backend=request.param)
     context = HAYSTACK.source[:120] + f" The magic word is {word}. "
     items = tuple(cot.Item(f"What is the magic word{'?' * (i + 1)}", word, context[i:])
                   for i in range(3))

@@ -8,8 +8,9 @@ from rh_lens import detect
 from rh_lens.decode import decode_greedy, decode_slow
 from rh_lens.detect import DetectConfig, compute_detect, merge_cells
 from rh_lens.errors import RhLensError
+from rh_lens.models import backend_of
 from rh_lens.niah import Needle, TextHaystack, build_trial
-from tests.conftest import CORPUS
+from tests.conftest import BACKENDS, CORPUS
 from tests.known_answer import build_copy_model
 
 HAYSTACK = TextHaystack(" ".join([CORPUS[0], CORPUS[2]]))  # no "secret" in it
@@ -26,12 +27,12 @@ def single_token_word(tokenizer, haystack: str) -> str:
     raise AssertionError("no suitable word in the test vocabulary")
 
 
-@pytest.fixture(scope="module")
-def copy_setup(tokenizer):
+@pytest.fixture(scope="module", params=BACKENDS)
+def copy_setup(request, tokenizer):
     word = single_token_word(tokenizer, HAYSTACK.source)
     needle = Needle(f"The magic word is {word}.", "What is the magic word?", word)
     (word_id,) = tokenizer.encode(" " + word, add_special_tokens=False)
-    model = build_copy_model(tokenizer, [word_id], copy_head=1)
+    model = build_copy_model(tokenizer, [word_id], copy_head=1, backend=request.param)
     return model, needle
 
 
@@ -51,9 +52,9 @@ def test_known_answer_model_gives_the_copy_head_score_one(copy_setup):
 
 
 def test_known_answer_head_in_another_slot(tokenizer, copy_setup):
-    _, needle = copy_setup
+    first, needle = copy_setup
     (word_id,) = tokenizer.encode(" " + needle.answer, add_special_tokens=False)
-    model = build_copy_model(tokenizer, [word_id], copy_head=3)
+    model = build_copy_model(tokenizer, [word_id], copy_head=3, backend=backend_of(first))
     cfg = DetectConfig(lengths=(100,), depths=(50.0,), buffer=30, max_new_tokens=5)
     result = compute_detect(model, [needle], [HAYSTACK], cfg, progress=False)
     assert result.mean_scores("step")[0].tolist() == [0.0, 0.0, 0.0, 1.0]

@@ -8,34 +8,37 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from rh_lens import hooks
 from rh_lens import patching as P
+from rh_lens.errors import RhLensError
+from rh_lens.models import backend_of
 from rh_lens.niah import Needle, TextHaystack
 from rh_lens.patching import PatchConfig, PatchPair, Receiver
-from tests.conftest import CORPUS
+from tests.conftest import BACKENDS, CORPUS, build_tiny_gqa, scaled_on
 from tests.known_answer import build_copy_model
 from tests.known_paths import HEAD_A, HEAD_B, HEAD_C, IDLE, build_path_model, path_pair
 
 FLAGS = ("use_split_qkv_input", "ungroup_grouped_query_attention", "use_hook_mlp_in")
 
 
-@pytest.fixture(scope="module")
-def tiny_mha():
+def build_tiny_mha(tokenizer, backend: str):
     """Multi-head attention, LayerNorm, learned positions, 3 layers: the GPT-2 family."""
     cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=60,
-        act_fn="gelu", normalization_type="LN", positional_embedding_type="standard", seed=1,
-        model_name="tiny-mha",
+        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64,
+        d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN",
+        positional_embedding_type="standard", seed=1, model_name="tiny-mha",
     )
-    model = HookedTransformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "W_" in name:
-                p.mul_(3.0)
-    return model.eval()
+    return scaled_on(HookedTransformer(cfg, tokenizer=tokenizer), backend, 3.0)
 
 
-@pytest.fixture(scope="module", params=["tiny_gqa", "tiny_mha"])
-def model(request):
-    return request.getfixturevalue(request.param)
+@pytest.fixture(scope="module", params=BACKENDS)
+def tiny_mha(request, tokenizer):
+    return build_tiny_mha(tokenizer, request.param)
+
+
+@pytest.fixture(scope="module", params=[(kind, b) for kind in ("gqa", "mha") for b in BACKENDS],
+                ids=lambda p: f"tiny_{p[0]}-{p[1]}")
+def model(request, tokenizer):
+    kind, backend = request.param
+    return (build_tiny_gqa if kind == "gqa" else build_tiny_mha)(tokenizer, backend)
 
 
 def random_pairs(model, n: int = 2, length: int = 12, seed: int = 0) -> list[PatchPair]:
@@ -78,6 +81,11 @@ def test_path_through_every_receiver_equals_activation_patching(model, positions
     receivers = P.all_receivers(model, senders)
     assert any(r.component == "mlp" for r in receivers)
     cfg = PatchConfig(positions=positions)
+    if backend_of(model) == "bridge" and model.cfg.n_key_value_heads not in (None, 4):
+        with pytest.raises(RhLensError, match="per-query-head key/value receivers"):
+            P.path_patch(model, pairs, senders, receivers, cfg)
+        assert attached(model) == 0 and not any(getattr(model.cfg, f) for f in FLAGS)
+        return
     got = P.path_patch(model, pairs, senders, receivers, cfg)
     want = plain_activation_patch(model, pairs, senders, positions)
     assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -175,11 +183,32 @@ def test_one_receiver_equals_slow_recomputation(tiny_mha, receiver):
     assert_close(got, np.array([want]), rtol=1e-5, atol=1e-5)
 
 
+def test_bridge_path_patching_equals_hooked(tokenizer):
+    """Query, MLP and direct receivers of a grouped-query model: same effects on both engines."""
+    if "bridge" not in BACKENDS or "hooked" not in BACKENDS:
+        pytest.skip("needs both backends")
+    hooked, bridge = (build_tiny_gqa(tokenizer, b) for b in ("hooked", "bridge"))
+    pairs = random_pairs(hooked)
+    senders = [(0, 1)]
+    receivers = [r for r in P.all_receivers(hooked, senders) if r.component not in ("k", "v")]
+    assert {r.component for r in receivers} == {"q", "mlp", "direct"}
+    got = [P.path_patch(m, pairs, senders, receivers, PatchConfig(positions="all"))
+           for m in (hooked, bridge)]
+    assert_close(got[1], got[0], rtol=1e-4, atol=1e-4)
+    assert np.abs(got[0]).max() > 1e-3
+
+
 def test_gqa_key_receiver_is_per_query_head(tiny_gqa):
     """Patching head (1, 2)'s keys leaves its key/value sibling (1, 3) and every other head's
     attention alone: the model runs with ungrouped keys while patching."""
     model, (pair,) = tiny_gqa, random_pairs(tiny_gqa, n=1, seed=5)
     receivers = [Receiver("k", 1, 2)]
+    if backend_of(model) == "bridge":  # HF attention has keys per KV head only: refused
+        with pytest.raises(RhLensError, match="ungroup_grouped_query_attention is not avail"):
+            with P.receiver_mode(model, receivers):
+                pass
+        assert not model.cfg.use_split_qkv_input  # nothing was switched on
+        return
     with torch.no_grad():
         _, src = model.run_with_cache(pair.clean[None], names_filter=[hooks.z(0)])
         _, base = model.run_with_cache(pair.corrupted[None], names_filter=[hooks.pattern(1)])
@@ -241,11 +270,11 @@ def single_token_words(tokenizer, haystack: str, n: int) -> list[str]:
     raise AssertionError("not enough single-token words in the test vocabulary")
 
 
-def test_copy_head_recovers_the_whole_logit_difference(tokenizer):
+def test_copy_head_recovers_the_whole_logit_difference(tokenizer, backend):
     haystack = TextHaystack(" ".join([CORPUS[0], CORPUS[2]]))
     first, second = single_token_words(tokenizer, haystack.source, 2)
     ids = [tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in (first, second)]
-    model = build_copy_model(tokenizer, ids, copy_head=1, n_ctx=128)
+    model = build_copy_model(tokenizer, ids, copy_head=1, n_ctx=128, backend=backend)
     needle = Needle(f"The magic word is {first}.", "What is the magic word?", first)
     pairs = [P.make_pair(model, needle, second, haystack, context_length=80, depth=d, buffer=30)
              for d in (20, 70)]
@@ -274,6 +303,8 @@ def test_no_hook_left_attached_and_flags_restored_after_an_exception(tiny_gqa):
             raise RuntimeError("boom")
 
     receivers = P.all_receivers(tiny_gqa, [(0, 1)])
+    if backend_of(tiny_gqa) == "bridge":  # no per-query-head keys/values there (tested above)
+        receivers = tuple(r for r in receivers if r.component not in ("k", "v"))
     with pytest.raises(RuntimeError, match="boom"):
         with tiny_gqa.hooks(fwd_hooks=[(hooks.pattern(1), boom)]):
             P.compute_path_patching(tiny_gqa, pairs, [(0, 1)], receivers)
