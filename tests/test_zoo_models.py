@@ -3,6 +3,7 @@ NIAH prompts built from held-out needle templates."""
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +59,37 @@ def test_zoo_model_loads_and_answers_heldout_niah(name):
         out = out.removeprefix("Answer:")
         hits += out.strip() == ex.answer
     assert hits >= 2, f"{name} answered {hits}/3 held-out NIAH prompts"
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_model_detection_is_identical_on_both_backends(name):
+    """Same generated tokens, per-head argmax positions and retrieval scores from the
+    HookedTransformer and from the Bridge around the converted Hugging Face model (fast
+    prefill on)."""
+    from rh_lens.detect import DetectConfig, compute_detect
+    from rh_lens.models import HAS_HOOKED, load_model
+    from rh_lens.niah import Needle, TextHaystack
+    from rh_lens.zoo.prose import Prose
+
+    if not HAS_HOOKED:
+        pytest.skip("needs transformer-lens 3.x (both backends)")
+    if not (PACKAGE_MODELS / name / "config.json").is_file():
+        pytest.skip(f"zoo model {name} has not been trained yet")
+    models = [load_model(f"zoo:{name}"), load_model(f"zoo:{name}", backend="bridge")]
+    haystack = TextHaystack(Prose(5).text(n_chars=6000))
+    needles = [
+        Needle("The secret ingredient of Mara's soup is purple ginger and sea salt.",
+               "What is the secret ingredient of Mara's soup?", "purple ginger and sea salt"),
+        Needle("The colour of Ivo's boat is pale green.", "What is the colour of Ivo's boat?",
+               "pale green"),
+    ]
+    cfg = DetectConfig(lengths=(120, 240), depths=(0.0, 50.0, 100.0), buffer=48,
+                       max_new_tokens=12, chunk_size=64)
+    hooked, bridge = (compute_detect(m, needles, [haystack, haystack], cfg, progress=False)
+                      for m in models)
+    assert len(bridge.records) == 12 and hooked.n_success >= 6
+    for a, b in zip(hooked.records, bridge.records, strict=True):
+        assert (a.generated, a.success) == (b.generated, b.success)
+        for field in ("tokens", "positions", "step_score", "set_score"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+    np.testing.assert_array_equal(hooked.mean_scores("step"), bridge.mean_scores("step"))
