@@ -72,6 +72,7 @@ __all__ = [
     "load_model",
     "model_facts",
     "new_kv_state",
+    "require_hooked",
     "set_hook_flags",
     "save_model_dir",
     "tokenize",
@@ -211,6 +212,16 @@ def set_hook_flags(model: Model, flags: dict[str, bool]) -> dict[str, bool]:
     return saved
 
 
+def require_hooked(what: str, *, alternative: str = "") -> None:
+    """Raise :class:`ModelLoadError` naming ``what`` when this transformer-lens (4.x) has no
+    HookedTransformer."""
+    if not HAS_HOOKED:
+        raise ModelLoadError(
+            f"{what} needs transformer-lens 3.x (this one has no HookedTransformer); "
+            f"{alternative}install 'transformer-lens>=3.9,<4'"
+        )
+
+
 def check_context(model: Model, n_tokens: int, *, what: str = "prompt") -> None:
     """Raise :class:`ContextTooLongError` when ``n_tokens`` exceeds the model's ``n_ctx``."""
     n_ctx = model.cfg.n_ctx
@@ -293,11 +304,8 @@ def load_model(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if backend == "hooked" and not HAS_HOOKED:
-        raise ModelLoadError(
-            "backend='hooked' needs transformer-lens 3.x (this one has no HookedTransformer); "
-            "use backend='bridge' or install 'transformer-lens>=3.9,<4'"
-        )
+    if backend == "hooked":
+        require_hooked("backend='hooked'", alternative="use backend='bridge' or ")
     if backend == "hooked" and fast_prefill:
         raise ValueError("fast_prefill needs backend='bridge'")
     device = _resolve_device(device)

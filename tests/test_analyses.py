@@ -103,9 +103,16 @@ def test_detect_script_reports_bad_needles(copy_inputs, tmp_path, capsys):
 def test_bench_detect_prints_its_figures(hf_dirs, capsys):
     code = bench_detect.main(["--model", str(hf_dirs["llama"]), "--context", "200",
                               "--trials", "1", "--slow-trials", "1", "--repeats", "1",
-                              "--chunk", "64", "--memory-contexts", "512"])
+                              "--chunk", "64", "--memory-contexts", "512",
+                              "--engine-contexts", "256", "--backend", "bridge"])
     out = capsys.readouterr().out
     assert code == 0
+    assert "backend bridge" in out
     assert "(a) detection" in out and "ratio" in out
     assert "(b) slow obvious implementation" in out and "speed-up" in out
     assert "512 tokens (2x): chunked" in out and "unchunked" in out
+    assert "(d) engines" in out
+    engines = [line.split() for line in out.splitlines()
+               if line.strip().startswith(("hooked", "bridge,"))]
+    assert [" ".join(row[:-3]) for row in engines] == list(bench_detect.ENGINES)
+    assert all(float(row[-3]) > 0 and row[-1] == "MiB" for row in engines)

@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=10_000)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    from rh_lens.models import require_hooked
+
+    require_hooked("evaluating the zoo (its training twin is built from a HookedTransformerConfig)")
     path = Path(args.model)
     if not path.is_dir():
         from rh_lens.zoo.train import PACKAGE_MODELS

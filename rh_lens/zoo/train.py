@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
+    from rh_lens.models import require_hooked
+
+    require_hooked("training the zoo (its training twin is built from a HookedTransformerConfig)")
     import torch
 
     from rh_lens.zoo.recipes import get_recipe
