@@ -18,7 +18,7 @@ from rh_lens.models import (
     tokenize,
     tokenize_with_offsets,
 )
-from tests.conftest import save_hf_model
+from tests.conftest import build_tiny_gqa, save_hf_model
 
 TEXT = "Once upon a time there was a girl named Mara who lived in Tolbrook by the sea. " * 2
 
@@ -123,7 +123,8 @@ def test_chunked_forward_equals_full_forward_even_with_pad_token(tiny_gqa):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_save_model_dir_round_trip(tmp_path, tiny_gqa):
+def test_save_model_dir_round_trip(tmp_path, tokenizer):
+    tiny_gqa = build_tiny_gqa(tokenizer, "hooked")  # the format is HookedTransformer's
     path = save_model_dir(
         tmp_path / "m", cfg=tiny_gqa.cfg, state_dict=tiny_gqa.state_dict(),
         tokenizer=tiny_gqa.tokenizer, card={"note": "test"},
@@ -225,7 +226,8 @@ def test_unsupported_architecture(tmp_path, hf_dirs):
         load_model(path)
 
 
-def test_corrupt_rh_lens_weights(tmp_path, tiny_gqa):
+def test_corrupt_rh_lens_weights(tmp_path, tokenizer):
+    tiny_gqa = build_tiny_gqa(tokenizer, "hooked")
     path = save_model_dir(tmp_path / "m", cfg=tiny_gqa.cfg, state_dict=tiny_gqa.state_dict(),
                           tokenizer=tiny_gqa.tokenizer)
     weights = path / "model.safetensors"
