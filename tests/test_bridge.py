@@ -28,7 +28,7 @@ from rh_lens.models import (
 )
 from rh_lens.niah import Needle
 from tests.conftest import shared_path
-from tests.test_detect import HAYSTACK, single_token_word
+from tests.test_detect import HAYSTACK
 
 TEXT = "Once upon a time there was a girl named Mara who lived in Tolbrook by the sea. " * 2
 NEEDLE = Needle("The secret word is ginger.", "What is the secret word?", "ginger")
@@ -80,41 +80,6 @@ def zoo_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
         out[family] = save_model_dir(root / family, cfg=model.cfg, state_dict=model.state_dict(),
                                      tokenizer=tokenizer)
     return out
-
-
-@pytest.fixture(scope="session")
-def known_copy_dir(tmp_path_factory, tokenizer):
-    """A zoo-format GPT-2-shaped model whose head 1 copies the needle word by construction
-    (``tests/known_answer.py``'s circuit, with LayerNorms, zero MLP and zero positions)."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    vocab, n_heads, copy = len(tokenizer), 4, 1
-    word = single_token_word(tokenizer, HAYSTACK.source)
-    (word_id,) = tokenizer.encode(" " + word, add_special_tokens=False)
-    (newline,) = tokenizer.encode("\n", add_special_tokens=False)
-    flag = 2 * vocab
-    cfg = HookedTransformerConfig(
-        n_layers=1, d_model=n_heads * vocab, n_heads=n_heads, d_head=vocab, d_mlp=4, n_ctx=512,
-        d_vocab=vocab, act_fn="gelu", normalization_type="LN",
-        positional_embedding_type="standard", model_name="known-copy-gpt2",
-        default_prepend_bos=True,
-    )
-    model = HookedTransformer(cfg, tokenizer=tokenizer)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith(".w") else p.zero_()
-        model.embed.W_E[:, :vocab] = torch.eye(vocab)
-        model.embed.W_E[word_id, flag] = 1.0
-        attn = model.blocks[0].attn
-        attn.b_Q[copy, 0] = 1.0
-        attn.W_K[copy, flag, 0] = 100.0 * vocab**0.5
-        attn.W_V[copy, :vocab, :] = torch.eye(vocab)
-        attn.W_O[copy, :, vocab : 2 * vocab] = torch.eye(vocab)
-        model.unembed.W_U[vocab : 2 * vocab, :] = 10.0 * torch.eye(vocab)
-        model.unembed.W_U[flag, newline] = 1000.0
-    path = save_model_dir(tmp_path_factory.mktemp("known") / "copy", cfg=model.cfg,
-                          state_dict=model.state_dict(), tokenizer=tokenizer)
-    return path, Needle(f"The magic word is {word}.", "What is the magic word?", word)
 
 
 def assert_same_decoding(a, b):
@@ -173,19 +138,6 @@ def test_llama2c_adjacent_pair_rotary_converts_exactly():
     tokens = tokenize(hooked, "Once upon a time, there was a little girl named Lily.")[None]
     with torch.no_grad():
         torch.testing.assert_close(bridge(tokens), hooked(tokens), atol=1e-4, rtol=1e-4)
-
-
-def test_known_answer_copy_head_on_either_backend(known_copy_dir, backend):
-    path, needle = known_copy_dir
-    model = load_model(path, backend=backend)
-    cfg = DetectConfig(lengths=(60, 150, 300), depths=(0.0, 50.0, 100.0), buffer=30,
-                       max_new_tokens=5)
-    result = compute_detect(model, [needle], [HAYSTACK], cfg, progress=False)
-    assert result.n_success == 9
-    expected = np.zeros((1, 4))
-    expected[0, 1] = 1.0
-    for kind in ("step", "set", "active"):
-        np.testing.assert_array_equal(result.mean_scores(kind), expected)
 
 
 def test_detection_sweep_is_identical_on_both_backends(hf_dirs):
