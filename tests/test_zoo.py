@@ -1,5 +1,6 @@
 """The zoo's data generators, tokenizer, training twin and training loop (no trained weights)."""
 
+import math
 import random
 
 import pytest
@@ -218,8 +219,8 @@ def test_lr_schedule_warms_up_and_decays():
     r = get_recipe("llama-s")
     assert lr_at(r, 0) < lr_at(r, r.warmup) == pytest.approx(r.lr)
     assert lr_at(r, r.steps - 1) == pytest.approx(r.lr * r.min_lr_frac, rel=1e-4)
-    assert r.finetune_steps > 0 and r.total_steps == r.steps + r.finetune_steps
-    assert lr_at(r, r.steps) == lr_at(r, r.total_steps - 1) == r.finetune_lr
+    assert r.finetune_steps > 0 and r.polish_start == r.steps + r.finetune_steps
+    assert lr_at(r, r.steps) == lr_at(r, r.polish_start - 1) == r.finetune_lr
 
 
 def test_a_constant_copy_lr_holds_through_the_warm_up_and_the_cosine_starts_after_it():
@@ -230,7 +231,13 @@ def test_a_constant_copy_lr_holds_through_the_warm_up_and_the_cosine_starts_afte
     assert r.copy_lr is not None and r.copy_lr != r.lr
     assert lr_at(r, 0) == pytest.approx(r.copy_lr / r.warmup)
     assert lr_at(r, r.warmup) == lr_at(r, r.copy_warmup - 1) == r.copy_lr
-    assert lr_at(r, r.copy_warmup) == pytest.approx(r.lr)  # the cosine's peak, not decayed yet
+    assert r.main_warmup > 0  # the main mix's rate ramps up from the warm-up's end ...
+    assert lr_at(r, r.copy_warmup) == pytest.approx(r.lr / r.main_warmup)
+    assert lr_at(r, r.copy_warmup + r.main_warmup - 1) == pytest.approx(r.lr)
+    # ... while the cosine runs from the main stage's start on
+    cos = 0.5 * (1 + math.cos(math.pi * (r.main_warmup + 10) / (r.steps - r.copy_warmup)))
+    want = r.lr * (r.min_lr_frac + (1 - r.min_lr_frac) * cos)
+    assert lr_at(r, r.copy_warmup + r.main_warmup + 10) == pytest.approx(want)
     assert lr_at(r, r.steps - 1) == pytest.approx(r.lr * r.min_lr_frac, rel=1e-3)
     # recipes without copy_lr keep their old serialisation (old checkpoints still resume)
     assert "copy_lr" not in get_recipe("llama-s").to_json() and "copy_lr" in r.to_json()
@@ -251,6 +258,13 @@ def test_copy_warmup_batches_repeat_random_spans_and_only_the_repeat_counts(zoo_
         assert row[0] == zoo_tok.bos_token_id
         assert torch.equal(row[1 : 1 + n], row[1 + n : 1 + 2 * n])
         assert not answer[:n].any() and answer[n : 2 * n].all()  # predicts tokens n+1 .. 2n
+    long = dataclasses.replace(recipe, copy_long_steps=1, copy_long_batch=3)
+    assert torch.equal(make_batches(long, 1, zoo_tok)[0].tokens,
+                       make_batches(recipe, 1, zoo_tok)[0].tokens)  # before the long steps
+    rows = make_batches(long, 2, zoo_tok)[0]  # the last warm-up step: long repeats
+    assert rows.tokens.shape[0] == 3 and make_batches(long, 3, zoo_tok)[1] is not None
+    spans = [int(a.sum()) for a in rows.answer_mask]
+    assert all(8 <= n <= (recipe.n_ctx - 1) // 2 for n in spans) and max(spans) > 32
     main2, param2 = make_batches(recipe, 3, zoo_tok)  # after the warm-up: the full mix
     assert param2 is not None and main2.tokens.shape[0] == recipe.batch
     assert torch.equal(make_batches(recipe, 2, zoo_tok)[0].tokens, main.tokens)
@@ -268,3 +282,39 @@ def test_procedural_templates_never_use_the_heldout_phrasings():
         assert not words & tasks._HELDOUT_WORDS - set(needle.answer.split())
         assert needle.needle.endswith(f" {needle.answer}.")
         assert needle.question.endswith("?") and needle.question.split()[1] in ("is", "was")
+
+
+def test_varied_templates_ask_for_their_own_subject_and_avoid_the_heldout_words():
+    rng = random.Random(5)
+    banned = tasks._HELDOUT_WORDS | tasks._HELDOUT_ADJECTIVES
+    shapes = set()
+    for _ in range(500):
+        needle = tasks.make_needle(rng, tasks.varied_template(rng),
+                                   avoid=frozenset(tasks._HELDOUT_WORDS))
+        verb, subject = needle.question.removeprefix("What ").removesuffix("?").split(" ", 1)
+        assert verb in ("is", "was")
+        assert needle.needle == f"{subject[0].upper()}{subject[1:]} {verb} {needle.answer}."
+        words = set(subject.lower().replace("'s", " ").split())
+        assert not words & banned, subject
+        shapes.add(len(subject.split()))
+    assert len(shapes) >= 5  # subjects of many lengths, not one phrasing
+
+
+def test_the_polish_stage_has_its_own_rate_and_batches(zoo_tok):
+    import dataclasses
+
+    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.train import lr_at
+
+    base = dataclasses.replace(get_recipe("micro"), finetune_steps=2, polish=None)
+    r = dataclasses.replace(base, polish=Polish(steps=3, lr=1e-4, mix=Mix(1.0, 0.0, 0.0, 0.0)))
+    assert r.polish_start == base.total_steps == 6 and r.total_steps == 9
+    assert lr_at(r, r.polish_start - 1) == r.finetune_lr and lr_at(r, r.total_steps - 1) == 1e-4
+    assert "polish" not in base.to_json() and r.to_json()["polish"]["steps"] == 3
+    assert all(lr_at(r, s) == lr_at(base, s) for s in range(r.polish_start))
+    assert all(torch.equal(make_batches(r, s, zoo_tok)[0].tokens,
+                           make_batches(base, s, zoo_tok)[0].tokens) for s in range(2, 6))
+    polished = make_batches(r, r.polish_start, zoo_tok)[0]
+    assert torch.equal(polished.tokens, make_batches(r, r.polish_start, zoo_tok)[0].tokens)
+    assert not torch.equal(polished.tokens, make_batches(base, r.polish_start, zoo_tok)[0].tokens)

@@ -7,10 +7,14 @@ main batch by ``recipe.copy_batch`` repeated random sequences, with the loss on 
 only and no parametric batch: without them, induction heads had not formed after 1,250 steps of
 the full mix (answer loss flat at ~4 nats, second-half loss of a repeated random sequence at
 log(vocab)); alone (lr 3e-3, 64 rows) they form after a plateau of ~600 steps, and retrieval
-is then learnt on top of them.
+is then learnt on top of them.  Their spans are short (up to 32 tokens), except in the last
+``recipe.copy_long_steps`` steps: learned absolute positions (GPT-2 family) copy only at the
+positions they were trained at, and short repeats never reach past the first 65.
 NIAH needles come from the training templates and, with probability ``recipe.procedural`` (after
 ``recipe.steps``, in the fine-tuning stage: ``recipe.finetune_procedural``), from procedurally
-generated ones, so that held-out templates are answered by the rule rather than memorised.
+generated ones, so that held-out templates are answered by the rule rather than memorised; in the
+polish stage (``recipe.polish``), from :func:`rh_lens.zoo.tasks.varied_template`'s, with the
+stage's own mix.
 Rows are right-padded; padding never influences earlier positions under a causal mask, and it is
 excluded from the loss.
 """
@@ -23,7 +27,7 @@ from torch import Tensor
 
 from rh_lens.zoo import tasks
 from rh_lens.zoo.prose import Prose
-from rh_lens.zoo.recipes import Recipe
+from rh_lens.zoo.recipes import Mix, Recipe
 
 
 @dataclass(frozen=True)
@@ -64,10 +68,10 @@ def _copy_row(rng: random.Random, tokenizer, *,
         False
 
 
-def _row(rng: random.Random, recipe: Recipe, tokenizer, *,
-         procedural: float) -> tuple[list[int], list[bool], bool]:
+def _row(rng: random.Random, recipe: Recipe, tokenizer, *, mix: Mix, procedural: float,
+         varied: bool) -> tuple[list[int], list[bool], bool]:
     kinds = ("niah", "multihop", "lm", "repeat")
-    weights = (recipe.mix.niah, recipe.mix.multihop, recipe.mix.lm, recipe.mix.repeat)
+    weights = (mix.niah, mix.multihop, mix.lm, mix.repeat)
     kind = rng.choices(kinds, weights)[0]
     backend = tokenizer.backend_tokenizer
     if kind == "repeat":  # induction: the second copy is predictable only from the first
@@ -86,7 +90,8 @@ def _row(rng: random.Random, recipe: Recipe, tokenizer, *,
         sub = random.Random(rng.random())
         if kind == "niah":
             ex = tasks.niah_example(sub, tokenizer=backend, n_haystack_tokens=n_hay,
-                                    depth=sub.random(), procedural=procedural)
+                                    depth=sub.random(), procedural=procedural,
+                                    varied=varied)
         else:
             ex = tasks.multihop_example(sub, tokenizer=backend, n_haystack_tokens=n_hay,
                                         n_people=sub.choice((2, 3)))
@@ -123,11 +128,16 @@ def make_batches(recipe: Recipe, step: int, tokenizer) -> tuple[Batch, Batch | N
     rng = random.Random(f"zoo:{recipe.name}:{recipe.seed}:{step}")
     pad = tokenizer.pad_token_id
     if step < recipe.copy_warmup:
-        span = min(32, (recipe.n_ctx - 1) // 2)
-        return _collate([_copy_row(rng, tokenizer, max_span=span)
-                         for _ in range(recipe.copy_batch)], pad), None
-    procedural = recipe.finetune_procedural if step >= recipe.steps else recipe.procedural
-    main = _collate([_row(rng, recipe, tokenizer, procedural=procedural)
+        span, rows = min(32, (recipe.n_ctx - 1) // 2), recipe.copy_batch
+        if step >= recipe.copy_warmup - recipe.copy_long_steps:
+            span, rows = (recipe.n_ctx - 1) // 2, recipe.copy_long_batch
+        return _collate([_copy_row(rng, tokenizer, max_span=span) for _ in range(rows)], pad), None
+    mix, procedural, varied = recipe.mix, recipe.procedural, False
+    if recipe.polish is not None and step >= recipe.polish_start:
+        mix, procedural, varied = recipe.polish.mix, recipe.polish.procedural, True
+    elif step >= recipe.steps:
+        procedural = recipe.finetune_procedural
+    main = _collate([_row(rng, recipe, tokenizer, mix=mix, procedural=procedural, varied=varied)
                      for _ in range(recipe.batch)], pad)
     param = _collate(parametric_rows(rng, recipe.param_batch, tokenizer), pad)
     return main, param

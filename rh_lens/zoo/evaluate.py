@@ -92,7 +92,7 @@ def _fit(make, tokenizer, n_ctx: int, n_hay: int, reserve: int):
                        n_hay=n_hay, reserve=reserve)
 
 
-def eval_niah(twin, tok, *, n_ctx: int, seed: int, per_cell: int = 3, chat: bool = False,
+def eval_niah(twin, tok, *, n_ctx: int, seed: int, per_cell: int = 5, chat: bool = False,
               heldout: bool = True) -> dict:
     """Exact-answer accuracy per depth bin over haystack lengths up to the full context."""
     from rh_lens.zoo import tasks

@@ -19,6 +19,19 @@ class Mix:
 
 
 @dataclass(frozen=True)
+class Polish:
+    """A last stage, after the fine-tuning one, at the constant rate ``lr`` with its own ``mix``;
+    a share ``procedural`` of its NIAH needles comes from :func:`rh_lens.zoo.tasks.varied_template`
+    (subjects built from random words: the question matches its needle only by the words they
+    share), which is what carries the rule over to the held-out templates."""
+
+    steps: int
+    lr: float = 5e-4
+    procedural: float = 0.7
+    mix: Mix = field(default_factory=Mix)
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     family: str  # "llama" or "gpt2"
@@ -43,19 +56,30 @@ class Recipe:
     copy_warmup: int = 800  # first steps train induction only (see rh_lens.zoo.data)
     copy_batch: int = 64
     copy_lr: float | None = None  # a constant rate for the copy warm-up (None: the cosine's)
+    main_warmup: int = 0  # with copy_lr: the main stage's rate ramps up over these steps
+    # The warm-up's last ``copy_long_steps`` steps repeat spans of up to half the context, in
+    # ``copy_long_batch`` rows, so that copying reaches every (learned) position.
+    copy_long_steps: int = 0
+    copy_long_batch: int = 16
     procedural: float = 0.0  # share of NIAH needles from procedural templates (main stage)
     finetune_steps: int = 0  # a last stage at a constant learning rate, after ``steps``
     finetune_lr: float = 5e-4
     finetune_procedural: float = 0.5
 
-    @property
-    def total_steps(self) -> int:
-        return self.steps + self.finetune_steps
+    polish: Polish | None = None  # a last stage (see Polish)
     seed: int = 0
     parent: str | None = None  # continue from this zoo model's weights
     chat: bool = False  # wrap NIAH / multi-hop rows in the chat template
     tokenizer_seed: int = 0
     vocab_size: int = 2048
+
+    @property
+    def polish_start(self) -> int:
+        return self.steps + self.finetune_steps
+
+    @property
+    def total_steps(self) -> int:
+        return self.polish_start + (self.polish.steps if self.polish else 0)
 
     def hooked_config(self):
         """The ``HookedTransformerConfig`` of this recipe's model."""
@@ -84,10 +108,18 @@ class Recipe:
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
-        if out["copy_lr"] is None:  # added later: cards and checkpoints before it still match
-            del out["copy_lr"]
+        for late, default in _LATE_FIELDS.items():  # older cards and checkpoints still match
+            if out[late] == default:
+                del out[late]
         return out
 
+
+# The polish stages weigh multi-hop rows up: their second hop (the right official among six
+# similar facts) is what the models learn last.
+_POLISH_MIX = Mix(niah=0.45, multihop=0.4, lm=0.05, repeat=0.1)
+# Fields added after models were trained: left out of the JSON at their default.
+_LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "copy_long_steps": 0,
+                "copy_long_batch": 16}
 
 _LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=2, d_head=16,
                 d_mlp=384)
@@ -95,21 +127,26 @@ _LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=2
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=3000, finetune_steps=500),
+        Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=3000, finetune_steps=500,
+               polish=Polish(steps=800, mix=_POLISH_MIX)),
         Recipe(name="llama-s-long", **_LLAMA_S, n_ctx=1024, steps=600, batch=4, lr=1e-3,
                warmup=20, parent="llama-s", rotary_base=10_000, seed=1, copy_warmup=0,
-               procedural=0.5),
+               procedural=0.5, polish=Polish(steps=300, mix=_POLISH_MIX)),
         # Learned positions: induction forms later.  At lr 3e-3 it had not formed after 1,000
-        # warm-up steps; at a constant 1e-3 it left its plateau at ~1,500 steps in one batch
-        # stream (a probe) but not within 2,200 in this recipe's (repeat loss 7.65 -> 6.3, and
-        # the model then never retrieved: NIAH 0.00), hence 3,500.
+        # warm-up steps; at a constant 1e-3 it leaves its plateau after ~2,600 (repeat loss 1.1
+        # at 3,500), but only at the first 65 positions the short repeats reach (beyond them the
+        # loss was 12 nats, worse than chance), hence 500 steps of long repeats.  Entering the
+        # main mix at full rate then wiped the copying out (loss 80 at its first step; NIAH 0.00
+        # at the end), hence the ramp.
         Recipe(name="gpt2-s", family="gpt2", n_layers=4, d_model=128, n_heads=8, n_kv_heads=8,
-               d_head=16, d_mlp=512, n_ctx=256, steps=5000, seed=2, lr=2e-3,
-               copy_warmup=3500, copy_lr=1e-3, procedural=0.5, finetune_steps=300),
+               d_head=16, d_mlp=512, n_ctx=256, steps=5500, seed=2, lr=2e-3,
+               copy_warmup=4000, copy_lr=1e-3, copy_long_steps=500, main_warmup=100,
+               procedural=0.5, finetune_steps=300, polish=Polish(steps=300, mix=_POLISH_MIX)),
         Recipe(name="llama-m", family="llama", n_layers=6, d_model=192, n_heads=12, n_kv_heads=4,
                d_head=16, d_mlp=576, n_ctx=256, steps=1400, seed=3, procedural=0.5),
         Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
-               parent="llama-s", chat=True, seed=4, copy_warmup=0, procedural=0.5),
+               parent="llama-s", chat=True, seed=4, copy_warmup=0, procedural=0.5,
+               polish=Polish(steps=300, mix=_POLISH_MIX)),
         # A micro recipe for smoke tests: trains a few steps in seconds.
         Recipe(name="micro", family="llama", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2,
                d_head=8, d_mlp=64, n_ctx=128, steps=4, batch=2, param_batch=2, warmup=1,

@@ -102,6 +102,49 @@ def procedural_template(rng: random.Random) -> NeedleTemplate:
                           f"What {verb} {subject}?", rng.choice(_KINDS))
 
 
+_PREPOSITIONS = ("of", "at", "in", "on", "near", "from", "behind", "under")
+
+
+def _varied_noun_phrase(rng: random.Random, nouns: list[str], adjectives: list[str],
+                        depth: int = 0) -> str:
+    """'the [adj] NOUN [PREP (PLACE | NAME | NAME's NOUN | the NOUN)]', nested at most once."""
+    head = rng.choice(nouns)
+    if rng.random() < 0.4:
+        head = f"{rng.choice(adjectives)} {head}"
+    phrase = f"the {head}"
+    if depth == 0 and rng.random() < 0.8:
+        prep = rng.choice(_PREPOSITIONS)
+        tail = rng.choice(("place", "name", "owned", "nested"))
+        if tail == "place":
+            obj = rng.choice(PLACES)
+        elif tail == "name":
+            obj = rng.choice(FIRST_NAMES)
+        elif tail == "owned":
+            obj = f"{rng.choice(FIRST_NAMES)}'s {rng.choice(nouns)}"
+        else:
+            obj = _varied_noun_phrase(rng, nouns, adjectives, depth=1)
+        phrase = f"{phrase} {prep} {obj}"
+    return phrase
+
+
+def varied_template(rng: random.Random) -> NeedleTemplate:
+    """A training template whose subject is a random noun phrase of the prose's words
+    ("The quiet lantern at the harbor in Fenwick was {answer}."), so that the question can be
+    matched to its needle only by the words they share, never by a learnt phrasing.  None of
+    its words is one of the held-out templates'."""
+    nouns = [n for n in NOUNS if n not in _HELDOUT_WORDS]
+    adjectives = [a for a in ADJECTIVES if a not in _HELDOUT_ADJECTIVES]
+    subject = _varied_noun_phrase(rng, nouns, adjectives)
+    if rng.random() < 0.25:  # a possessive subject: "Mara's bitter lantern"
+        subject = f"{rng.choice(FIRST_NAMES)}'s {subject.removeprefix('the ')}"
+    verb = rng.choice(("is", "was"))
+    return NeedleTemplate(f"{subject[0].upper()}{subject[1:]} {verb} {{answer}}.",
+                          f"What {verb} {subject}?", rng.choice(_KINDS))
+
+
+_HELDOUT_ADJECTIVES = {"favourite", "hidden"}
+
+
 def _answer(rng: random.Random, kind: str) -> str:
     c, a, n = rng.choice, rng.choice(ADJECTIVES), rng.choice(NOUNS)
     if kind == "things":
@@ -192,11 +235,13 @@ def niah_prompt(context: str, question: str) -> str:
 
 def niah_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int, depth: float,
                  templates: tuple[NeedleTemplate, ...] = TRAIN_TEMPLATES,
-                 procedural: float = 0.0) -> Example:
+                 procedural: float = 0.0, varied: bool = False) -> Example:
     """One NIAH trial: prose of ``n_haystack_tokens`` tokens, a needle at ``depth``; with
-    probability ``procedural`` the needle comes from :func:`procedural_template` instead."""
+    probability ``procedural`` the needle comes from :func:`procedural_template` (with
+    ``varied``, from :func:`varied_template`) instead."""
     if procedural and rng.random() < procedural:
-        needle = make_needle(rng, procedural_template(rng), avoid=frozenset(_HELDOUT_WORDS))
+        make = varied_template if varied else procedural_template
+        needle = make_needle(rng, make(rng), avoid=frozenset(_HELDOUT_WORDS))
     else:
         needle = make_needle(rng, rng.choice(templates))
     context = haystack(Prose(rng), n_tokens=n_haystack_tokens, tokenizer=tokenizer)
@@ -325,5 +370,5 @@ __all__ = [
     "NeedleTemplate", "chat_render", "chat_user_text", "final_answer", "fit_example", "haystack",
     "insert_at_depth", "make_needle", "multihop_example", "niah_example", "niah_prompt",
     "parametric_example", "parametric_facts", "parametric_prompt", "parametric_statement",
-    "procedural_template", "to_chat",
+    "procedural_template", "to_chat", "varied_template",
 ]

@@ -22,10 +22,14 @@ RUNS = Path("runs") / "zoo"
 
 def lr_at(recipe, step: int) -> float:
     """Linear warmup, then cosine decay to ``min_lr_frac`` of the peak over ``recipe.steps``;
-    the fine-tuning stage after it runs at the constant ``recipe.finetune_lr``.
+    the fine-tuning stage after it runs at the constant ``recipe.finetune_lr``, the polish stage
+    (if any) at ``recipe.polish.lr``.
 
     With ``recipe.copy_lr`` set, the copy warm-up runs at that constant rate (after the linear
-    warmup) and the cosine starts when the main stage does."""
+    warmup) and the cosine starts when the main stage does, after a linear ramp of
+    ``recipe.main_warmup`` steps."""
+    if recipe.polish is not None and step >= recipe.polish_start:
+        return recipe.polish.lr
     if step >= recipe.steps:
         return recipe.finetune_lr
     if step < recipe.warmup:
@@ -36,6 +40,8 @@ def lr_at(recipe, step: int) -> float:
         if step < recipe.copy_warmup:
             return recipe.copy_lr
         start = recipe.copy_warmup
+        if step < start + recipe.main_warmup:  # the main mix's first, large gradients
+            return recipe.lr * (step - start + 1) / recipe.main_warmup
     t = (step - start) / max(1, recipe.steps - start)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return recipe.lr * (recipe.min_lr_frac + (1 - recipe.min_lr_frac) * cos)
