@@ -258,13 +258,21 @@ def test_copy_warmup_batches_repeat_random_spans_and_only_the_repeat_counts(zoo_
         assert row[0] == zoo_tok.bos_token_id
         assert torch.equal(row[1 : 1 + n], row[1 + n : 1 + 2 * n])
         assert not answer[:n].any() and answer[n : 2 * n].all()  # predicts tokens n+1 .. 2n
-    long = dataclasses.replace(recipe, copy_long_steps=1, copy_long_batch=3)
+    long = dataclasses.replace(recipe, copy_packed_steps=1, copy_packed_batch=3)
     assert torch.equal(make_batches(long, 1, zoo_tok)[0].tokens,
                        make_batches(recipe, 1, zoo_tok)[0].tokens)  # before the long steps
-    rows = make_batches(long, 2, zoo_tok)[0]  # the last warm-up step: long repeats
+    rows = make_batches(long, 2, zoo_tok)[0]  # the last warm-up step: packed repeats
     assert rows.tokens.shape[0] == 3 and make_batches(long, 3, zoo_tok)[1] is not None
-    spans = [int(a.sum()) for a in rows.answer_mask]
-    assert all(8 <= n <= (recipe.n_ctx - 1) // 2 for n in spans) and max(spans) > 32
+    for row, answer in zip(rows.tokens, rows.answer_mask, strict=True):
+        target = [False] + answer.tolist()  # target[i]: token i is a repetition
+        assert recipe.n_ctx - 16 < len(row) <= recipe.n_ctx and sum(target) > 32
+        i, pairs = 1, 0
+        while i < len(row) and row[i] != zoo_tok.pad_token_id:
+            n = target[i:].index(True)  # a fresh span of n tokens, then its repetition
+            assert 8 <= n <= 32 and not any(target[i:i + n]) and all(target[i + n:i + 2 * n])
+            assert torch.equal(row[i:i + n], row[i + n:i + 2 * n])
+            i, pairs = i + 2 * n, pairs + 1
+        assert pairs >= 2
     main2, param2 = make_batches(recipe, 3, zoo_tok)  # after the warm-up: the full mix
     assert param2 is not None and main2.tokens.shape[0] == recipe.batch
     assert torch.equal(make_batches(recipe, 2, zoo_tok)[0].tokens, main.tokens)

@@ -7,9 +7,10 @@ main batch by ``recipe.copy_batch`` repeated random sequences, with the loss on 
 only and no parametric batch: without them, induction heads had not formed after 1,250 steps of
 the full mix (answer loss flat at ~4 nats, second-half loss of a repeated random sequence at
 log(vocab)); alone (lr 3e-3, 64 rows) they form after a plateau of ~600 steps, and retrieval
-is then learnt on top of them.  Their spans are short (up to 32 tokens), except in the last
-``recipe.copy_long_steps`` steps: learned absolute positions (GPT-2 family) copy only at the
-positions they were trained at, and short repeats never reach past the first 65.
+is then learnt on top of them.  Their spans are short (up to 32 tokens), and in the last
+``recipe.copy_packed_steps`` steps they are packed, pair after pair, up to the full context:
+learned absolute positions (GPT-2 family) copy only at the positions they were trained at, and a
+single short repeat never reaches past the first 65.
 NIAH needles come from the training templates and, with probability ``recipe.procedural`` (after
 ``recipe.steps``, in the fine-tuning stage: ``recipe.finetune_procedural``), from procedurally
 generated ones, so that held-out templates are answered by the rule rather than memorised; in the
@@ -66,6 +67,20 @@ def _copy_row(rng: random.Random, tokenizer, *,
     span = [rng.randrange(n_special, len(tokenizer)) for _ in range(rng.randint(8, max_span))]
     return [tokenizer.bos_token_id] + span + span, [False] * (1 + len(span)) + [True] * len(span), \
         False
+
+
+def _packed_copy_row(rng: random.Random, tokenizer, *, n_ctx: int,
+                     max_span: int) -> tuple[list[int], list[bool], bool]:
+    """Short random spans, each followed by its repetition, packed up to ``n_ctx`` tokens: the
+    copying is learnt at every position, over short distances."""
+    n_special = len(tokenizer.all_special_ids)
+    ids, is_target = [tokenizer.bos_token_id], [False]
+    while len(ids) + 16 <= n_ctx:
+        n = rng.randint(8, min(max_span, (n_ctx - len(ids)) // 2))
+        span = [rng.randrange(n_special, len(tokenizer)) for _ in range(n)]
+        ids += span + span
+        is_target += [False] * n + [True] * n
+    return ids, is_target, False
 
 
 def _row(rng: random.Random, recipe: Recipe, tokenizer, *, mix: Mix, procedural: float,
@@ -128,10 +143,12 @@ def make_batches(recipe: Recipe, step: int, tokenizer) -> tuple[Batch, Batch | N
     rng = random.Random(f"zoo:{recipe.name}:{recipe.seed}:{step}")
     pad = tokenizer.pad_token_id
     if step < recipe.copy_warmup:
-        span, rows = min(32, (recipe.n_ctx - 1) // 2), recipe.copy_batch
-        if step >= recipe.copy_warmup - recipe.copy_long_steps:
-            span, rows = (recipe.n_ctx - 1) // 2, recipe.copy_long_batch
-        return _collate([_copy_row(rng, tokenizer, max_span=span) for _ in range(rows)], pad), None
+        span = min(32, (recipe.n_ctx - 1) // 2)
+        if step >= recipe.copy_warmup - recipe.copy_packed_steps:
+            return _collate([_packed_copy_row(rng, tokenizer, n_ctx=recipe.n_ctx, max_span=span)
+                             for _ in range(recipe.copy_packed_batch)], pad), None
+        return _collate([_copy_row(rng, tokenizer, max_span=span)
+                         for _ in range(recipe.copy_batch)], pad), None
     mix, procedural, varied = recipe.mix, recipe.procedural, False
     if recipe.polish is not None and step >= recipe.polish_start:
         mix, procedural, varied = recipe.polish.mix, recipe.polish.procedural, True

@@ -57,16 +57,17 @@ class Recipe:
     copy_batch: int = 64
     copy_lr: float | None = None  # a constant rate for the copy warm-up (None: the cosine's)
     main_warmup: int = 0  # with copy_lr: the main stage's rate ramps up over these steps
-    # The warm-up's last ``copy_long_steps`` steps repeat spans of up to half the context, in
-    # ``copy_long_batch`` rows, so that copying reaches every (learned) position.
-    copy_long_steps: int = 0
-    copy_long_batch: int = 16
+    # The warm-up's last ``copy_packed_steps`` steps pack short repeats up to the full context, in
+    # ``copy_packed_batch`` rows, so that copying reaches every (learned) position.
+    copy_packed_steps: int = 0
+    copy_packed_batch: int = 16
     procedural: float = 0.0  # share of NIAH needles from procedural templates (main stage)
     finetune_steps: int = 0  # a last stage at a constant learning rate, after ``steps``
     finetune_lr: float = 5e-4
     finetune_procedural: float = 0.5
 
     polish: Polish | None = None  # a last stage (see Polish)
+    store_dtype: str = "float32"  # dtype of the written weights ("float16" keeps a model <10 MB)
     seed: int = 0
     parent: str | None = None  # continue from this zoo model's weights
     chat: bool = False  # wrap NIAH / multi-hop rows in the chat template
@@ -118,8 +119,8 @@ class Recipe:
 # similar facts) is what the models learn last.
 _POLISH_MIX = Mix(niah=0.45, multihop=0.4, lm=0.05, repeat=0.1)
 # Fields added after models were trained: left out of the JSON at their default.
-_LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "copy_long_steps": 0,
-                "copy_long_batch": 16}
+_LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "copy_packed_steps": 0,
+                "copy_packed_batch": 16, "store_dtype": "float32"}
 
 _LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=2, d_head=16,
                 d_mlp=384)
@@ -132,18 +133,19 @@ RECIPES: dict[str, Recipe] = {
         Recipe(name="llama-s-long", **_LLAMA_S, n_ctx=1024, steps=600, batch=4, lr=1e-3,
                warmup=20, parent="llama-s", rotary_base=10_000, seed=1, copy_warmup=0,
                procedural=0.5, polish=Polish(steps=300, mix=_POLISH_MIX)),
-        # Learned positions: induction forms later.  At lr 3e-3 it had not formed after 1,000
-        # warm-up steps; at a constant 1e-3 it leaves its plateau after ~2,600 (repeat loss 1.1
-        # at 3,500), but only at the first 65 positions the short repeats reach (beyond them the
-        # loss was 12 nats, worse than chance), hence 500 steps of long repeats.  Entering the
+        # Learned positions: with the warm-up's plain rows ([BOS] span span) induction "formed"
+        # after ~2,600 steps at a constant 1e-3 (repeat loss 1.2 at 3,500), but as a shortcut of
+        # that one layout: a repeat that starts 40 tokens later was predicted at 18 nats, worse
+        # than chance, and 500 steps of packed repeats brought it only to chance; entering the
         # main mix at full rate then wiped the copying out (loss 80 at its first step; NIAH 0.00
-        # at the end), hence the ramp.
+        # at the end).  Hence packed repeats from the first step, and a ramp into the main mix.
         Recipe(name="gpt2-s", family="gpt2", n_layers=4, d_model=128, n_heads=8, n_kv_heads=8,
-               d_head=16, d_mlp=512, n_ctx=256, steps=5500, seed=2, lr=2e-3,
-               copy_warmup=4000, copy_lr=1e-3, copy_long_steps=500, main_warmup=100,
+               d_head=16, d_mlp=512, n_ctx=256, steps=4500, seed=2, lr=2e-3,
+               copy_warmup=3000, copy_lr=1e-3, copy_packed_steps=3000, main_warmup=100,
                procedural=0.5, finetune_steps=300, polish=Polish(steps=300, mix=_POLISH_MIX)),
         Recipe(name="llama-m", family="llama", n_layers=6, d_model=192, n_heads=12, n_kv_heads=4,
-               d_head=16, d_mlp=576, n_ctx=256, steps=1400, seed=3, procedural=0.5),
+               d_head=16, d_mlp=576, n_ctx=256, steps=1400, seed=3, procedural=0.5,
+               polish=Polish(steps=500, mix=_POLISH_MIX), store_dtype="float16"),
         Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
                parent="llama-s", chat=True, seed=4, copy_warmup=0, procedural=0.5,
                polish=Polish(steps=300, mix=_POLISH_MIX)),

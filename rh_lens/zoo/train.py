@@ -185,7 +185,10 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
 
 
 def write_model(twin, tokenizer, recipe, state: dict, out: Path) -> Path:
-    """Write the trained weights in rh_lens's directory format, with a first model card."""
+    """Write the trained weights (in ``recipe.store_dtype``) in rh_lens's directory format, with
+    a first model card."""
+    import torch
+
     from rh_lens.models import save_model_dir
     from rh_lens.zoo.tasks import CHAT_TEMPLATE
 
@@ -197,7 +200,9 @@ def write_model(twin, tokenizer, recipe, state: dict, out: Path) -> Path:
         "n_params": sum(p.numel() for p in twin.parameters()),
         "loss_curve": state["losses"],
     }
-    out = save_model_dir(out, cfg=recipe.hooked_config(), state_dict=twin.state_dict(),
+    dtype = getattr(torch, recipe.store_dtype)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in twin.state_dict().items()}
+    out = save_model_dir(out, cfg=recipe.hooked_config(), state_dict=weights,
                          tokenizer=tokenizer, card=card)
     _inline_chat_template(out)
     return out
