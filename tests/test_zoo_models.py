@@ -78,10 +78,12 @@ def test_zoo_model_detection_is_identical_on_both_backends(name):
     models = [load_model(f"zoo:{name}"), load_model(f"zoo:{name}", backend="bridge")]
     haystack = TextHaystack(Prose(5).text(n_chars=6000))
     needles = [
-        Needle("The secret ingredient of Mara's soup is purple ginger and sea salt.",
-               "What is the secret ingredient of Mara's soup?", "purple ginger and sea salt"),
-        Needle("The colour of Ivo's boat is pale green.", "What is the colour of Ivo's boat?",
-               "pale green"),
+        # held-out phrasings, the zoo's words (answers of words the zoo never saw, like "purple
+        # ginger and sea salt", are copied only in part by the polished llama-s: see the README)
+        Needle("The favourite song of Mara is the quiet lantern of Fenwick.",
+               "What is the favourite song of Mara?", "the quiet lantern of Fenwick"),
+        Needle("The prize at the fair in Caldera was a rusty golden kettle.",
+               "What was the prize at the fair in Caldera?", "a rusty golden kettle"),
     ]
     cfg = DetectConfig(lengths=(120, 240), depths=(0.0, 50.0, 100.0), buffer=48,
                        max_new_tokens=12, chunk_size=64)

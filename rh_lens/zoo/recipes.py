@@ -118,6 +118,11 @@ class Recipe:
 # The polish stages weigh multi-hop rows up: their second hop (the right official among six
 # similar facts) is what the models learn last.
 _POLISH_MIX = Mix(niah=0.45, multihop=0.4, lm=0.05, repeat=0.1)
+# llama-s and its children keep the main mix's repeats and prose: with _POLISH_MIX (800 steps,
+# 70 % varied needles) llama-s copied answers of words the zoo never saw ("purple ginger and sea
+# salt") only in part, 2 of 12 detection trials against 9 before the polish; with this mix and
+# half the needles varied, 8 of 12, at the same held-out NIAH (0.95).
+_POLISH_S = dict(steps=400, procedural=0.5, mix=Mix(niah=0.45, multihop=0.3, lm=0.1, repeat=0.15))
 # Fields added after models were trained: left out of the JSON at their default.
 _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "copy_packed_steps": 0,
                 "copy_packed_batch": 16, "store_dtype": "float32"}
@@ -129,10 +134,10 @@ RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=3000, finetune_steps=500,
-               polish=Polish(steps=800, mix=_POLISH_MIX)),
+               polish=Polish(**_POLISH_S)),
         Recipe(name="llama-s-long", **_LLAMA_S, n_ctx=1024, steps=600, batch=4, lr=1e-3,
                warmup=20, parent="llama-s", rotary_base=10_000, seed=1, copy_warmup=0,
-               procedural=0.5, polish=Polish(steps=300, mix=_POLISH_MIX)),
+               procedural=0.5, polish=Polish(**_POLISH_S)),
         # Learned positions: with the warm-up's plain rows ([BOS] span span) induction "formed"
         # after ~2,600 steps at a constant 1e-3 (repeat loss 1.2 at 3,500), but as a shortcut of
         # that one layout: a repeat that starts 40 tokens later was predicted at 18 nats, worse
@@ -148,7 +153,7 @@ RECIPES: dict[str, Recipe] = {
                polish=Polish(steps=500, mix=_POLISH_MIX), store_dtype="float16"),
         Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
                parent="llama-s", chat=True, seed=4, copy_warmup=0, procedural=0.5,
-               polish=Polish(steps=300, mix=_POLISH_MIX)),
+               polish=Polish(**_POLISH_S)),
         # A micro recipe for smoke tests: trains a few steps in seconds.
         Recipe(name="micro", family="llama", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2,
                d_head=8, d_mlp=64, n_ctx=128, steps=4, batch=2, param_batch=2, warmup=1,
