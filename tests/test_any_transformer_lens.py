@@ -46,9 +46,8 @@ def test_zoo_default_finds_its_retrieval_heads_on_the_bridge():
     HookedTransformer: all eight heads of layer 1 score highest)."""
     model = load_model("zoo:llama-s", backend="bridge")
     haystack = TextHaystack(Prose(5).text(n_chars=6000))
-    needles = [Needle("The secret ingredient of Mara's soup is purple ginger and sea salt.",
-                      "What is the secret ingredient of Mara's soup?",
-                      "purple ginger and sea salt")]
+    needles = [Needle("The favourite song of Mara is the quiet lantern of Fenwick.",
+                      "What is the favourite song of Mara?", "the quiet lantern of Fenwick")]
     cfg = DetectConfig(lengths=(120, 240), depths=(0.0, 50.0, 100.0), buffer=48,
                        max_new_tokens=12)
     result = compute_detect(model, needles, [haystack], cfg, progress=False)

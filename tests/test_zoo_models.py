@@ -78,8 +78,7 @@ def test_zoo_model_detection_is_identical_on_both_backends(name):
     models = [load_model(f"zoo:{name}"), load_model(f"zoo:{name}", backend="bridge")]
     haystack = TextHaystack(Prose(5).text(n_chars=6000))
     needles = [
-        # held-out phrasings, the zoo's words (answers of words the zoo never saw, like "purple
-        # ginger and sea salt", are copied only in part by the polished llama-s: see the README)
+        # held-out phrasings in the zoo's words (unseen words: the test below)
         Needle("The favourite song of Mara is the quiet lantern of Fenwick.",
                "What is the favourite song of Mara?", "the quiet lantern of Fenwick"),
         Needle("The prize at the fair in Caldera was a rusty golden kettle.",
@@ -95,3 +94,26 @@ def test_zoo_model_detection_is_identical_on_both_backends(name):
         for field in ("tokens", "positions", "step_score", "set_score"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
     np.testing.assert_array_equal(hooked.mean_scores("step"), bridge.mean_scores("step"))
+
+
+def test_the_default_copies_answers_of_words_it_never_saw():
+    """Needles whose answers are words outside the zoo's generators (several tokens each): a
+    polish that over-fitted the zoo's answer formats copied them only in part (2 of 12 trials
+    succeeded, against 9 before it; the shipped model: 8)."""
+    from rh_lens.detect import DetectConfig, compute_detect
+    from rh_lens.models import load_model
+    from rh_lens.niah import Needle, TextHaystack
+    from rh_lens.zoo.prose import Prose
+
+    model = load_model("zoo:llama-s")
+    needles = [
+        Needle("The secret ingredient of Mara's soup is purple ginger and sea salt.",
+               "What is the secret ingredient of Mara's soup?", "purple ginger and sea salt"),
+        Needle("The colour of Ivo's boat is pale green.", "What is the colour of Ivo's boat?",
+               "pale green"),
+    ]
+    haystack = TextHaystack(Prose(5).text(n_chars=6000))
+    cfg = DetectConfig(lengths=(120, 240), depths=(0.0, 50.0, 100.0), buffer=48,
+                       max_new_tokens=12, chunk_size=64)
+    result = compute_detect(model, needles, [haystack, haystack], cfg, progress=False)
+    assert result.n_success >= 7, [r.generated for r in result.records]
