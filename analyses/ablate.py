@@ -99,7 +99,7 @@ def _run(args, argv) -> int:
         top_heads,
     )
     from rh_lens.detect import DetectConfig
-    from rh_lens.models import load_model, model_facts
+    from rh_lens.models import load_model, model_facts, weights_fingerprint
     from rh_lens.properties import load_head_scores
     from rh_lens.results import RunMetadata
 
@@ -153,6 +153,7 @@ def _run(args, argv) -> int:
         "inputs": source,
         "needles": [vars(n) for n in needles],
         "dtype": str(model.cfg.dtype),
+        "weights": weights_fingerprint(model),
     }
     meta = RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
     result = compute_ablation(model, needles, haystacks, conditions, cfg, watch=watch,

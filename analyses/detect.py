@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, argv) -> int:
     from rh_lens.detect import DetectConfig, DetectResult, compute_detect, merge_cells
-    from rh_lens.models import load_model
+    from rh_lens.models import load_model, weights_fingerprint
     from rh_lens.results import RunMetadata
 
     if args.merge:
@@ -121,6 +121,7 @@ def _run(args, argv) -> int:
         "needles": [vars(n) for n in needles],
         "seed": args.seed,
         "dtype": str(model.cfg.dtype),
+        "weights": weights_fingerprint(model),
     }
     meta = RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
     result = compute_detect(model, needles, haystacks, cfg, out_dir=out, shard=args.shard,

@@ -23,6 +23,7 @@ then equal the original model's, and processing costs 7-9x the model size in hos
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import json
 import os
 import socket
@@ -77,6 +78,7 @@ __all__ = [
     "save_model_dir",
     "tokenize",
     "tokenize_with_offsets",
+    "weights_fingerprint",
     "zoo_names",
 ]
 
@@ -128,6 +130,22 @@ def backend_of(model: Any) -> Backend | None:
     if _bridge.is_bridge(model):
         return "bridge"
     return "hooked" if HAS_HOOKED and isinstance(model, HookedTransformer) else None
+
+
+def weights_fingerprint(model: Any) -> str:
+    """A short digest of the loaded parameters (each one's name, shape, and float64 sum, sum of
+    squares, first and last element), stored with resumable sweeps so that a rerun never mixes
+    the results of two weight sets saved under one name (a retrained zoo model, an updated
+    checkpoint).  One reduction per parameter, on the model's device.  The parameters are the
+    loaded ones, so the backend and TransformerLens's weight processing are part of it."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            flat = param.detach().reshape(-1).double()
+            stats = torch.stack([flat.sum(), (flat * flat).sum(), flat[0], flat[-1]]).tolist()
+            digest.update(f"{name}{tuple(param.shape)}".encode())
+            digest.update(" ".join(f"{v:.9g}" for v in stats).encode())
+    return digest.hexdigest()[:16]
 
 
 def model_facts(model: Model) -> ModelFacts:

@@ -116,3 +116,30 @@ def test_bench_detect_prints_its_figures(hf_dirs, capsys):
                if line.strip().startswith(("hooked", "bridge,"))]
     assert [" ".join(row[:-3]) for row in engines] == list(bench_detect.ENGINES)
     assert all(float(row[-3]) > 0 and row[-1] == "MiB" for row in engines)
+
+
+def test_detect_refuses_to_resume_with_other_weights_under_the_same_name(
+        copy_inputs, tokenizer, tmp_path, capsys):
+    """A model retrained and saved where the old one was: the rerun must not reuse its cells."""
+    import torch
+
+    from rh_lens.models import load_model, weights_fingerprint
+
+    (word_id,) = tokenizer.encode(" secret", add_special_tokens=False)
+    model = build_copy_model(tokenizer, [word_id], copy_head=1)
+    args = detect_args(copy_inputs, tmp_path / "out")
+    args[args.index("--model") + 1] = str(tmp_path / "model")
+    save_model_dir(tmp_path / "model", cfg=model.cfg, state_dict=model.state_dict(),
+                   tokenizer=tokenizer)
+    assert detect.main(args) == 0
+    cells = sorted((tmp_path / "out" / "cells").glob("*.json"))
+    before = weights_fingerprint(load_model(str(tmp_path / "model")))
+    assert before == weights_fingerprint(load_model(str(tmp_path / "model")))
+    with torch.no_grad():
+        model.blocks[0].attn.W_O[0, 0, 0] += 1e-3
+    save_model_dir(tmp_path / "model", cfg=model.cfg, state_dict=model.state_dict(),
+                   tokenizer=tokenizer)
+    assert weights_fingerprint(load_model(str(tmp_path / "model"))) != before
+    assert detect.main(args) == 2
+    assert "differs in: weights" in capsys.readouterr().err
+    assert sorted((tmp_path / "out" / "cells").glob("*.json")) == cells  # nothing lost
