@@ -65,7 +65,6 @@ class Recipe:
     finetune_steps: int = 0  # a last stage at a constant learning rate, after ``steps``
     finetune_lr: float = 5e-4
     finetune_procedural: float = 0.5
-
     polish: Polish | None = None  # a last stage (see Polish)
     store_dtype: str = "float32"  # dtype of the written weights ("float16" keeps a model <10 MB)
     seed: int = 0
