@@ -103,14 +103,16 @@ def procedural_template(rng: random.Random) -> NeedleTemplate:
 
 
 _PREPOSITIONS = ("of", "at", "in", "on", "near", "from", "behind", "under")
+_VARIED_NOUNS = [n for n in NOUNS if n not in _HELDOUT_WORDS]
+_HELDOUT_ADJECTIVES = {"favourite", "hidden"}
+_VARIED_ADJECTIVES = [a for a in ADJECTIVES if a not in _HELDOUT_ADJECTIVES]
 
 
-def _varied_noun_phrase(rng: random.Random, nouns: list[str], adjectives: list[str],
-                        depth: int = 0) -> str:
+def _varied_noun_phrase(rng: random.Random, depth: int = 0) -> str:
     """'the [adj] NOUN [PREP (PLACE | NAME | NAME's NOUN | the NOUN)]', nested at most once."""
-    head = rng.choice(nouns)
+    head = rng.choice(_VARIED_NOUNS)
     if rng.random() < 0.4:
-        head = f"{rng.choice(adjectives)} {head}"
+        head = f"{rng.choice(_VARIED_ADJECTIVES)} {head}"
     phrase = f"the {head}"
     if depth == 0 and rng.random() < 0.8:
         prep = rng.choice(_PREPOSITIONS)
@@ -120,9 +122,9 @@ def _varied_noun_phrase(rng: random.Random, nouns: list[str], adjectives: list[s
         elif tail == "name":
             obj = rng.choice(FIRST_NAMES)
         elif tail == "owned":
-            obj = f"{rng.choice(FIRST_NAMES)}'s {rng.choice(nouns)}"
+            obj = f"{rng.choice(FIRST_NAMES)}'s {rng.choice(_VARIED_NOUNS)}"
         else:
-            obj = _varied_noun_phrase(rng, nouns, adjectives, depth=1)
+            obj = _varied_noun_phrase(rng, depth=1)
         phrase = f"{phrase} {prep} {obj}"
     return phrase
 
@@ -132,17 +134,12 @@ def varied_template(rng: random.Random) -> NeedleTemplate:
     ("The quiet lantern at the harbor in Fenwick was {answer}."), so that the question can be
     matched to its needle only by the words they share, never by a learnt phrasing.  None of
     its words is one of the held-out templates'."""
-    nouns = [n for n in NOUNS if n not in _HELDOUT_WORDS]
-    adjectives = [a for a in ADJECTIVES if a not in _HELDOUT_ADJECTIVES]
-    subject = _varied_noun_phrase(rng, nouns, adjectives)
+    subject = _varied_noun_phrase(rng)
     if rng.random() < 0.25:  # a possessive subject: "Mara's bitter lantern"
         subject = f"{rng.choice(FIRST_NAMES)}'s {subject.removeprefix('the ')}"
     verb = rng.choice(("is", "was"))
     return NeedleTemplate(f"{subject[0].upper()}{subject[1:]} {verb} {{answer}}.",
                           f"What {verb} {subject}?", rng.choice(_KINDS))
-
-
-_HELDOUT_ADJECTIVES = {"favourite", "hidden"}
 
 
 def _answer(rng: random.Random, kind: str) -> str:
