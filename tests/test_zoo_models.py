@@ -61,22 +61,31 @@ def test_zoo_model_loads_and_answers_heldout_niah(name):
     assert hits >= 2, f"{name} answered {hits}/3 held-out NIAH prompts"
 
 
+def _detect(model, needles):
+    """A small detection sweep: 2 lengths x 3 depths per needle, one prose haystack."""
+    from rh_lens.detect import DetectConfig, compute_detect
+    from rh_lens.niah import TextHaystack
+    from rh_lens.zoo.prose import Prose
+
+    haystack = TextHaystack(Prose(5).text(n_chars=6000))
+    cfg = DetectConfig(lengths=(120, 240), depths=(0.0, 50.0, 100.0), buffer=48,
+                       max_new_tokens=12, chunk_size=64)
+    return compute_detect(model, needles, [haystack] * len(needles), cfg, progress=False)
+
+
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_zoo_model_detection_is_identical_on_both_backends(name):
     """Same generated tokens, per-head argmax positions and retrieval scores from the
     HookedTransformer and from the Bridge around the converted Hugging Face model (fast
     prefill on)."""
-    from rh_lens.detect import DetectConfig, compute_detect
     from rh_lens.models import HAS_HOOKED, load_model
-    from rh_lens.niah import Needle, TextHaystack
-    from rh_lens.zoo.prose import Prose
+    from rh_lens.niah import Needle
 
     if not HAS_HOOKED:
         pytest.skip("needs transformer-lens 3.x (both backends)")
     if not (PACKAGE_MODELS / name / "config.json").is_file():
         pytest.skip(f"zoo model {name} has not been trained yet")
     models = [load_model(f"zoo:{name}"), load_model(f"zoo:{name}", backend="bridge")]
-    haystack = TextHaystack(Prose(5).text(n_chars=6000))
     needles = [
         # held-out phrasings in the zoo's words (unseen words: the test below)
         Needle("The favourite song of Mara is the quiet lantern of Fenwick.",
@@ -84,10 +93,7 @@ def test_zoo_model_detection_is_identical_on_both_backends(name):
         Needle("The prize at the fair in Caldera was a rusty golden kettle.",
                "What was the prize at the fair in Caldera?", "a rusty golden kettle"),
     ]
-    cfg = DetectConfig(lengths=(120, 240), depths=(0.0, 50.0, 100.0), buffer=48,
-                       max_new_tokens=12, chunk_size=64)
-    hooked, bridge = (compute_detect(m, needles, [haystack, haystack], cfg, progress=False)
-                      for m in models)
+    hooked, bridge = (_detect(m, needles) for m in models)
     assert len(bridge.records) == 12 and hooked.n_success >= 6
     for a, b in zip(hooked.records, bridge.records, strict=True):
         assert (a.generated, a.success) == (b.generated, b.success)
@@ -100,10 +106,8 @@ def test_the_default_copies_answers_of_words_it_never_saw():
     """Needles whose answers are words outside the zoo's generators (several tokens each): a
     polish that over-fitted the zoo's answer formats copied them only in part (2 of 12 trials
     succeeded, against 9 before it; the shipped model: 8)."""
-    from rh_lens.detect import DetectConfig, compute_detect
     from rh_lens.models import load_model
-    from rh_lens.niah import Needle, TextHaystack
-    from rh_lens.zoo.prose import Prose
+    from rh_lens.niah import Needle
 
     model = load_model("zoo:llama-s")
     needles = [
@@ -112,8 +116,5 @@ def test_the_default_copies_answers_of_words_it_never_saw():
         Needle("The colour of Ivo's boat is pale green.", "What is the colour of Ivo's boat?",
                "pale green"),
     ]
-    haystack = TextHaystack(Prose(5).text(n_chars=6000))
-    cfg = DetectConfig(lengths=(120, 240), depths=(0.0, 50.0, 100.0), buffer=48,
-                       max_new_tokens=12, chunk_size=64)
-    result = compute_detect(model, needles, [haystack, haystack], cfg, progress=False)
+    result = _detect(model, needles)
     assert result.n_success >= 7, [r.generated for r in result.records]
