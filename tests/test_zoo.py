@@ -162,6 +162,30 @@ def test_twin_logits_equal_hooked_transformer(family):
         assert "blocks.0.attn._W_K" in twin.state_dict()
 
 
+
+def test_twin_rows_can_start_at_any_learned_position():
+    from rh_lens.zoo.twin import Twin
+
+    twin = Twin(_cfg("gpt2", 97), seed=0)
+    with torch.no_grad():
+        twin.pos_embed.W_pos.add_(torch.randn(twin.pos_embed.W_pos.shape,
+                                              generator=torch.Generator().manual_seed(2)))
+    tokens = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(1))
+    start = torch.tensor([0, 7, 44])
+    got = twin(tokens, start=start)
+    torch.testing.assert_close(twin(tokens, start=torch.zeros(3, dtype=torch.long)), twin(tokens))
+    for b, s in enumerate(start.tolist()):  # the slow way: a model whose positions begin at s
+        shifted = Twin(_cfg("gpt2", 97), seed=0)
+        shifted.load_state_dict(twin.state_dict())
+        with torch.no_grad():
+            shifted.pos_embed.W_pos.copy_(twin.pos_embed.W_pos.roll(-s, dims=0))
+        torch.testing.assert_close(got[b], shifted(tokens[b : b + 1])[0])
+    with pytest.raises(ValueError, match="exceed the learned"):
+        twin(tokens, start=torch.tensor([0, 0, 45]))  # 45 + 20 > n_ctx = 64
+    with pytest.raises(ValueError, match="learned positions"):
+        Twin(_cfg("llama", 97), seed=0)(tokens, start=start)
+
+
 # ---------------------------------------------------------------- training
 
 
@@ -191,6 +215,26 @@ def test_training_smoke_and_bit_exact_resume(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert state_b["losses"] == state_a["losses"]
 
+
+def test_learned_positions_can_stay_fixed_through_the_warm_up(tmp_path):
+    import dataclasses
+
+    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.train import train
+    from rh_lens.zoo.twin import Twin
+
+    recipe = dataclasses.replace(get_recipe("micro"), family="gpt2", n_kv_heads=4, steps=3,
+                                 copy_warmup=2, copy_shift=True, copy_prefix=8,
+                                 copy_freeze_pos=True, aligned_unembed=True)
+    fresh = Twin(recipe.hooked_config(), seed=recipe.seed)
+    twin, _, _ = train(recipe, run_dir=tmp_path, steps=0, progress=False)
+    assert torch.equal(twin.unembed.W_U, twin.embed.W_E.T)
+    assert not torch.equal(twin.unembed.W_U, fresh.unembed.W_U)
+    twin, _, _ = train(recipe, run_dir=tmp_path, steps=2, progress=False, checkpoint_every=1)
+    assert torch.equal(twin.pos_embed.W_pos, fresh.pos_embed.W_pos)  # the warm-up's two steps
+    assert not torch.equal(twin.embed.W_E, fresh.embed.W_E)
+    twin, _, _ = train(recipe, run_dir=tmp_path, steps=3, progress=False, checkpoint_every=1)
+    assert not torch.equal(twin.pos_embed.W_pos, fresh.pos_embed.W_pos)  # the main stage
 
 def test_written_model_loads_with_rh_lens_and_matches_the_twin(tmp_path):
     from rh_lens.models import load_model
@@ -273,6 +317,19 @@ def test_copy_warmup_batches_repeat_random_spans_and_only_the_repeat_counts(zoo_
             assert torch.equal(row[i:i + n], row[i + n:i + 2 * n])
             i, pairs = i + 2 * n, pairs + 1
         assert pairs >= 2
+    shifted = dataclasses.replace(recipe, copy_prefix=20, copy_shift=True, copy_batch=40)
+    rows = make_batches(shifted, 1, zoo_tok)[0]
+    assert rows.start is not None and main.start is None
+    assert (rows.start >= 0).all() and int(rows.start.max()) + rows.tokens.shape[1] - 1 <= 128
+    assert len(set(rows.start.tolist())) > 10  # spread over the learned positions
+    prefixes = set()
+    for row, answer in zip(rows.tokens, rows.answer_mask, strict=True):
+        n = int(answer.sum())
+        first = 1 + answer.tolist().index(True)  # the first repeated token
+        p = first - n - 1  # random tokens between BOS and the span
+        assert 0 <= p <= 20 and torch.equal(row[1 + p : first], row[first : first + n])
+        prefixes.add(p)
+    assert len(prefixes) > 5
     main2, param2 = make_batches(recipe, 3, zoo_tok)  # after the warm-up: the full mix
     assert param2 is not None and main2.tokens.shape[0] == recipe.batch
     assert torch.equal(make_batches(recipe, 2, zoo_tok)[0].tokens, main.tokens)

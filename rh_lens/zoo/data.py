@@ -20,6 +20,7 @@ Rows are right-padded; padding never influences earlier positions under a causal
 excluded from the loss.
 """
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ class Batch:
     tokens: Tensor  # [batch, pos] int64, right-padded
     lm_mask: Tensor  # [batch, pos - 1] bool: predicted position counts for the LM loss
     answer_mask: Tensor  # [batch, pos - 1] bool: predicted token belongs to a target
+    start: Tensor | None = None  # [batch] int64: each row's first position id (None: all 0)
 
 
 def encode_example(tokenizer, example: tasks.Example) -> tuple[list[int], list[bool]]:
@@ -60,13 +62,16 @@ def _collate(rows: list[tuple[list[int], list[bool], bool]], pad_id: int) -> Bat
     return Batch(tokens, lm, ans)
 
 
-def _copy_row(rng: random.Random, tokenizer, *,
-              max_span: int) -> tuple[list[int], list[bool], bool]:
-    """A random token sequence and its repetition; only the repetition counts (induction)."""
+def _copy_row(rng: random.Random, tokenizer, *, max_span: int,
+              max_prefix: int = 0) -> tuple[list[int], list[bool], bool]:
+    """A random token sequence and its repetition, after a random prefix of up to ``max_prefix``
+    tokens; only the repetition counts (induction)."""
     n_special = len(tokenizer.all_special_ids)
     span = [rng.randrange(n_special, len(tokenizer)) for _ in range(rng.randint(8, max_span))]
-    return [tokenizer.bos_token_id] + span + span, [False] * (1 + len(span)) + [True] * len(span), \
-        False
+    prefix = [rng.randrange(n_special, len(tokenizer))
+              for _ in range(rng.randint(0, max_prefix) if max_prefix else 0)]
+    return ([tokenizer.bos_token_id] + prefix + span + span,
+            [False] * (1 + len(prefix) + len(span)) + [True] * len(span), False)
 
 
 def _packed_copy_row(rng: random.Random, tokenizer, *, n_ctx: int,
@@ -147,8 +152,13 @@ def make_batches(recipe: Recipe, step: int, tokenizer) -> tuple[Batch, Batch | N
         if step >= recipe.copy_warmup - recipe.copy_packed_steps:
             return _collate([_packed_copy_row(rng, tokenizer, n_ctx=recipe.n_ctx, max_span=span)
                              for _ in range(recipe.copy_packed_batch)], pad), None
-        return _collate([_copy_row(rng, tokenizer, max_span=span)
-                         for _ in range(recipe.copy_batch)], pad), None
+        batch = _collate([_copy_row(rng, tokenizer, max_span=span, max_prefix=recipe.copy_prefix)
+                          for _ in range(recipe.copy_batch)], pad)
+        if recipe.copy_shift:  # anywhere in the learned positions (the model sees n - 1 tokens)
+            room = recipe.n_ctx - batch.tokens.shape[1] + 1
+            start = torch.tensor([rng.randrange(room) for _ in range(recipe.copy_batch)])
+            batch = dataclasses.replace(batch, start=start)
+        return batch, None
     mix, procedural, varied = recipe.mix, recipe.procedural, False
     if recipe.polish is not None and step >= recipe.polish_start:
         mix, procedural, varied = recipe.polish.mix, recipe.polish.procedural, True

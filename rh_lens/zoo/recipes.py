@@ -61,6 +61,15 @@ class Recipe:
     # ``copy_packed_batch`` rows, so that copying reaches every (learned) position.
     copy_packed_steps: int = 0
     copy_packed_batch: int = 16
+    # Learned positions (GPT-2 family): each warm-up row starts at a random position id, after a
+    # random prefix of up to ``copy_prefix`` tokens, so that copying is learnt at every position
+    # and at any distance from BOS.
+    copy_shift: bool = False
+    copy_prefix: int = 0
+    copy_freeze_pos: bool = False  # keep the (sinusoidal) positions fixed during the warm-up
+    # Start the unembedding as the embedding's transpose (GPT-2 ties the two): copying a token
+    # is then an identity-like OV circuit from the first step.
+    aligned_unembed: bool = False
     procedural: float = 0.0  # share of NIAH needles from procedural templates (main stage)
     finetune_steps: int = 0  # a last stage at a constant learning rate, after ``steps``
     finetune_lr: float = 5e-4
@@ -124,7 +133,8 @@ _POLISH_MIX = Mix(niah=0.45, multihop=0.4, lm=0.05, repeat=0.1)
 _POLISH_S = dict(steps=400, procedural=0.5, mix=Mix(niah=0.45, multihop=0.3, lm=0.1, repeat=0.15))
 # Fields added after models were trained: left out of the JSON at their default.
 _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "copy_packed_steps": 0,
-                "copy_packed_batch": 16, "store_dtype": "float32"}
+                "copy_packed_batch": 16, "store_dtype": "float32", "copy_shift": False,
+                "copy_prefix": 0, "copy_freeze_pos": False, "aligned_unembed": False}
 
 _LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=2, d_head=16,
                 d_mlp=384)

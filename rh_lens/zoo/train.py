@@ -132,6 +132,9 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, recipe wants {recipe.vocab_size}")
     cfg = recipe.hooked_config()
     twin = Twin(cfg, seed=recipe.seed)
+    if recipe.aligned_unembed:
+        with torch.no_grad():
+            twin.unembed.W_U.copy_(twin.embed.W_E.T)
     params = [p for _, p in twin.trainable()]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -150,7 +153,7 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
         _init_from_parent(twin, recipe.parent)
 
     def loss_of(batch, weight):
-        logits = twin(batch.tokens[:, :-1])
+        logits = twin(batch.tokens[:, :-1], start=batch.start)
         ce = F.cross_entropy(logits.transpose(1, 2), batch.tokens[:, 1:], reduction="none")
         lm = (ce * batch.lm_mask).sum() / batch.lm_mask.sum().clamp(min=1)
         ans = (ce * batch.answer_mask).sum() / batch.answer_mask.sum().clamp(min=1)
@@ -164,6 +167,8 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
         main, param = make_batches(recipe, step, tokenizer)
         for group in opt.param_groups:
             group["lr"] = lr_at(recipe, step)
+        if recipe.copy_freeze_pos:  # AdamW leaves a parameter without a gradient untouched
+            twin.pos_embed.W_pos.requires_grad_(step >= recipe.copy_warmup)
         loss, ans = loss_of(main, recipe.answer_weight)
         if param is not None:
             loss = loss + loss_of(param, 1.0)[0]
