@@ -35,6 +35,20 @@ def run_guarded(run, args, argv) -> int:
         return 2
 
 
+def sweep_buffer(model, args: argparse.Namespace, n_ctx: int) -> tuple[int, int]:
+    """The sweep's ``(buffer, max_new_tokens)`` where ``--buffer`` / ``--max-new-tokens`` are not
+    given: a quarter of the context (at most 200) for question and answer, plus the chat
+    template's own tokens with ``--chat``; decoding up to an eighth of the context (at most 50)."""
+    base = min(200, n_ctx // 4)
+    buffer = args.buffer
+    if buffer is None:
+        from rh_lens.niah import chat_overhead
+
+        buffer = base + (chat_overhead(model) if args.chat else 0)
+    max_new = args.max_new_tokens or max(1, min(50, base // 2))
+    return buffer, max_new
+
+
 def slug(spec: str) -> str:
     """A model spec as a directory name: ``zoo:llama-s`` -> ``zoo-llama-s``."""
     return spec.replace(":", "-").replace("/", "_")

@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "needle; default: the zoo prose generator")
     p.add_argument("--n-needles", type=int, default=3, help="zoo needles when --needles is unset")
     p.add_argument("--needle-seed", type=int, default=0, help="seed of the zoo needles")
-    p.add_argument("--buffer", type=int, help="tokens kept for question and answer "
-                   "(default min(200, n_ctx/4))")
-    p.add_argument("--max-new-tokens", type=int, help="decoding cap (default min(50, buffer/2))")
+    p.add_argument("--buffer", type=int, help="tokens kept for question and answer (plus the "
+                   "chat template's tokens with --chat) (default min(200, n_ctx/4))")
+    p.add_argument("--max-new-tokens", type=int, help="decoding cap (default min(50, n_ctx/8))")
     p.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
     p.add_argument("--batch", type=int, default=1, help="trials of equal length per batch")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
@@ -135,8 +135,7 @@ def _run(args, argv) -> int:
                             n_needles=args.n_needles, seed=args.needle_seed)
     needles, haystacks, source = _inputs(ns)
     n_ctx = facts.n_ctx
-    buffer = args.buffer if args.buffer is not None else min(200, n_ctx // 4)
-    max_new = args.max_new_tokens or max(1, min(50, buffer // 2))
+    buffer, max_new = _cli.sweep_buffer(model, args, n_ctx)
     lengths = args.lengths or sorted({int(x) for x in np.linspace(max(buffer + 48, n_ctx // 8),
                                                                   n_ctx, 5)})
     depths = args.depths or [0.0, 25.0, 50.0, 75.0, 100.0]

@@ -98,12 +98,7 @@ def _run(args, argv) -> int:
                        **_cli.backend_kwargs(args))
     needles, haystacks, source = _inputs(args)
     n_ctx = model.cfg.n_ctx
-    buffer = args.buffer
-    if buffer is None:  # the chat template's own tokens come on top of question and answer
-        from rh_lens.niah import chat_overhead
-
-        buffer = min(200, n_ctx // 4) + (chat_overhead(model) if args.chat else 0)
-    max_new = args.max_new_tokens or max(1, min(50, min(200, n_ctx // 4) // 2))
+    buffer, max_new = _cli.sweep_buffer(model, args, n_ctx)
     lengths = args.lengths or sorted({int(x) for x in np.linspace(max(buffer + 48, n_ctx // 8),
                                                                   n_ctx, 10)})
     depths = args.depths or [float(d) for d in np.linspace(0, 100, 10)]

@@ -143,3 +143,25 @@ def test_detect_refuses_to_resume_with_other_weights_under_the_same_name(
     assert detect.main(args) == 2
     assert "differs in: weights" in capsys.readouterr().err
     assert sorted((tmp_path / "out" / "cells").glob("*.json")) == cells  # nothing lost
+
+
+def test_default_sweep_buffer_holds_the_chat_template_too():
+    """analyses.detect and analyses.ablate size their default buffer alike: with --chat it holds
+    the template's own tokens on top of question and answer."""
+    import argparse
+
+    from analyses._cli import sweep_buffer
+    from rh_lens.models import load_model
+    from rh_lens.niah import chat_overhead
+
+    model = load_model("zoo:llama-s-chat")
+    extra = chat_overhead(model)
+    assert extra > 0
+
+    def args(**kw):
+        return argparse.Namespace(**({"buffer": None, "max_new_tokens": None, "chat": False} | kw))
+
+    assert sweep_buffer(model, args(), 256) == (64, 32)
+    assert sweep_buffer(model, args(chat=True), 256) == (64 + extra, 32)
+    assert sweep_buffer(model, args(chat=True, buffer=30, max_new_tokens=7), 256) == (30, 7)
+    assert sweep_buffer(model, args(), 4096) == (200, 50)

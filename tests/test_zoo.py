@@ -330,6 +330,12 @@ def test_copy_warmup_batches_repeat_random_spans_and_only_the_repeat_counts(zoo_
         assert 0 <= p <= 20 and torch.equal(row[1 + p : first], row[first : first + n])
         prefixes.add(p)
     assert len(prefixes) > 5
+    later = dataclasses.replace(shifted, copy_shift_from=2)  # plain rows before its step 2
+    plain = make_batches(dataclasses.replace(recipe, copy_batch=40), 1, zoo_tok)[0]
+    assert torch.equal(make_batches(later, 1, zoo_tok)[0].tokens, plain.tokens)
+    assert make_batches(later, 1, zoo_tok)[0].start is None
+    assert torch.equal(make_batches(later, 2, zoo_tok)[0].start,
+                       make_batches(shifted, 2, zoo_tok)[0].start)
     main2, param2 = make_batches(recipe, 3, zoo_tok)  # after the warm-up: the full mix
     assert param2 is not None and main2.tokens.shape[0] == recipe.batch
     assert torch.equal(make_batches(recipe, 2, zoo_tok)[0].tokens, main.tokens)
