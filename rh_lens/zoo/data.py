@@ -7,10 +7,7 @@ main batch by ``recipe.copy_batch`` repeated random sequences, with the loss on 
 only and no parametric batch: without them, induction heads had not formed after 1,250 steps of
 the full mix (answer loss flat at ~4 nats, second-half loss of a repeated random sequence at
 log(vocab)); alone (lr 3e-3, 64 rows) they form after a plateau of ~600 steps, and retrieval
-is then learnt on top of them.  Their spans are short (up to 32 tokens), and in the last
-``recipe.copy_packed_steps`` steps they are packed, pair after pair, up to the full context:
-learned absolute positions (GPT-2 family) copy only at the positions they were trained at, and a
-single short repeat never reaches past the first 65.
+is then learnt on top of them.  Spans are short (up to 32 tokens).
 NIAH needles come from the training templates and, with probability ``recipe.procedural`` (after
 ``recipe.steps``, in the fine-tuning stage: ``recipe.finetune_procedural``), from procedurally
 generated ones, so that held-out templates are answered by the rule rather than memorised; in the
@@ -20,7 +17,6 @@ Rows are right-padded; padding never influences earlier positions under a causal
 excluded from the loss.
 """
 
-import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -37,7 +33,6 @@ class Batch:
     tokens: Tensor  # [batch, pos] int64, right-padded
     lm_mask: Tensor  # [batch, pos - 1] bool: predicted position counts for the LM loss
     answer_mask: Tensor  # [batch, pos - 1] bool: predicted token belongs to a target
-    start: Tensor | None = None  # [batch] int64: each row's first position id (None: all 0)
 
 
 def encode_example(tokenizer, example: tasks.Example) -> tuple[list[int], list[bool]]:
@@ -62,30 +57,13 @@ def _collate(rows: list[tuple[list[int], list[bool], bool]], pad_id: int) -> Bat
     return Batch(tokens, lm, ans)
 
 
-def _copy_row(rng: random.Random, tokenizer, *, max_span: int,
-              max_prefix: int = 0) -> tuple[list[int], list[bool], bool]:
-    """A random token sequence and its repetition, after a random prefix of up to ``max_prefix``
-    tokens; only the repetition counts (induction)."""
+def _copy_row(rng: random.Random, tokenizer, *,
+              max_span: int) -> tuple[list[int], list[bool], bool]:
+    """A random token sequence and its repetition; only the repetition counts (induction)."""
     n_special = len(tokenizer.all_special_ids)
     span = [rng.randrange(n_special, len(tokenizer)) for _ in range(rng.randint(8, max_span))]
-    prefix = [rng.randrange(n_special, len(tokenizer))
-              for _ in range(rng.randint(0, max_prefix) if max_prefix else 0)]
-    return ([tokenizer.bos_token_id] + prefix + span + span,
-            [False] * (1 + len(prefix) + len(span)) + [True] * len(span), False)
-
-
-def _packed_copy_row(rng: random.Random, tokenizer, *, n_ctx: int,
-                     max_span: int) -> tuple[list[int], list[bool], bool]:
-    """Short random spans, each followed by its repetition, packed up to ``n_ctx`` tokens: the
-    copying is learnt at every position, over short distances."""
-    n_special = len(tokenizer.all_special_ids)
-    ids, is_target = [tokenizer.bos_token_id], [False]
-    while len(ids) + 16 <= n_ctx:
-        n = rng.randint(8, min(max_span, (n_ctx - len(ids)) // 2))
-        span = [rng.randrange(n_special, len(tokenizer)) for _ in range(n)]
-        ids += span + span
-        is_target += [False] * n + [True] * n
-    return ids, is_target, False
+    return [tokenizer.bos_token_id] + span + span, [False] * (1 + len(span)) + [True] * len(span), \
+        False
 
 
 def _row(rng: random.Random, recipe: Recipe, tokenizer, *, mix: Mix, procedural: float,
@@ -149,16 +127,8 @@ def make_batches(recipe: Recipe, step: int, tokenizer) -> tuple[Batch, Batch | N
     pad = tokenizer.pad_token_id
     if step < recipe.copy_warmup:
         span = min(32, (recipe.n_ctx - 1) // 2)
-        if step >= recipe.copy_warmup - recipe.copy_packed_steps:
-            return _collate([_packed_copy_row(rng, tokenizer, n_ctx=recipe.n_ctx, max_span=span)
-                             for _ in range(recipe.copy_packed_batch)], pad), None
-        batch = _collate([_copy_row(rng, tokenizer, max_span=span, max_prefix=recipe.copy_prefix)
-                          for _ in range(recipe.copy_batch)], pad)
-        if recipe.copy_shift:  # anywhere in the learned positions (the model sees n - 1 tokens)
-            room = recipe.n_ctx - batch.tokens.shape[1] + 1
-            start = torch.tensor([rng.randrange(room) for _ in range(recipe.copy_batch)])
-            batch = dataclasses.replace(batch, start=start)
-        return batch, None
+        return _collate([_copy_row(rng, tokenizer, max_span=span)
+                         for _ in range(recipe.copy_batch)], pad), None
     mix, procedural, varied = recipe.mix, recipe.procedural, False
     if recipe.polish is not None and step >= recipe.polish_start:
         mix, procedural, varied = recipe.polish.mix, recipe.polish.procedural, True

@@ -153,7 +153,7 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
         _init_from_parent(twin, recipe.parent)
 
     def loss_of(batch, weight):
-        logits = twin(batch.tokens[:, :-1], start=batch.start)
+        logits = twin(batch.tokens[:, :-1])
         ce = F.cross_entropy(logits.transpose(1, 2), batch.tokens[:, 1:], reduction="none")
         lm = (ce * batch.lm_mask).sum() / batch.lm_mask.sum().clamp(min=1)
         ans = (ce * batch.answer_mask).sum() / batch.answer_mask.sum().clamp(min=1)

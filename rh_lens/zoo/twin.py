@@ -138,29 +138,19 @@ class Twin(nn.Module):
         flipped = torch.cat([-x[..., n:], x[..., :n]], dim=-1)
         return x * cos + flipped * sin
 
-    def forward(self, tokens: Int[Tensor, "batch pos"], *,
-                start: Int[Tensor, "batch"] | None = None) -> Float[Tensor, "batch pos d_vocab"]:
-        return self.unembed_resid(self.resid_final(tokens, start=start))
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return self.unembed_resid(self.resid_final(tokens))
 
-    def resid_final(self, tokens: Int[Tensor, "batch pos"], *,
-                    start: Int[Tensor, "batch"] | None = None) -> Float[Tensor, "batch pos d_model"]:
-        """``start`` (GPT-2 family, training only): each row's first position id, so that a
-        short row can sit anywhere in the learned positions (0 for all rows: the model)."""
+    def resid_final(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         cfg = self.cfg
         n = tokens.shape[1]
-        last = n if start is None else n + int(start.max())
-        if last > cfg.n_ctx and self.family == "gpt2":
-            raise ValueError(f"{last} positions exceed the learned ones (n_ctx={cfg.n_ctx})")
+        if n > cfg.n_ctx and self.family == "gpt2":
+            raise ValueError(f"{n} tokens exceed the learned positions (n_ctx={cfg.n_ctx})")
         x = self.embed.W_E[tokens]
         if self.family == "gpt2":
-            if start is None:
-                x = x + self.pos_embed.W_pos[:n]
-            else:
-                x = x + self.pos_embed.W_pos[start[:, None] + torch.arange(n, device=x.device)]
+            x = x + self.pos_embed.W_pos[:n]
             sin = cos = None
         else:
-            if start is not None:
-                raise ValueError("position offsets are for learned positions (GPT-2 family)")
             sin, cos = self._sin_cos(n, x.device)
             sin, cos = sin[None, :, None], cos[None, :, None]
         for block in self.blocks:
