@@ -14,7 +14,8 @@ Conditions: no masking, then ``top:K`` and ``random:K`` (``--draws`` seeded draw
 are not retrieval heads) for every ``--ks`` K, plus any ``--mask`` (as in ``analyses.ablate``).
 
 Writes into --out: ``conditions/<name>/<task>.json`` (every output and whether it was right;
-a rerun skips finished ones), ``result.json`` + ``arrays.npz`` (accuracy per condition and
+a rerun skips finished ones, and is refused if the model's weights or the decoding settings
+differ: ``cot_config.json``), ``result.json`` + ``arrays.npz`` (accuracy per condition and
 task), ``summary.json``, ``cot.html`` (bar chart) and prints the accuracy table.
 """
 
@@ -78,7 +79,7 @@ def _run(args, argv) -> int:
     from analyses._cli import detect_dir, slug
     from rh_lens import cot, plotting
     from rh_lens.ablation import conditions_from_masks
-    from rh_lens.models import load_model, model_facts
+    from rh_lens.models import load_model, model_facts, weights_fingerprint
     from rh_lens.properties import load_head_scores
     from rh_lens.results import RunMetadata, save_result, to_jsonable, write_json_atomic
 
@@ -108,7 +109,8 @@ def _run(args, argv) -> int:
                         batch_size=args.batch)
     out = args.out or Path("runs") / "cot" / f"{slug(args.model)}-{args.mode}"
     meta = RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
-    result = cot.compute_cot(model, tasks, conditions, cfg, out_dir=out,
+    identity = {"model": args.model, "weights": weights_fingerprint(model)}
+    result = cot.compute_cot(model, tasks, conditions, cfg, out_dir=out, identity=identity,
                              progress=not args.quiet)
 
     acc = result.accuracy()

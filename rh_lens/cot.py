@@ -38,6 +38,7 @@ from jaxtyping import Float
 
 from rh_lens.ablation import Condition, Mode, Where, ablation_hooks
 from rh_lens.decode import Stop, decode_greedy
+from rh_lens.detect import check_sweep_config
 from rh_lens.errors import ContextTooLongError, RhLensError
 from rh_lens.models import model_facts, tokenize
 from rh_lens.results import read_json, write_json_atomic
@@ -274,10 +275,11 @@ def _read_record(path: Path) -> TaskRecord:
 
 def compute_cot(
     model, tasks: Sequence[Task], conditions: Sequence[Condition], cfg: CotConfig, *,
-    out_dir: str | Path | None = None, progress: bool = True,
+    out_dir: str | Path | None = None, identity: dict | None = None, progress: bool = True,
 ) -> CotResult:
     """Every task under every condition.  With ``out_dir``, finished (condition, task) records
-    are read back instead of recomputed when their items and masked heads are unchanged."""
+    are read back instead of recomputed when their items and masked heads are unchanged;
+    ``identity`` (model spec, weights fingerprint, ...) must match the directory's too."""
     from tqdm.auto import tqdm
 
     names = [t.name for t in tasks]
@@ -285,8 +287,8 @@ def compute_cot(
         raise ValueError(f"task names must be unique, got {names}")
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        _check_config(out, cfg)
+        check_sweep_config(out, {"config": cfg.to_dict(), **(identity or {})},
+                           name="cot_config.json")
     records = []
     bar = tqdm(total=len(conditions) * len(tasks), desc="cot", disable=not progress)
     for cond in conditions:
@@ -314,17 +316,6 @@ def compute_cot(
         records.append(tuple(row))
     bar.close()
     return CotResult(tuple(names), tuple(conditions), tuple(records), cfg)
-
-
-def _check_config(out: Path, cfg: CotConfig) -> None:
-    path = out / "cot_config.json"
-    if path.is_file():
-        old = read_json(path)
-        if old != cfg.to_dict():
-            raise RhLensError(f"{out} holds records computed with {old}, not {cfg.to_dict()}; "
-                              "use a new --out")
-    else:
-        write_json_atomic(path, cfg.to_dict(), indent=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -208,9 +208,9 @@ def finished_cells(directory: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.json")) if p.with_suffix(".npz").is_file()}
 
 
-def check_sweep_config(directory: Path, identity: dict) -> None:
-    """Refuse to mix cells of different sweeps in one directory."""
-    path = directory / "sweep.json"
+def check_sweep_config(directory: Path, identity: dict, *, name: str = "sweep.json") -> None:
+    """Refuse to mix cells of different sweeps in one directory (``identity`` kept in ``name``)."""
+    path = directory / name
     if path.is_file():
         existing = read_json(path)
         if existing != json.loads(json.dumps(identity)):

@@ -131,9 +131,16 @@ def test_records_are_reused_and_recomputed_when_items_change(copy_task, tmp_path
     changed = cot.Task(task.name, task.template, task.items[:2])
     cot.compute_cot(model, [changed], conds, cfg, out_dir=tmp_path, progress=False)
     assert calls == ["copy", "copy"]
-    with pytest.raises(ValueError, match="computed with"):
+    with pytest.raises(ValueError, match="differs in: config"):
         cot.compute_cot(model, [task], conds, cot.CotConfig(max_new_tokens=5), out_dir=tmp_path,
                         progress=False)
+    # other weights under the same name: refused, and no record is lost or rewritten
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*.json")}
+    with pytest.raises(ValueError, match="differs in: weights"):
+        cot.compute_cot(model, [task], conds, cfg, out_dir=tmp_path, progress=False,
+                        identity={"weights": "other"})
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*.json")} == before
+    assert calls == ["copy", "copy"]
 
 
 def test_random_draws_are_grouped_with_their_spread(copy_task):
@@ -178,6 +185,16 @@ def test_script_on_user_items_and_bad_input(copy_task, tmp_path, monkeypatch, ca
     assert res.kind == "cot" and res.summary["tasks"] == ["cot", "direct"]
     np.testing.assert_array_equal(res.arrays["group_mean"], [[1, 1], [0, 0], [1, 1]])
     assert (out / "cot.html").is_file() and "random-1" in capsys.readouterr().out
+    records = {p: p.read_bytes() for p in (out / "conditions").rglob("*.json")}
+    weight = next(model.parameters())  # the model retrained under the same name: stale records
+    saved = weight.data.clone()
+    weight.data.add_(1e-3)
+    try:
+        assert script.main(argv) == 2
+    finally:
+        weight.data.copy_(saved)
+    assert "differs in: weights" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (out / "conditions").rglob("*.json")} == records
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "Q?"}\n')
