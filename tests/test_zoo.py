@@ -244,10 +244,10 @@ def test_lr_schedule_warms_up_and_decays():
 
 
 def test_a_constant_copy_lr_holds_through_the_warm_up_and_the_cosine_starts_after_it():
+    import dataclasses
+
     from rh_lens.zoo.recipes import get_recipe
     from rh_lens.zoo.train import lr_at
-
-    import dataclasses
 
     r = dataclasses.replace(get_recipe("gpt2-s"), lr=2e-3)  # a main rate apart from copy_lr's
     assert r.copy_lr is not None and r.copy_lr != r.lr
