@@ -193,6 +193,37 @@ def test_training_smoke_and_bit_exact_resume(tmp_path):
     assert state_b["losses"] == state_a["losses"]
 
 
+def test_a_finished_run_extended_by_a_stage_equals_the_longer_recipe_from_scratch(tmp_path):
+    import dataclasses
+    import shutil
+
+    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.train import lr_at, train
+
+    base = dataclasses.replace(get_recipe("micro"), polish=Polish(steps=1))
+    stage = Polish(steps=2, lr=1e-4, procedural=0.0, mix=Mix(0.0, 1.0, 0.0, 0.0))
+    longer = dataclasses.replace(base, stages=(stage,))
+    assert longer.total_steps == base.total_steps + 2 == 7
+    assert longer.stage_at(base.total_steps) is stage and lr_at(longer, 6) == 1e-4
+    assert "stages" not in base.to_json() and longer.to_json()["stages"][0]["steps"] == 2
+
+    twin_a, _, state_a = train(longer, run_dir=tmp_path / "a", progress=False)
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "tokenizer", tmp_path / "b" / "tokenizer")
+    train(base, run_dir=tmp_path / "b", progress=False)  # finished under the shorter recipe
+    twin_b, _, state_b = train(longer, run_dir=tmp_path / "b", progress=False)
+    a, b = _params(twin_a), _params(twin_b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert state_b["step"] == 7 and state_b["recipe"] == longer.to_json()
+    assert state_b["losses"] == state_a["losses"]
+    # Anything but appended stages still refuses the checkpoint.
+    changed = dataclasses.replace(longer, lr=1e-2, stages=(stage, stage))
+    with pytest.raises(ValueError, match="different recipe"):
+        train(changed, run_dir=tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="different recipe"):  # a stage dropped
+        train(base, run_dir=tmp_path / "b", progress=False)
+
+
 def test_learned_positions_can_stay_fixed_through_the_warm_up(tmp_path):
     import dataclasses
 

@@ -11,8 +11,8 @@ is then learnt on top of them.  Spans are short (up to 32 tokens).
 NIAH needles come from the training templates and, with probability ``recipe.procedural`` (after
 ``recipe.steps``, in the fine-tuning stage: ``recipe.finetune_procedural``), from procedurally
 generated ones, so that held-out templates are answered by the rule rather than memorised; in the
-polish stage (``recipe.polish``), from :func:`rh_lens.zoo.tasks.varied_template`'s, with the
-stage's own mix.
+polish stage (``recipe.polish``) and the ones after it (``recipe.stages``), from
+:func:`rh_lens.zoo.tasks.varied_template`'s, with the stage's own mix.
 Rows are right-padded; padding never influences earlier positions under a causal mask, and it is
 excluded from the loss.
 """
@@ -130,8 +130,9 @@ def make_batches(recipe: Recipe, step: int, tokenizer) -> tuple[Batch, Batch | N
         return _collate([_copy_row(rng, tokenizer, max_span=span)
                          for _ in range(recipe.copy_batch)], pad), None
     mix, procedural, varied = recipe.mix, recipe.procedural, False
-    if recipe.polish is not None and step >= recipe.polish_start:
-        mix, procedural, varied = recipe.polish.mix, recipe.polish.procedural, True
+    stage = recipe.stage_at(step)
+    if stage is not None:
+        mix, procedural, varied = stage.mix, stage.procedural, True
     elif step >= recipe.steps:
         procedural = recipe.finetune_procedural
     main = _collate([_row(rng, recipe, tokenizer, mix=mix, procedural=procedural, varied=varied)

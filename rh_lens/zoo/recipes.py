@@ -67,6 +67,9 @@ class Recipe:
     finetune_lr: float = 5e-4
     finetune_procedural: float = 0.5
     polish: Polish | None = None  # a last stage (see Polish)
+    # Further stages of the same kind after the polish, in order.  Appending one extends a
+    # finished run: its checkpoint resumes (the steps before are unchanged, see train.extends).
+    stages: tuple[Polish, ...] = ()
     store_dtype: str = "float32"  # dtype of the written weights ("float16" keeps a model <10 MB)
     seed: int = 0
     parent: str | None = None  # continue from this zoo model's weights
@@ -80,7 +83,19 @@ class Recipe:
 
     @property
     def total_steps(self) -> int:
-        return self.polish_start + (self.polish.steps if self.polish else 0)
+        return self.polish_start + sum(st.steps for st in self._late_stages())
+
+    def _late_stages(self) -> tuple[Polish, ...]:
+        return ((self.polish,) if self.polish else ()) + tuple(self.stages)
+
+    def stage_at(self, step: int) -> Polish | None:
+        """The polish-like stage that ``step`` belongs to (None before the polish)."""
+        start = self.polish_start
+        for st in self._late_stages():
+            if start <= step < start + st.steps:
+                return st
+            start += st.steps
+        return None
 
     def hooked_config(self):
         """The ``HookedTransformerConfig`` of this recipe's model."""
@@ -109,6 +124,7 @@ class Recipe:
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
+        out["stages"] = list(out["stages"])  # as JSON reads it back
         for late, default in _LATE_FIELDS.items():  # older cards and checkpoints still match
             if out[late] == default:
                 del out[late]
@@ -125,7 +141,8 @@ _POLISH_MIX = Mix(niah=0.45, multihop=0.4, lm=0.05, repeat=0.1)
 _POLISH_S = dict(steps=400, procedural=0.5, mix=Mix(niah=0.45, multihop=0.3, lm=0.1, repeat=0.15))
 # Fields added after models were trained: left out of the JSON at their default.
 _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "store_dtype": "float32",
-                "copy_freeze_pos": False, "aligned_unembed": False}
+                "copy_freeze_pos": False, "aligned_unembed": False,
+                "stages": []}
 
 _LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=2, d_head=16,
                 d_mlp=384)

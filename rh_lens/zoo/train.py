@@ -23,13 +23,14 @@ RUNS = Path("runs") / "zoo"
 def lr_at(recipe, step: int) -> float:
     """Linear warmup, then cosine decay to ``min_lr_frac`` of the peak over ``recipe.steps``;
     the fine-tuning stage after it runs at the constant ``recipe.finetune_lr``, the polish stage
-    (if any) at ``recipe.polish.lr``.
+    (if any) and the stages after it at their own ``lr``.
 
     With ``recipe.copy_lr`` set, the copy warm-up runs at that constant rate (after the linear
     warmup) and the cosine starts when the main stage does, after a linear ramp of
     ``recipe.main_warmup`` steps."""
-    if recipe.polish is not None and step >= recipe.polish_start:
-        return recipe.polish.lr
+    stage = recipe.stage_at(step)
+    if stage is not None:
+        return stage.lr
     if step >= recipe.steps:
         return recipe.finetune_lr
     if step < recipe.warmup:
@@ -106,6 +107,18 @@ def _load_checkpoint(ckpt: Path, twin, opt) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
+def extends(recipe, old: dict) -> bool:
+    """Whether ``recipe`` is the recipe serialised in ``old`` with stages appended: every step
+    before them then has the same batch and rate, so ``old``'s checkpoint continues exactly as a
+    run of ``recipe`` from scratch would."""
+    import dataclasses
+
+    k = len(old.get("stages", []))
+    if len(recipe.stages) <= k:
+        return False
+    return dataclasses.replace(recipe, stages=recipe.stages[:k]).to_json() == old
+
+
 def _init_from_parent(twin, parent: str) -> None:
     from safetensors.torch import load_file
 
@@ -148,7 +161,9 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
     if (ckpt / "state.json").is_file():
         state = _load_checkpoint(ckpt, twin, opt)
         if state["recipe"] != recipe.to_json():
-            raise ValueError(f"{ckpt} was written by a different recipe; delete it to restart")
+            if not extends(recipe, state["recipe"]):
+                raise ValueError(f"{ckpt} was written by a different recipe; delete it to restart")
+            state["recipe"] = recipe.to_json()  # the same run with stages appended
     elif recipe.parent is not None:
         _init_from_parent(twin, recipe.parent)
 
