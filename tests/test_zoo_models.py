@@ -30,6 +30,24 @@ def _greedy_line(model, prompt: str, max_new_tokens: int = 24) -> str:
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
+def test_shipped_weights_come_from_the_recipe_in_the_tree(name):
+    """The card records the recipe the weights were trained with: it must be the one that
+    ``python -m rh_lens.zoo.train NAME`` runs, to the last step."""
+    import json
+
+    from rh_lens.zoo.recipes import get_recipe
+
+    card_path = PACKAGE_MODELS / name / "card.json"
+    if not card_path.is_file():
+        pytest.skip(f"zoo model {name} has not been trained yet")
+    card = json.loads(card_path.read_text())
+    recipe = get_recipe(name)
+    assert card["recipe"] == recipe.to_json()
+    assert card["steps"] == recipe.total_steps
+    assert card["evaluation"]["n_ctx"] == recipe.n_ctx
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
 def test_zoo_model_loads_and_answers_heldout_niah(name):
     if not (PACKAGE_MODELS / name / "config.json").is_file():
         if name in REQUIRED:

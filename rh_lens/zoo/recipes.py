@@ -134,6 +134,8 @@ class Recipe:
 # The polish stages weigh multi-hop rows up: their second hop (the right official among six
 # similar facts) is what the models learn last.
 _POLISH_MIX = Mix(niah=0.45, multihop=0.4, lm=0.05, repeat=0.1)
+# A last stage at half the polish's rate, weighed back towards NIAH.
+_ANNEAL_MIX = Mix(niah=0.5, multihop=0.35, lm=0.05, repeat=0.1)
 # llama-s and its children keep the main mix's repeats and prose: with _POLISH_MIX (800 steps,
 # 70 % varied needles) llama-s copied answers of words the zoo never saw ("purple ginger and sea
 # salt") only in part, 2 of 12 detection trials against 9 before the polish; with this mix and
@@ -165,7 +167,11 @@ RECIPES: dict[str, Recipe] = {
                d_head=16, d_mlp=512, n_ctx=256, steps=2700, seed=2, lr=1e-3,
                copy_warmup=1000, copy_lr=1e-3, main_warmup=100, aligned_unembed=True,
                copy_freeze_pos=True, procedural=0.5, finetune_steps=300,
-               polish=Polish(steps=300, mix=_POLISH_MIX)),
+               polish=Polish(steps=300, mix=_POLISH_MIX),
+               # The polish continued (it was first shipped after 300 steps: multi-hop 0.70,
+               # worst NIAH depth 0.85), then 300 steps at half its rate: 0.92 and 0.90.
+               stages=(Polish(steps=500, mix=_POLISH_MIX),
+                       Polish(steps=300, lr=2.5e-4, mix=_ANNEAL_MIX))),
         Recipe(name="llama-m", family="llama", n_layers=6, d_model=192, n_heads=12, n_kv_heads=4,
                d_head=16, d_mlp=576, n_ctx=256, steps=1400, seed=3, procedural=0.5,
                polish=Polish(steps=500, mix=_POLISH_MIX), store_dtype="float16"),
