@@ -364,3 +364,25 @@ def test_the_polish_stage_has_its_own_rate_and_batches(zoo_tok):
     polished = make_batches(r, r.polish_start, zoo_tok)[0]
     assert torch.equal(polished.tokens, make_batches(r, r.polish_start, zoo_tok)[0].tokens)
     assert not torch.equal(polished.tokens, make_batches(base, r.polish_start, zoo_tok)[0].tokens)
+
+
+def test_bench_train_times_every_stage_and_sums_them(capsys):
+    import dataclasses
+
+    from analyses import bench_train
+    from rh_lens.zoo.recipes import Polish, get_recipe
+
+    r = dataclasses.replace(get_recipe("micro"), steps=6, finetune_steps=2,
+                            polish=Polish(steps=3), stages=(Polish(steps=1, lr=1e-4),))
+    assert bench_train.stages(r) == [("copy warm-up", 0, 2), ("main", 2, 4), ("fine-tuning", 6, 2),
+                                     ("polish", 8, 3), ("stage 1", 11, 1)]
+    assert sum(n for _, _, n in bench_train.stages(r)) == r.total_steps
+    rows, total = bench_train.bench(r, n=1)
+    assert [label for label, _, _ in rows] == [label for label, _, _ in bench_train.stages(r)]
+    assert all(sec > 0 for _, _, sec in rows)
+    assert total == pytest.approx(sum(n * sec for _, n, sec in rows))
+    assert bench_train.main(["micro", "--threads", "1", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "micro (4 steps)" in out and "copy warm-up" in out and "min target)" in out
+    with pytest.raises(ValueError, match="unknown zoo recipe"):
+        bench_train.main(["no-such-model"])

@@ -128,23 +128,13 @@ def _init_from_parent(twin, parent: str) -> None:
         raise ValueError(f"parent {parent} does not fit: {missing[:4]} {unexpected[:4]}")
 
 
-def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: int = 250,
-          progress: bool = True):
-    """Train (or resume) ``recipe`` up to ``steps``; returns (twin, tokenizer, state)."""
+def build(recipe):
+    """The twin of ``recipe`` at its initialisation, its AdamW and the parameters it trains."""
     import torch
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
 
-    from rh_lens.zoo.data import make_batches
     from rh_lens.zoo.twin import Twin
 
-    steps = recipe.total_steps if steps is None else steps
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = get_tokenizer(recipe, run_dir)
-    if len(tokenizer) != recipe.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, recipe wants {recipe.vocab_size}")
-    cfg = recipe.hooked_config()
-    twin = Twin(cfg, seed=recipe.seed)
+    twin = Twin(recipe.hooked_config(), seed=recipe.seed)
     if recipe.aligned_unembed:
         with torch.no_grad():
             twin.unembed.W_U.copy_(twin.embed.W_E.T)
@@ -156,6 +146,49 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
          {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr, betas=(0.9, 0.95), eps=1e-8,
     )
+    return twin, opt, params
+
+
+def train_step(recipe, step: int, tokenizer, twin, opt, params):
+    """One optimiser step on ``step``'s batches; returns (loss, answer loss) as tensors."""
+    import torch
+    import torch.nn.functional as F
+
+    from rh_lens.zoo.data import make_batches
+
+    def loss_of(batch, weight):
+        logits = twin(batch.tokens[:, :-1])
+        ce = F.cross_entropy(logits.transpose(1, 2), batch.tokens[:, 1:], reduction="none")
+        lm = (ce * batch.lm_mask).sum() / batch.lm_mask.sum().clamp(min=1)
+        ans = (ce * batch.answer_mask).sum() / batch.answer_mask.sum().clamp(min=1)
+        return lm + weight * ans, ans
+
+    main, param = make_batches(recipe, step, tokenizer)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(recipe, step)
+    if recipe.copy_freeze_pos:  # AdamW leaves a parameter without a gradient untouched
+        twin.pos_embed.W_pos.requires_grad_(step >= recipe.copy_warmup)
+    loss, ans = loss_of(main, recipe.answer_weight)
+    if param is not None:
+        loss = loss + loss_of(param, 1.0)[0]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss, ans
+
+
+def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: int = 250,
+          progress: bool = True):
+    """Train (or resume) ``recipe`` up to ``steps``; returns (twin, tokenizer, state)."""
+    from tqdm.auto import tqdm
+
+    steps = recipe.total_steps if steps is None else steps
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = get_tokenizer(recipe, run_dir)
+    if len(tokenizer) != recipe.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, recipe wants {recipe.vocab_size}")
+    twin, opt, params = build(recipe)
     ckpt = run_dir / "checkpoint"
     state = {"step": 0, "train_seconds": 0.0, "recipe": recipe.to_json(), "losses": []}
     if (ckpt / "state.json").is_file():
@@ -167,30 +200,12 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
     elif recipe.parent is not None:
         _init_from_parent(twin, recipe.parent)
 
-    def loss_of(batch, weight):
-        logits = twin(batch.tokens[:, :-1])
-        ce = F.cross_entropy(logits.transpose(1, 2), batch.tokens[:, 1:], reduction="none")
-        lm = (ce * batch.lm_mask).sum() / batch.lm_mask.sum().clamp(min=1)
-        ans = (ce * batch.answer_mask).sum() / batch.answer_mask.sum().clamp(min=1)
-        return lm + weight * ans, ans
-
     twin.train()
     bar = tqdm(total=steps, initial=state["step"], desc=recipe.name, disable=not progress)
     t0, done0 = time.perf_counter(), state["train_seconds"]
     while state["step"] < steps:
         step = state["step"]
-        main, param = make_batches(recipe, step, tokenizer)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(recipe, step)
-        if recipe.copy_freeze_pos:  # AdamW leaves a parameter without a gradient untouched
-            twin.pos_embed.W_pos.requires_grad_(step >= recipe.copy_warmup)
-        loss, ans = loss_of(main, recipe.answer_weight)
-        if param is not None:
-            loss = loss + loss_of(param, 1.0)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss, ans = train_step(recipe, step, tokenizer, twin, opt, params)
         state["step"] = step + 1
         state["train_seconds"] = done0 + time.perf_counter() - t0
         if step % 10 == 0:
