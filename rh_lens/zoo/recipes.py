@@ -20,10 +20,11 @@ class Mix:
 
 @dataclass(frozen=True)
 class Polish:
-    """A last stage, after the fine-tuning one, at the constant rate ``lr`` with its own ``mix``;
-    a share ``procedural`` of its NIAH needles comes from :func:`rh_lens.zoo.tasks.varied_template`
-    (subjects built from random words: the question matches its needle only by the words they
-    share), which is what carries the rule over to the held-out templates."""
+    """A stage after the fine-tuning one (the polish, and each of ``Recipe.stages``), at the
+    constant rate ``lr`` with its own ``mix``; a share ``procedural`` of its NIAH needles comes
+    from :func:`rh_lens.zoo.tasks.varied_template` (subjects built from random words: the question
+    matches its needle only by the words they share), which is what carries the rule over to the
+    held-out templates."""
 
     steps: int
     lr: float = 5e-4
@@ -148,8 +149,7 @@ _POLISH_S = dict(steps=400, procedural=0.5, mix=Mix(niah=0.45, multihop=0.3, lm=
 _ANNEAL_S = Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_POLISH_S["mix"])
 # Fields added after models were trained: left out of the JSON at their default.
 _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "store_dtype": "float32",
-                "copy_freeze_pos": False, "aligned_unembed": False,
-                "stages": []}
+                "copy_freeze_pos": False, "aligned_unembed": False, "stages": []}
 
 _LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=2, d_head=16,
                 d_mlp=384)
