@@ -13,7 +13,9 @@ took, often with other jobs sharing the cores.  Run it on an idle machine.
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 TARGET_MINUTES = 30
 
@@ -23,24 +25,20 @@ def stages(recipe) -> list[tuple[str, int, int]]:
     out = [("copy warm-up", 0, recipe.copy_warmup),
            ("main", recipe.copy_warmup, recipe.steps - recipe.copy_warmup),
            ("fine-tuning", recipe.steps, recipe.finetune_steps)]
-    start = recipe.polish_start
-    late = ((recipe.polish,) if recipe.polish else ()) + tuple(recipe.stages)
-    for i, stage in enumerate(late):
+    for i, (start, stage) in enumerate(recipe.late_stages()):
         out.append(("polish" if i == 0 and recipe.polish else f"stage {i}", start, stage.steps))
-        start += stage.steps
     return [s for s in out if s[2] > 0]
 
 
 def _tokenizer(recipe):
-    from rh_lens.zoo.train import PACKAGE_MODELS, load_tokenizer
+    """The tokenizer ``recipe``'s run trains with: a bundled model's own, else the one
+    :func:`rh_lens.zoo.train.get_tokenizer` gives (the parent's, or built in a scratch folder)."""
+    from rh_lens.zoo.train import PACKAGE_MODELS, get_tokenizer, load_tokenizer
 
-    for name in (recipe.name, recipe.parent):
-        if name and (PACKAGE_MODELS / name / "tokenizer.json").is_file():
-            return load_tokenizer(PACKAGE_MODELS / name)
-    from rh_lens.zoo.tokenizer import build_tokenizer
-
-    return build_tokenizer(seed=recipe.tokenizer_seed, vocab_size=recipe.vocab_size,
-                           n_chars=400_000 if recipe.vocab_size >= 1024 else 20_000)
+    if recipe.parent is None and (PACKAGE_MODELS / recipe.name / "tokenizer.json").is_file():
+        return load_tokenizer(PACKAGE_MODELS / recipe.name)
+    with tempfile.TemporaryDirectory() as tmp:
+        return get_tokenizer(recipe, Path(tmp))
 
 
 def seconds_per_step(recipe, tokenizer, start: int, n: int) -> float:

@@ -84,18 +84,21 @@ class Recipe:
 
     @property
     def total_steps(self) -> int:
-        return self.polish_start + sum(st.steps for st in self._late_stages())
+        return self.polish_start + sum(st.steps for _, st in self.late_stages())
 
-    def _late_stages(self) -> tuple[Polish, ...]:
-        return ((self.polish,) if self.polish else ()) + tuple(self.stages)
+    def late_stages(self) -> list[tuple[int, Polish]]:
+        """(first step, stage) of the polish and of each stage after it, in order."""
+        out, start = [], self.polish_start
+        for st in ((self.polish,) if self.polish else ()) + tuple(self.stages):
+            out.append((start, st))
+            start += st.steps
+        return out
 
     def stage_at(self, step: int) -> Polish | None:
         """The polish-like stage that ``step`` belongs to (None before the polish)."""
-        start = self.polish_start
-        for st in self._late_stages():
+        for start, st in self.late_stages():
             if start <= step < start + st.steps:
                 return st
-            start += st.steps
         return None
 
     def hooked_config(self):
