@@ -43,7 +43,7 @@ def test_bridge_decoding_equals_the_slow_obvious_one(hf_dirs, arch, fast_prefill
 
 def test_zoo_default_finds_its_retrieval_heads_on_the_bridge():
     """zoo:llama-s on the Bridge retrieves and its retrieval heads are layer 1's (measured with
-    HookedTransformer: all eight heads of layer 1 score highest)."""
+    HookedTransformer: six heads of layer 1 score 0.90-0.98, every other head below 0.03)."""
     model = load_model("zoo:llama-s", backend="bridge")
     haystack = TextHaystack(Prose(5).text(n_chars=6000))
     needles = [Needle("The favourite song of Mara is the quiet lantern of Fenwick.",
@@ -53,8 +53,8 @@ def test_zoo_default_finds_its_retrieval_heads_on_the_bridge():
     result = compute_detect(model, needles, [haystack], cfg, progress=False)
     assert result.n_success >= 5
     scores = result.mean_scores("step")
-    top8 = np.argsort(scores.ravel())[::-1][:8]
-    assert sorted(int(i) // model.cfg.n_heads for i in top8) == [1] * 8
+    layers = sorted(int(i) // model.cfg.n_heads for i in np.flatnonzero(scores.ravel() > 0.5))
+    assert layers == [1] * 6, np.round(scores, 2)
 
 
 def test_detect_script_records_the_backend(tmp_path):
