@@ -43,7 +43,7 @@ def test_bridge_decoding_equals_the_slow_obvious_one(hf_dirs, arch, fast_prefill
 
 def test_zoo_default_finds_its_retrieval_heads_on_the_bridge():
     """zoo:llama-s on the Bridge retrieves and its retrieval heads are layer 1's (measured with
-    HookedTransformer: six heads of layer 1 score 0.90-0.98, every other head below 0.03)."""
+    HookedTransformer: six heads of layer 1 score 0.94-0.99, every other head below 0.04)."""
     model = load_model("zoo:llama-s", backend="bridge")
     haystack = TextHaystack(Prose(5).text(n_chars=6000))
     needles = [Needle("The favourite song of Mara is the quiet lantern of Fenwick.",
