@@ -366,6 +366,37 @@ def test_the_polish_stage_has_its_own_rate_and_batches(zoo_tok):
     assert not torch.equal(polished.tokens, make_batches(base, r.polish_start, zoo_tok)[0].tokens)
 
 
+def _needle_share_and_length(batch, pad_id):
+    """Per row: where the answer first occurs, as a share of the row, and the row's length."""
+    out = []
+    for ids, ans in zip(batch.tokens.tolist(), batch.answer_mask.tolist(), strict=True):
+        n = len(ids) - ids[::-1].index(next(t for t in reversed(ids) if t != pad_id))
+        answer = [ids[i + 1] for i, a in enumerate(ans) if a][:3]
+        first = next(i for i in range(n) if ids[i:i + len(answer)] == answer)
+        out.append((first / n, n))
+    return out
+
+
+def test_an_early_stage_puts_needles_first_in_the_longest_haystacks(zoo_tok):
+    import dataclasses
+
+    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+
+    base = dataclasses.replace(get_recipe("micro"), batch=12, n_ctx=512, polish=None)
+    niah = Mix(1.0, 0.0, 0.0, 0.0)
+    plain = dataclasses.replace(base, polish=Polish(steps=2, mix=niah))
+    early = dataclasses.replace(base, polish=Polish(steps=2, mix=niah, early=1.0))
+    assert "early" not in plain.to_json()["polish"] and early.to_json()["polish"]["early"] == 1.0
+    pad = zoo_tok.pad_token_id
+    for step in (early.polish_start, early.polish_start + 1):
+        far = _needle_share_and_length(make_batches(early, step, zoo_tok)[0], pad)
+        anywhere = _needle_share_and_length(make_batches(plain, step, zoo_tok)[0], pad)
+        assert all(share < 0.3 and n > 0.8 * base.n_ctx for share, n in far), far
+        assert max(share for share, _ in anywhere) > 0.5
+        assert min(n for _, n in anywhere) < 0.8 * base.n_ctx
+
+
 def test_bench_train_times_every_stage_and_sums_them(capsys):
     import dataclasses
 

@@ -30,6 +30,9 @@ class Polish:
     lr: float = 5e-4
     procedural: float = 0.7
     mix: Mix = field(default_factory=Mix)
+    # Share of the NIAH rows whose haystack is the longest that fits, with the needle in its first
+    # fifth: the farthest copy, the weak case of a model at an extended context.
+    early: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,9 @@ class Recipe:
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["stages"] = list(out["stages"])  # as JSON reads it back
+        for stage in out["stages"] + [out["polish"]]:
+            if stage is not None and stage["early"] == 0.0:  # added later, like _LATE_FIELDS
+                del stage["early"]
         for late, default in _LATE_FIELDS.items():  # older cards and checkpoints still match
             if out[late] == default:
                 del out[late]
