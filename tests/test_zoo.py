@@ -191,6 +191,33 @@ def test_training_smoke_and_bit_exact_resume(tmp_path):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert state_b["losses"] == state_a["losses"]
+    n = torch.get_num_threads()
+    assert state_a["threads"] == [[0, n]] and state_b["threads"] == [[0, n]]
+
+
+def test_a_run_records_the_thread_count_of_each_of_its_parts(tmp_path):
+    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.train import train, write_model
+
+    recipe = get_recipe("micro")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train(recipe, run_dir=tmp_path, steps=2, progress=False, checkpoint_every=2)
+        torch.set_num_threads(2)
+        train(recipe, run_dir=tmp_path, steps=2, progress=False)  # finished: nothing to add
+        twin, tok, state = train(recipe, run_dir=tmp_path, steps=4, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert state["threads"] == [[0, 1], [2, 2]]
+    import json
+
+    out = write_model(twin, tok, recipe, state, tmp_path / "final")
+    card = json.loads((out / "card.json").read_text())
+    assert card["threads"] == [[0, 1], [2, 2]]
+    from rh_lens.zoo.evaluate import card_markdown
+
+    assert "Torch threads: 1 from step 0, 2 from step 2." in card_markdown(card)
 
 
 def test_a_finished_run_extended_by_a_stage_equals_the_longer_recipe_from_scratch(tmp_path):

@@ -245,6 +245,9 @@ def card_markdown(card: dict) -> str:
     out.append(f"Trained {card.get('steps')} steps in {card.get('train_seconds')} s (seed "
                f"{r.get('seed')}, parent {r.get('parent')}); retrain with "
                f"`python -m rh_lens.zoo.train {card.get('name')}`.")
+    if card.get("threads"):  # float results depend on it
+        parts = ", ".join(f"{n} from step {step}" for step, n in card["threads"])
+        out.append(f"Torch threads: {parts}.")
     out += ["", "## Evaluation (held-out templates and fresh fillers)", "", "```",
             format_report(ev) if ev else "not evaluated", "```", ""]
     return "\n".join(out)

@@ -181,6 +181,7 @@ def train_step(recipe, step: int, tokenizer, twin, opt, params):
 def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: int = 250,
           progress: bool = True):
     """Train (or resume) ``recipe`` up to ``steps``; returns (twin, tokenizer, state)."""
+    import torch
     from tqdm.auto import tqdm
 
     steps = recipe.total_steps if steps is None else steps
@@ -200,6 +201,11 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
     elif recipe.parent is not None:
         _init_from_parent(twin, recipe.parent)
 
+    # Float results depend on the thread count (reductions split differently): the run records
+    # the count it trained with from each step on, so that it can be repeated bit for bit.
+    segments = state.setdefault("threads", [])
+    if state["step"] < steps and (not segments or segments[-1][1] != torch.get_num_threads()):
+        segments.append([state["step"], torch.get_num_threads()])
     twin.train()
     bar = tqdm(total=steps, initial=state["step"], desc=recipe.name, disable=not progress)
     t0, done0 = time.perf_counter(), state["train_seconds"]
@@ -235,6 +241,8 @@ def write_model(twin, tokenizer, recipe, state: dict, out: Path) -> Path:
         "n_params": sum(p.numel() for p in twin.parameters()),
         "loss_curve": state["losses"],
     }
+    if "threads" in state:  # [first step, torch threads] of each part of the run
+        card["threads"] = state["threads"]
     dtype = getattr(torch, recipe.store_dtype)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in twin.state_dict().items()}
     out = save_model_dir(out, cfg=recipe.hooked_config(), state_dict=weights,
