@@ -397,7 +397,7 @@ def _needle_share_and_length(batch, pad_id):
     """Per row: where the answer first occurs, as a share of the row, and the row's length."""
     out = []
     for ids, ans in zip(batch.tokens.tolist(), batch.answer_mask.tolist(), strict=True):
-        n = len(ids) - ids[::-1].index(next(t for t in reversed(ids) if t != pad_id))
+        n = sum(t != pad_id for t in ids)  # rows are right-padded
         answer = [ids[i + 1] for i, a in enumerate(ans) if a][:3]
         first = next(i for i in range(n) if ids[i:i + len(answer)] == answer)
         out.append((first / n, n))
