@@ -2,13 +2,16 @@
 
     python -m analyses.bench_train                      # every zoo recipe, 2 torch threads
     python -m analyses.bench_train llama-s --threads 1 --steps 8
+    python -m analyses.bench_train --live-logits        # each recipe as it is and with live logits
 
 Times ``--steps`` optimiser steps (after one untimed step) at the start of every stage of a
 recipe (copy warm-up, main, fine-tuning, polish and the stages after it) with the training loop's
 own step function (:func:`rh_lens.zoo.train.train_step`, batches included), and multiplies the
 median by the stage's length: the time the whole recipe takes on this machine when nothing else
 runs, next to the zoo issue's ~30 minutes.  The cards' ``train_seconds`` are what the shipped runs
-took, often with other jobs sharing the cores.  Run it on an idle machine.
+took, often with other jobs sharing the cores.  Run it on an idle machine.  ``--live-logits``
+times every stage a second time with ``Recipe.live_logits`` on, alternating the two per stage so
+that the ratio compares like with like on a machine whose speed drifts.
 """
 
 import argparse
@@ -43,24 +46,31 @@ def _tokenizer(recipe):
 
 def seconds_per_step(recipe, tokenizer, start: int, n: int) -> float:
     """Median wall time of steps ``start+1 .. start+n`` (step ``start`` runs untimed)."""
-    from rh_lens.zoo.train import build, train_step
+    from rh_lens.zoo.train import build, deterministic, train_step
 
     twin, opt, params = build(recipe)
     twin.train()
     times = []
     for step in range(start, start + n + 1):
         t0 = time.perf_counter()
-        train_step(recipe, step, tokenizer, twin, opt, params)
+        with deterministic():
+            train_step(recipe, step, tokenizer, twin, opt, params)
         if step > start:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
-def bench(recipe, *, n: int) -> tuple[list[tuple[str, int, float]], float]:
+def bench(recipe, *, n: int, live: bool = False) -> tuple[list[tuple], list[float]]:
+    """Per stage (label, steps, seconds a step of ``recipe`` [, with live logits]) and the
+    recipe's total seconds in each of those columns."""
+    import dataclasses
+
     tokenizer = _tokenizer(recipe)
-    rows = [(label, length, seconds_per_step(recipe, tokenizer, start, n))
+    variants = [recipe] + ([dataclasses.replace(recipe, live_logits=True)] if live else [])
+    rows = [(label, length, *[seconds_per_step(v, tokenizer, start, n) for v in variants])
             for label, start, length in stages(recipe)]
-    return rows, sum(length * sec for _, length, sec in rows)
+    totals = [sum(row[1] * row[2 + i] for row in rows) for i in range(len(variants))]
+    return rows, totals
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="*", default=list(ZOO_NAMES), help="zoo recipes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per stage")
+    parser.add_argument("--live-logits", action="store_true",
+                        help="also time each stage with Recipe.live_logits on")
     args = parser.parse_args(argv)
     import torch
 
@@ -81,12 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.steps} steps "
           f"per stage")
     for recipe in recipes:
-        rows, total = bench(recipe, n=args.steps)
-        print(f"\n{recipe.name} ({recipe.total_steps} steps)")
-        for label, length, sec in rows:
-            print(f"  {label:<13} {length:>6} steps x {sec:6.3f} s = {length * sec / 60:6.1f} min")
-        verdict = "within" if total / 60 <= TARGET_MINUTES else "over"
-        print(f"  total {total / 60:.1f} min ({verdict} the ~{TARGET_MINUTES} min target)")
+        rows, totals = bench(recipe, n=args.steps, live=args.live_logits)
+        print(f"\n{recipe.name} ({recipe.total_steps} steps)"
+              + ("; last column: with live logits" if args.live_logits else ""))
+        for label, length, *secs in rows:
+            cols = " ".join(f"{sec:6.3f} s = {length * sec / 60:6.1f} min" for sec in secs)
+            print(f"  {label:<13} {length:>6} steps x {cols}")
+        for total, what in zip(totals, ("", " with live logits")[:len(totals)], strict=True):
+            verdict = "within" if total / 60 <= TARGET_MINUTES else "over"
+            print(f"  total{what} {total / 60:.1f} min "
+                  f"({verdict} the ~{TARGET_MINUTES} min target)")
+        if len(totals) == 2:
+            print(f"  live logits: {totals[0] / totals[1]:.2f}x faster")
     return 0
 
 

@@ -149,7 +149,9 @@ def test_twin_logits_equal_hooked_transformer(family):
     twin = Twin(cfg, seed=0)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
-        for p in twin.parameters():  # random, non-trivial weights and biases
+        # Random, non-trivial weights, and biases where the family has them (the llama
+        # twin's stay at zero: it never adds them).
+        for _, p in twin.trainable():
             p.add_(torch.randn(p.shape, generator=gen) * 0.3)
     model = HookedTransformer(cfg)
     missing, unexpected = model.load_state_dict(twin.state_dict(), strict=False)
@@ -161,6 +163,40 @@ def test_twin_logits_equal_hooked_transformer(family):
     if family == "llama":
         assert "blocks.0.attn._W_K" in twin.state_dict()
 
+
+
+def test_the_llama_twin_skips_its_zero_biases_without_changing_a_bit():
+    from rh_lens.zoo.twin import Twin
+
+    cfg = _cfg("llama", 97)
+    twin = Twin(cfg, seed=0)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in twin.trainable():
+            p[1].add_(torch.randn(p[1].shape, generator=gen) * 0.3)
+    tokens = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(1))
+
+    def logits_and_grads():
+        twin.zero_grad(set_to_none=True)
+        out = twin(tokens)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for _, p in twin.trainable()]
+
+    fast, fast_grads = logits_and_grads()
+    twin._bias = lambda x, b: x + b  # the obvious forward: every bias added
+    slow, slow_grads = logits_and_grads()
+    assert torch.equal(fast, slow)
+    assert all(torch.equal(a, b) for a, b in zip(fast_grads, slow_grads, strict=True))
+
+
+def test_the_llama_twin_refuses_weights_with_nonzero_biases():
+    from rh_lens.zoo.twin import Twin
+
+    twin = Twin(_cfg("llama", 97), seed=0)
+    weights = twin.state_dict()
+    weights["blocks.1.mlp.b_out"] = torch.full_like(weights["blocks.1.mlp.b_out"], 0.5)
+    with pytest.raises(ValueError, match="blocks.1.mlp.b_out"):
+        twin.load_state_dict(weights)
 
 
 # ---------------------------------------------------------------- training
@@ -218,6 +254,64 @@ def test_a_run_records_the_thread_count_of_each_of_its_parts(tmp_path):
     from rh_lens.zoo.evaluate import card_markdown
 
     assert "Torch threads: 1 from step 0, 2 from step 2." in card_markdown(card)
+
+
+def _llama_s_shape(vocab: int, **changes):
+    import dataclasses
+
+    from rh_lens.zoo.recipes import get_recipe
+
+    return dataclasses.replace(get_recipe("llama-s"), name="t", vocab_size=vocab, **changes)
+
+
+def test_a_run_at_two_threads_gives_the_same_bits_every_time(tmp_path, zoo_tok):
+    import shutil
+
+    from rh_lens.zoo.train import train
+
+    # llama-s's shape and main mix from the first step; one step is enough: without torch's
+    # deterministic kernels the embedding's gradient sums in a varying order at two threads.
+    recipe = _llama_s_shape(len(zoo_tok), copy_warmup=0, warmup=1)
+    zoo_tok.save_pretrained(str(tmp_path / "r0" / "tokenizer"))
+    for i in (1, 2, 3):
+        shutil.copytree(tmp_path / "r0" / "tokenizer", tmp_path / f"r{i}" / "tokenizer")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        runs = [_params(train(recipe, run_dir=tmp_path / f"r{i}", steps=1, progress=False)[0])
+                for i in range(4)]
+    finally:
+        torch.set_num_threads(before)
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after the run
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
+
+
+@pytest.mark.parametrize("step", [10, 500])  # prose and task rows, then a padded polish batch
+def test_live_logits_give_the_full_loss_and_its_gradients(zoo_tok, step):
+    import dataclasses
+
+    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.train import batch_loss, build
+
+    full = _llama_s_shape(len(zoo_tok), n_layers=2, copy_warmup=5, steps=400, finetune_steps=0)
+    live = dataclasses.replace(full, live_logits=True)
+    main, param = make_batches(full, step, zoo_tok)
+    dead = ~(main.lm_mask | main.answer_mask)
+    assert dead.any()  # the live path has positions to leave out
+    out = []
+    for recipe in (full, live):
+        twin = build(recipe)[0]
+        loss, ans = batch_loss(recipe, twin, main, 2.0)
+        loss = loss + batch_loss(recipe, twin, param, 1.0)[0]
+        loss.backward()
+        out.append((loss.detach(), ans.detach(), {k: p.grad for k, p in twin.trainable()}))
+    (loss_f, ans_f, grads_f), (loss_l, ans_l, grads_l) = out
+    torch.testing.assert_close(loss_l, loss_f, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ans_l, ans_f, rtol=1e-6, atol=1e-6)
+    assert grads_f.keys() == grads_l.keys()
+    for k in grads_f:
+        torch.testing.assert_close(grads_l[k], grads_f[k], rtol=1e-4, atol=1e-7)
 
 
 def test_a_finished_run_extended_by_a_stage_equals_the_longer_recipe_from_scratch(tmp_path):
@@ -435,12 +529,19 @@ def test_bench_train_times_every_stage_and_sums_them(capsys):
     assert bench_train.stages(r) == [("copy warm-up", 0, 2), ("main", 2, 4), ("fine-tuning", 6, 2),
                                      ("polish", 8, 3), ("stage 1", 11, 1)]
     assert sum(n for _, _, n in bench_train.stages(r)) == r.total_steps
-    rows, total = bench_train.bench(r, n=1)
+    rows, totals = bench_train.bench(r, n=1)
     assert [label for label, _, _ in rows] == [label for label, _, _ in bench_train.stages(r)]
     assert all(sec > 0 for _, _, sec in rows)
-    assert total == pytest.approx(sum(n * sec for _, n, sec in rows))
+    assert totals == [pytest.approx(sum(n * sec for _, n, sec in rows))]
+    rows, totals = bench_train.bench(r, n=1, live=True)
+    assert all(len(row) == 4 and row[3] > 0 for row in rows) and len(totals) == 2
+    assert totals[1] == pytest.approx(sum(row[1] * row[3] for row in rows))
     assert bench_train.main(["micro", "--threads", "1", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "micro (4 steps)" in out and "copy warm-up" in out and "min target)" in out
+    assert "live logits" not in out
+    assert bench_train.main(["micro", "--threads", "1", "--steps", "1", "--live-logits"]) == 0
+    out = capsys.readouterr().out
+    assert "total with live logits" in out and "x faster" in out
     with pytest.raises(ValueError, match="unknown zoo recipe"):
         bench_train.main(["no-such-model"])

@@ -80,6 +80,9 @@ class Recipe:
     chat: bool = False  # wrap NIAH / multi-hop rows in the chat template
     tokenizer_seed: int = 0
     vocab_size: int = 2048
+    # Unembed only the positions a loss reads (no padding, no unscored prompt tokens): the same
+    # loss, 20-30 % less time a step, other float sums (so a recipe's bits depend on it).
+    live_logits: bool = False
 
     @property
     def polish_start(self) -> int:
@@ -168,7 +171,8 @@ _SETTLE_S = Polish(steps=150, lr=1.25e-4, procedural=0.5,
 _EARLY_S = Polish(steps=200, lr=1.25e-4, procedural=0.5, mix=_LONG_MIX, early=0.5)
 # Fields added after models were trained: left out of the JSON at their default.
 _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "store_dtype": "float32",
-                "copy_freeze_pos": False, "aligned_unembed": False, "stages": []}
+                "copy_freeze_pos": False, "aligned_unembed": False, "stages": [],
+                "live_logits": False}
 _LATE_STAGE_FIELDS = {"early": 0.0}  # the same, in the polish and each later stage
 
 # Four KV heads (the issue allows two to four): with two, the same recipe (plus _ANNEAL_S) reached

@@ -3,12 +3,15 @@
 Training runs on the plain-PyTorch twin (:mod:`rh_lens.zoo.twin`); batches are a pure function of
 (recipe, step) and checkpoints (weights, AdamW state, step, elapsed time; safetensors + JSON, no
 pickle) are written every ``--checkpoint-every`` steps under ``runs/zoo/NAME/``, so an interrupted
-run continues bit for bit where it stopped.  At the end the weights are written with
-:func:`rh_lens.models.save_model_dir` to ``--out`` (default ``runs/zoo/NAME/final``), evaluated, and
-with ``--install`` copied into the package (``rh_lens/zoo/models/NAME``) if they meet the targets.
+run continues bit for bit where it stopped.  Training runs with torch's deterministic kernels
+(:func:`deterministic`), so that a rerun at the same thread count gives the same bits.  At the
+end the weights are written with :func:`rh_lens.models.save_model_dir` to ``--out`` (default
+``runs/zoo/NAME/final``), evaluated, and with ``--install`` copied into the package
+(``rh_lens/zoo/models/NAME``) if they meet the targets.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -18,6 +21,21 @@ from pathlib import Path
 
 PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
 RUNS = Path("runs") / "zoo"
+
+
+@contextlib.contextmanager
+def deterministic():
+    """torch's deterministic kernels while the block runs.  Without them the embedding's backward
+    (an indexed accumulate) adds a token's gradients in an order that varies from run to run at
+    two threads or more: two runs of the same five ``llama-s`` steps gave different weights."""
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def lr_at(recipe, step: int) -> float:
@@ -149,28 +167,40 @@ def build(recipe):
     return twin, opt, params
 
 
+def batch_loss(recipe, twin, batch, weight: float):
+    """(LM loss + ``weight`` x answer loss, answer loss) of ``batch``: mean next-token
+    cross-entropies over the positions each mask selects."""
+    import torch.nn.functional as F
+
+    target = batch.tokens[:, 1:]
+    lm_mask, answer_mask = batch.lm_mask, batch.answer_mask
+    if recipe.live_logits:
+        live = lm_mask | answer_mask
+        logits = twin.unembed_resid(twin.resid_final(batch.tokens[:, :-1])[live])
+        ce = F.cross_entropy(logits, target[live], reduction="none")
+        lm_mask, answer_mask = lm_mask[live], answer_mask[live]
+    else:
+        logits = twin(batch.tokens[:, :-1])
+        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    lm = (ce * lm_mask).sum() / lm_mask.sum().clamp(min=1)
+    ans = (ce * answer_mask).sum() / answer_mask.sum().clamp(min=1)
+    return lm + weight * ans, ans
+
+
 def train_step(recipe, step: int, tokenizer, twin, opt, params):
     """One optimiser step on ``step``'s batches; returns (loss, answer loss) as tensors."""
     import torch
-    import torch.nn.functional as F
 
     from rh_lens.zoo.data import make_batches
-
-    def loss_of(batch, weight):
-        logits = twin(batch.tokens[:, :-1])
-        ce = F.cross_entropy(logits.transpose(1, 2), batch.tokens[:, 1:], reduction="none")
-        lm = (ce * batch.lm_mask).sum() / batch.lm_mask.sum().clamp(min=1)
-        ans = (ce * batch.answer_mask).sum() / batch.answer_mask.sum().clamp(min=1)
-        return lm + weight * ans, ans
 
     main, param = make_batches(recipe, step, tokenizer)
     for group in opt.param_groups:
         group["lr"] = lr_at(recipe, step)
     if recipe.copy_freeze_pos:  # AdamW leaves a parameter without a gradient untouched
         twin.pos_embed.W_pos.requires_grad_(step >= recipe.copy_warmup)
-    loss, ans = loss_of(main, recipe.answer_weight)
+    loss, ans = batch_loss(recipe, twin, main, recipe.answer_weight)
     if param is not None:
-        loss = loss + loss_of(param, 1.0)[0]
+        loss = loss + batch_loss(recipe, twin, param, 1.0)[0]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -211,7 +241,8 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
     t0, done0 = time.perf_counter(), state["train_seconds"]
     while state["step"] < steps:
         step = state["step"]
-        loss, ans = train_step(recipe, step, tokenizer, twin, opt, params)
+        with deterministic():
+            loss, ans = train_step(recipe, step, tokenizer, twin, opt, params)
         state["step"] = step + 1
         state["train_seconds"] = done0 + time.perf_counter() - t0
         if step % 10 == 0:

@@ -153,13 +153,14 @@ class Twin(nn.Module):
         else:
             sin, cos = self._sin_cos(n, x.device)
             sin, cos = sin[None, :, None], cos[None, :, None]
+        bias = self._bias
         for block in self.blocks:
             a = block.attn
             hx = self._norm(x, block.ln1)
             g = "_" if hasattr(a, "_W_K") else ""
-            q = torch.einsum("bpd,hde->bphe", hx, a.W_Q) + a.b_Q
-            k = torch.einsum("bpd,hde->bphe", hx, getattr(a, f"{g}W_K")) + getattr(a, f"{g}b_K")
-            v = torch.einsum("bpd,hde->bphe", hx, getattr(a, f"{g}W_V")) + getattr(a, f"{g}b_V")
+            q, k, v = (bias(torch.einsum("bpd,hde->bphe", hx, getattr(a, f"{pre}W_{c}")),
+                            getattr(a, f"{pre}b_{c}"))
+                       for pre, c in (("", "Q"), (g, "K"), (g, "V")))
             if sin is not None:
                 q, k = self._rotate(q, sin, cos), self._rotate(k, sin, cos)
             rep = cfg.n_heads // k.shape[2]
@@ -169,18 +170,33 @@ class Twin(nn.Module):
             z = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
             z = z.transpose(1, 2).reshape(x.shape[0], n, cfg.n_heads * cfg.d_head)
-            x = x + z @ a.W_O.reshape(cfg.n_heads * cfg.d_head, cfg.d_model) + a.b_O
+            x = bias(x + z @ a.W_O.reshape(cfg.n_heads * cfg.d_head, cfg.d_model), a.b_O)
             hx = self._norm(x, block.ln2)
             m = block.mlp
             if self.family == "llama":
-                mid = F.silu(hx @ m.W_gate) * (hx @ m.W_in) + m.b_in
+                mid = bias(F.silu(hx @ m.W_gate) * (hx @ m.W_in), m.b_in)
             else:
                 mid = F.gelu(hx @ m.W_in + m.b_in)
-            x = x + mid @ m.W_out + m.b_out
+            x = bias(x + mid @ m.W_out, m.b_out)
         return self._norm(x, self.ln_final)
 
     def unembed_resid(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
-        return resid @ self.unembed.W_U + self.unembed.b_U
+        return self._bias(resid @ self.unembed.W_U, self.unembed.b_U)
+
+    def _bias(self, x: Tensor, b: Tensor) -> Tensor:
+        """``x + b``, except for the llama family's biases: frozen at zero, so adding them would
+        change no bit of ``x`` (nor of any gradient) and only cost time, most of all ``b_U``'s over
+        every logit."""
+        return x if self.family == "llama" else x + b
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.family == "llama":
+            nonzero = [k for k, p in self.named_parameters()
+                       if k.rsplit(".", 1)[-1].startswith(("b_", "_b_")) and p.any()]
+            if nonzero:
+                raise ValueError(f"the llama twin keeps its biases at zero; nonzero: {nonzero[:4]}")
+        return out
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         return [(k, p) for k, p in self.named_parameters() if p.requires_grad]
