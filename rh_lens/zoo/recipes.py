@@ -235,8 +235,9 @@ RECIPES: dict[str, Recipe] = {
                stages=(Polish(steps=500, mix=_POLISH_MIX),
                        Polish(steps=300, lr=2.5e-4, mix=_ANNEAL_MIX))),
         Recipe(name="llama-m", family="llama", n_layers=6, d_model=192, n_heads=12, n_kv_heads=4,
-               d_head=16, d_mlp=576, n_ctx=256, steps=1400, seed=3, procedural=0.5,
-               polish=Polish(steps=500, mix=_POLISH_MIX), store_dtype="float16",
+               d_head=16, d_mlp=384, n_ctx=256, steps=1300, seed=3,
+               procedural=0.5, live_logits=True,
+               polish=Polish(steps=400, mix=_POLISH_MIX), store_dtype="float16",
                # 300 steps at half the rate: multi-hop 0.87 -> 0.93, dev NIAH 111 -> 118 of 120.
                # After 300 more steps at the polish's rate (55 % NIAH), the same stage with 70 %
                # varied needles took held-out NIAH to 0.83 (one held-out template's answers lost
