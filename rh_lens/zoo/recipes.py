@@ -245,7 +245,10 @@ RECIPES: dict[str, Recipe] = {
                # 0.95, from 0.80 (0.96) and 0.93; within the evaluation's noise, not kept.  Its
                # misses were long haystacks with the needle near their start; 200 steps at
                # _SETTLE_S's rate with half the NIAH rows that case (``early``, as llama-s-long):
-               # 0.95 (0.99), multi-hop 0.90; dev trials 118 -> 119 of 120.
+               # 0.95 (0.99), multi-hop 0.90; dev trials 118 -> 119 of 120.  That was with
+               # d_mlp 576, 1,400 main steps and a polish of 500 (42.9 min by bench_train); with
+               # d_mlp 384, 1,300 and 400 and live logits: 30.7 min, 0.90 (0.98), multi-hop 0.97.
+               # (A copy warm-up of 650 steps instead of 800 ended before induction formed.)
                stages=(Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_POLISH_MIX),
                        _EARLY_S)),
         Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
