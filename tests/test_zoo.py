@@ -384,6 +384,38 @@ def test_written_model_loads_with_rh_lens_and_matches_the_twin(tmp_path):
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
 
 
+def test_a_child_starts_from_its_parents_weights_and_its_card_names_that_file(tmp_path,
+                                                                              monkeypatch):
+    import dataclasses
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file
+
+    from rh_lens.zoo import train as train_mod
+    from rh_lens.zoo.recipes import get_recipe
+
+    parent = get_recipe("micro")
+    twin, tok, state = train_mod.train(parent, run_dir=tmp_path / "p", steps=2, progress=False)
+    models = tmp_path / "models"
+    train_mod.write_model(twin, tok, parent, state, models / "micro")
+    monkeypatch.setattr(train_mod, "PACKAGE_MODELS", models)
+    child = dataclasses.replace(parent, name="micro-child", parent="micro", copy_warmup=0)
+
+    start, _, state0 = train_mod.train(child, run_dir=tmp_path / "c0", steps=0, progress=False)
+    shipped = load_file(str(models / "micro" / "model.safetensors"))
+    assert all(torch.equal(v, shipped[k]) for k, v in start.state_dict().items() if k in shipped)
+    digest = hashlib.sha256((models / "micro" / "model.safetensors").read_bytes()).hexdigest()
+    assert state0["parent_sha256"] == digest
+
+    # Interrupted and resumed, the run keeps the digest of the file it started from.
+    train_mod.train(child, run_dir=tmp_path / "c", steps=1, progress=False, checkpoint_every=1)
+    (models / "micro" / "model.safetensors").write_bytes(b"retrained")
+    kid, ktok, kstate = train_mod.train(child, run_dir=tmp_path / "c", steps=2, progress=False)
+    out = train_mod.write_model(kid, ktok, child, kstate, tmp_path / "child")
+    assert json.loads((out / "card.json").read_text())["parent_sha256"] == digest
+
+
 def test_lr_schedule_warms_up_and_decays():
     from rh_lens.zoo.recipes import get_recipe
     from rh_lens.zoo.train import lr_at

@@ -12,6 +12,7 @@ end the weights are written with :func:`rh_lens.models.save_model_dir` to ``--ou
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -137,13 +138,21 @@ def extends(recipe, old: dict) -> bool:
     return dataclasses.replace(recipe, stages=recipe.stages[:k]).to_json() == old
 
 
-def _init_from_parent(twin, parent: str) -> None:
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _init_from_parent(twin, parent: str) -> str:
+    """Load the packaged ``parent``'s weights into ``twin``; returns the file's SHA-256, which
+    the child's card keeps (a retrained parent leaves its children's cards pointing elsewhere)."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(PACKAGE_MODELS / parent / "model.safetensors"))
+    path = PACKAGE_MODELS / parent / "model.safetensors"
+    weights = load_file(str(path))
     missing, unexpected = twin.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"parent {parent} does not fit: {missing[:4]} {unexpected[:4]}")
+    return file_sha256(path)
 
 
 def build(recipe):
@@ -229,7 +238,7 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
                 raise ValueError(f"{ckpt} was written by a different recipe; delete it to restart")
             state["recipe"] = recipe.to_json()  # the same run with stages appended
     elif recipe.parent is not None:
-        _init_from_parent(twin, recipe.parent)
+        state["parent_sha256"] = _init_from_parent(twin, recipe.parent)
 
     # Float results depend on the thread count (reductions split differently): the run records
     # the count it trained with from each step on, so that it can be repeated bit for bit.
@@ -274,6 +283,8 @@ def write_model(twin, tokenizer, recipe, state: dict, out: Path) -> Path:
     }
     if "threads" in state:  # [first step, torch threads] of each part of the run
         card["threads"] = state["threads"]
+    if "parent_sha256" in state:  # the parent's model.safetensors the run started from
+        card["parent_sha256"] = state["parent_sha256"]
     dtype = getattr(torch, recipe.store_dtype)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in twin.state_dict().items()}
     out = save_model_dir(out, cfg=recipe.hooked_config(), state_dict=weights,
