@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rh_lens.zoo import tasks
-from rh_lens.zoo.recipes import ZOO_NAMES
+from rh_lens.zoo.recipes import ZOO_NAMES, get_recipe
 from rh_lens.zoo.train import PACKAGE_MODELS
 
 # llama-s is the embedded default: it must be present.  The others are checked when built.
@@ -35,8 +35,6 @@ def test_shipped_weights_come_from_the_recipe_in_the_tree(name):
     ``python -m rh_lens.zoo.train NAME`` runs, to the last step."""
     import json
 
-    from rh_lens.zoo.recipes import get_recipe
-
     card_path = PACKAGE_MODELS / name / "card.json"
     if not card_path.is_file():
         pytest.skip(f"zoo model {name} has not been trained yet")
@@ -45,6 +43,26 @@ def test_shipped_weights_come_from_the_recipe_in_the_tree(name):
     assert card["recipe"] == recipe.to_json()
     assert card["steps"] == recipe.total_steps
     assert card["evaluation"]["n_ctx"] == recipe.n_ctx
+
+
+@pytest.mark.parametrize("name", [n for n in ZOO_NAMES if get_recipe(n).parent is not None])
+def test_a_shipped_child_was_trained_from_the_shipped_parent(name):
+    """A child (continued pretraining, chat finetuning) starts from its parent's packaged
+    weights, and its card keeps that file's SHA-256: retraining the parent without its children
+    leaves them describing a model that is no longer shipped."""
+    import json
+
+    from rh_lens.zoo.train import file_sha256
+
+    card_path = PACKAGE_MODELS / name / "card.json"
+    if not card_path.is_file():
+        pytest.skip(f"zoo model {name} has not been trained yet")
+    parent = get_recipe(name).parent
+    card = json.loads(card_path.read_text())
+    if "parent_sha256" not in card:
+        pytest.skip(f"{name}'s card predates the parent's digest: retrain it to record one")
+    assert card["parent_sha256"] == file_sha256(PACKAGE_MODELS / parent / "model.safetensors"), \
+        f"{name} was trained from another {parent} than the one shipped: retrain it"
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)

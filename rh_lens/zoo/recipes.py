@@ -191,7 +191,9 @@ RECIPES: dict[str, Recipe] = {
                # rate weighed back towards NIAH.  Multi-hop after the polish 0.42 (worst NIAH
                # depth 0.90); 0.85 after the first stage (0.85), 0.90 after the second (0.85),
                # 0.92 after the third (0.90, mean 0.98).  200 steps of 55 % NIAH rows at half the
-               # rate instead of the third: 0.90 (0.90, mean 0.97).
+               # rate instead of the third: 0.90 (0.90, mean 0.97).  With live logits and 2,500
+               # steps (4,250 in all; 1,715 s alone at two threads): 0.85 (mean 0.97), multi-hop
+               # 0.97; not shipped.
                stages=(Polish(steps=400, procedural=0.5, mix=_MULTIHOP_S),
                        Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_ANNEAL_MIX),
                        _SETTLE_S)),
