@@ -145,14 +145,13 @@ def file_sha256(path: Path) -> str:
 def _init_from_parent(twin, parent: str) -> str:
     """Load the packaged ``parent``'s weights into ``twin``; returns the file's SHA-256, which
     the child's card keeps (a retrained parent leaves its children's cards pointing elsewhere)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    path = PACKAGE_MODELS / parent / "model.safetensors"
-    weights = load_file(str(path))
-    missing, unexpected = twin.load_state_dict(weights, strict=False)
+    data = (PACKAGE_MODELS / parent / "model.safetensors").read_bytes()  # one read: load + hash
+    missing, unexpected = twin.load_state_dict(load(data), strict=False)
     if missing or unexpected:
         raise ValueError(f"parent {parent} does not fit: {missing[:4]} {unexpected[:4]}")
-    return file_sha256(path)
+    return hashlib.sha256(data).hexdigest()
 
 
 def build(recipe):
