@@ -384,6 +384,38 @@ def test_written_model_loads_with_rh_lens_and_matches_the_twin(tmp_path):
     assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
 
 
+def test_niah_evaluation_counts_every_trial_of_every_depth(zoo_tok, monkeypatch):
+    """A stand-in generator that answers every needle but those at depth 1.0: the report must
+    give that depth 0, every other 1, and ``per_cell`` x 4 lengths trials a depth."""
+    from rh_lens.zoo import evaluate
+
+    depth_of: dict[str, float] = {}
+    make = tasks.niah_example
+
+    def recording(rng, **kw):
+        ex = make(rng, **kw)
+        depth_of[ex.prompt] = (kw["depth"], ex.answer)
+        return ex
+
+    def oracle(twin, tok, prompts, **kw):
+        return [f" {'wrong' if depth_of[p][0] == 1.0 else depth_of[p][1]}\n" for p in prompts]
+
+    monkeypatch.setattr(tasks, "niah_example", recording)
+    monkeypatch.setattr(evaluate, "generate", oracle)
+    report = evaluate.eval_niah(None, zoo_tok, n_ctx=128, seed=3, per_cell=3)
+    assert report["n_trials"] == evaluate.N_DEPTHS * 4 * 3 and report["per_depth_trials"] == 12
+    assert report["per_depth"] == {f"{i / 10:.1f}": float(i < 10) for i in range(11)}
+    assert report["min"] == 0.0 and report["mean"] == pytest.approx(10 / 11)
+    assert "(12 a depth)" in evaluate.format_report({"niah_heldout": report})
+
+
+def test_evaluate_refuses_a_per_cell_count_below_one():
+    from rh_lens.zoo import evaluate
+
+    with pytest.raises(SystemExit, match="--per-cell must be at least 1"):
+        evaluate.main(["llama-s", "--per-cell", "0"])
+
+
 def test_a_child_starts_from_its_parents_weights_and_its_card_names_that_file(tmp_path,
                                                                               monkeypatch):
     import dataclasses

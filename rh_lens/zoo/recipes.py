@@ -193,7 +193,8 @@ RECIPES: dict[str, Recipe] = {
                # 0.92 after the third (0.90, mean 0.98).  200 steps of 55 % NIAH rows at half the
                # rate instead of the third: 0.90 (0.90, mean 0.97).  With live logits and 2,500
                # steps (4,250 in all; 1,715 s alone at two threads): 0.85 (mean 0.97), multi-hop
-               # 0.97; not shipped.
+               # 0.97; not shipped.  With live logits and 2,800 (2,206 s on a slower day):
+               # 0.15 (0.29), multi-hop 0.08, the first answer word wrong and the rest copied.
                stages=(Polish(steps=400, procedural=0.5, mix=_MULTIHOP_S),
                        Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_ANNEAL_MIX),
                        _SETTLE_S)),
@@ -249,7 +250,9 @@ RECIPES: dict[str, Recipe] = {
                # _SETTLE_S's rate with half the NIAH rows that case (``early``, as llama-s-long):
                # 0.95 (0.99), multi-hop 0.90; dev trials 118 -> 119 of 120.  That was with
                # d_mlp 576, 1,400 main steps and a polish of 500 (42.9 min by bench_train); with
-               # d_mlp 384, 1,300 and 400 and live logits: 30.7 min, 0.90 (0.98), multi-hop 0.97.
+               # d_mlp 384, 1,300 and 400 and live logits: 30.7 min, 0.90 (0.98), multi-hop 0.97;
+               # at 80 trials a depth (the evaluation's default since): 0.89 (0.97), 71 of 80
+               # right at depth 1.0.
                # (A copy warm-up of 650 steps instead of 800 ended before induction formed.)
                stages=(Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_POLISH_MIX),
                        _EARLY_S)),
