@@ -389,7 +389,7 @@ def test_niah_evaluation_counts_every_trial_of_every_depth(zoo_tok, monkeypatch)
     give that depth 0, every other 1, and ``per_cell`` x 4 lengths trials a depth."""
     from rh_lens.zoo import evaluate
 
-    depth_of: dict[str, float] = {}
+    depth_of: dict[str, tuple[float, str]] = {}  # prompt -> (depth, answer)
     make = tasks.niah_example
 
     def recording(rng, **kw):
@@ -407,6 +407,8 @@ def test_niah_evaluation_counts_every_trial_of_every_depth(zoo_tok, monkeypatch)
     assert report["per_depth"] == {f"{i / 10:.1f}": float(i < 10) for i in range(11)}
     assert report["min"] == 0.0 and report["mean"] == pytest.approx(10 / 11)
     assert "(12 a depth)" in evaluate.format_report({"niah_heldout": report})
+    with pytest.raises(ValueError, match="per_cell must be at least 1"):
+        evaluate.eval_niah(None, zoo_tok, n_ctx=128, seed=3, per_cell=0)
 
 
 def test_evaluate_refuses_a_per_cell_count_below_one():

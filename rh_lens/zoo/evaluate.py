@@ -101,6 +101,9 @@ def eval_niah(twin, tok, *, n_ctx: int, seed: int, per_cell: int = NIAH_PER_CELL
     """Exact-answer accuracy per depth bin over haystack lengths up to the full context."""
     from rh_lens.zoo import tasks
 
+    if per_cell < 1:
+        raise ValueError(f"per_cell must be at least 1, got {per_cell}")
+
     templates = tasks.HELDOUT_TEMPLATES if heldout else tasks.TRAIN_TEMPLATES
     rng = random.Random(f"eval-niah:{seed}:{n_ctx}:{heldout}")
     depths = [i / (N_DEPTHS - 1) for i in range(N_DEPTHS)]
