@@ -193,7 +193,9 @@ RECIPES: dict[str, Recipe] = {
                # 0.92 after the third (0.90, mean 0.98).  200 steps of 55 % NIAH rows at half the
                # rate instead of the third: 0.90 (0.90, mean 0.97).  With live logits and 2,500
                # steps (4,250 in all; 1,715 s alone at two threads): 0.85 (mean 0.97), multi-hop
-               # 0.97; not shipped.  With live logits and 2,800 (2,206 s on a slower day):
+               # 0.97, at 20 trials a depth; rerun (the same LM loss, 1.685), at 80 a depth: 0.94
+               # (0.97), every target met, weights' SHA-256 b17d7ebe...; to be shipped with its
+               # children retrained from it.  With live logits and 2,800 (2,206 s on a slower day):
                # 0.15 (0.29), multi-hop 0.08, the first answer word wrong and the rest copied.
                stages=(Polish(steps=400, procedural=0.5, mix=_MULTIHOP_S),
                        Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_ANNEAL_MIX),
