@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     require_hooked("timing zoo training (its twin is built from a HookedTransformerConfig)")
     torch.set_num_threads(args.threads)
     recipes = [get_recipe(name) for name in args.names]  # unknown names fail before any timing
-    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.steps} steps "
-          f"per stage")
+    from rh_lens.zoo.train import machine
+
+    here = machine()  # the figures hold for this machine: they differ by day and CPU
+    print(f"torch {here['torch']} on {here['cpu']} ({here['kernels']} kernels), "
+          f"{args.threads} thread(s), median of {args.steps} steps per stage")
     for recipe in recipes:
         rows, totals = bench(recipe, n=args.steps, live=args.live_logits)
         print(f"\n{recipe.name} ({recipe.total_steps} steps)"

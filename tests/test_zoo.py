@@ -256,6 +256,27 @@ def test_a_run_records_the_thread_count_of_each_of_its_parts(tmp_path):
     assert "Torch threads: 1 from step 0, 2 from step 2." in card_markdown(card)
 
 
+def test_a_run_records_the_machine_of_each_of_its_parts(tmp_path, monkeypatch):
+    import json
+
+    from rh_lens.zoo import train as zoo_train
+    from rh_lens.zoo.evaluate import card_markdown
+    from rh_lens.zoo.recipes import get_recipe
+
+    recipe = get_recipe("micro")
+    here = zoo_train.machine()
+    assert here["torch"] == torch.__version__ and here["cpu"] and here["kernels"]
+    zoo_train.train(recipe, run_dir=tmp_path, steps=2, progress=False, checkpoint_every=2)
+    other = {"torch": "0.0", "cpu": "Elsewhere CPU", "kernels": "NONE"}
+    monkeypatch.setattr(zoo_train, "machine", lambda: other)
+    twin, tok, state = zoo_train.train(recipe, run_dir=tmp_path, steps=4, progress=False)
+    assert state["machine"] == [[0, here], [2, other]]
+    out = zoo_train.write_model(twin, tok, recipe, state, tmp_path / "final")
+    card = json.loads((out / "card.json").read_text())
+    assert card["machine"] == [[0, here], [2, other]]
+    assert "Elsewhere CPU (NONE kernels), torch 0.0 from step 2." in card_markdown(card)
+
+
 def _llama_s_shape(vocab: int, **changes):
     import dataclasses
 
@@ -605,6 +626,7 @@ def test_bench_train_times_every_stage_and_sums_them(capsys):
     assert bench_train.main(["micro", "--threads", "1", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "micro (4 steps)" in out and "copy warm-up" in out and "min target)" in out
+    assert "kernels), 1 thread(s)" in out and torch.__version__ in out  # the machine it held on
     assert "live logits" not in out
     assert bench_train.main(["micro", "--threads", "1", "--steps", "1", "--live-logits"]) == 0
     out = capsys.readouterr().out

@@ -259,6 +259,10 @@ def card_markdown(card: dict) -> str:
     if card.get("threads"):  # float results depend on it
         parts = ", ".join(f"{n} from step {step}" for step, n in card["threads"])
         out.append(f"Torch threads: {parts}.")
+    if card.get("machine"):
+        parts = "; ".join(f"{m['cpu']} ({m['kernels']} kernels), torch {m['torch']} from step "
+                          f"{step}" for step, m in card["machine"])
+        out.append(f"Machine: {parts}.")
     out += ["", "## Evaluation (held-out templates and fresh fillers)", "", "```",
             format_report(ev) if ev else "not evaluated", "```", ""]
     return "\n".join(out)

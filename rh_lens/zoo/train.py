@@ -154,6 +154,33 @@ def _init_from_parent(twin, parent: str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def machine() -> dict:
+    """What a run's float results depend on besides the thread count: torch's build and the CPU
+    and kernel set it runs on.  A rerun of a ``llama-s`` recipe on another day, on an AMD EPYC
+    with AVX2 kernels, gave other weights than the run it repeated, although a ``llama-s`` step
+    gives the same bits at one and two threads."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "cpu": cpu or "unknown",
+            "kernels": torch.backends.cpu.get_cpu_capability()}
+
+
+def _record_segment(state: dict, key: str, step: int, value) -> None:
+    """Append [step, value] to ``state[key]`` when ``value`` differs from the last segment's."""
+    segments = state.setdefault(key, [])
+    if not segments or segments[-1][1] != value:
+        segments.append([step, value])
+
+
 def build(recipe):
     """The twin of ``recipe`` at its initialisation, its AdamW and the parameters it trains."""
     import torch
@@ -239,11 +266,12 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
     elif recipe.parent is not None:
         state["parent_sha256"] = _init_from_parent(twin, recipe.parent)
 
-    # Float results depend on the thread count (reductions split differently): the run records
-    # the count it trained with from each step on, so that it can be repeated bit for bit.
-    segments = state.setdefault("threads", [])
-    if state["step"] < steps and (not segments or segments[-1][1] != torch.get_num_threads()):
-        segments.append([state["step"], torch.get_num_threads()])
+    # Float results depend on the thread count (reductions split differently) and on the machine
+    # (the CPU kernels torch dispatches to): the run records both from each step on, so that it
+    # can be repeated bit for bit where both are the same.
+    if state["step"] < steps:
+        _record_segment(state, "threads", state["step"], torch.get_num_threads())
+        _record_segment(state, "machine", state["step"], machine())
     twin.train()
     bar = tqdm(total=steps, initial=state["step"], desc=recipe.name, disable=not progress)
     t0, done0 = time.perf_counter(), state["train_seconds"]
@@ -280,8 +308,9 @@ def write_model(twin, tokenizer, recipe, state: dict, out: Path) -> Path:
         "n_params": sum(p.numel() for p in twin.parameters()),
         "loss_curve": state["losses"],
     }
-    if "threads" in state:  # [first step, torch threads] of each part of the run
-        card["threads"] = state["threads"]
+    for key in ("threads", "machine"):  # [first step, value] of each part of the run
+        if key in state:
+            card[key] = state[key]
     if "parent_sha256" in state:  # the parent's model.safetensors the run started from
         card["parent_sha256"] = state["parent_sha256"]
     dtype = getattr(torch, recipe.store_dtype)
