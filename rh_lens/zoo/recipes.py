@@ -194,9 +194,13 @@ RECIPES: dict[str, Recipe] = {
                # rate instead of the third: 0.90 (0.90, mean 0.97).  With live logits and 2,500
                # steps (4,250 in all; 1,715 s alone at two threads): 0.85 (mean 0.97), multi-hop
                # 0.97, at 20 trials a depth; rerun (the same LM loss, 1.685), at 80 a depth: 0.94
-               # (0.97), every target met, weights' SHA-256 b17d7ebe...; to be shipped with its
-               # children retrained from it.  With live logits and 2,800 (2,206 s on a slower day):
-               # 0.15 (0.29), multi-hop 0.08, the first answer word wrong and the rest copied.
+               # (0.97), every target met, weights' SHA-256 b17d7ebe....  With live logits and
+               # 2,800 (2,206 s on a slower day): 0.15 (0.29), multi-hop 0.08, the first answer
+               # word wrong and the rest copied.
+               # The 2,500-step recipe rerun on another machine (AMD EPYC, AVX2 kernels; 1,000
+               # steps at one thread, then two) gave other bits (5d1bd4fa...): NIAH 0.94 (0.99),
+               # multi-hop 0.10; 300 more steps of _POLISH_MIX at 2.5e-4: 0.96 (0.99), multi-hop
+               # 0.22, the first hop copying another person's town (12 of 15 misses of 16 probes).
                stages=(Polish(steps=400, procedural=0.5, mix=_MULTIHOP_S),
                        Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_ANNEAL_MIX),
                        _SETTLE_S)),
@@ -254,7 +258,8 @@ RECIPES: dict[str, Recipe] = {
                # d_mlp 576, 1,400 main steps and a polish of 500 (42.9 min by bench_train); with
                # d_mlp 384, 1,300 and 400 and live logits: 30.7 min, 0.90 (0.98), multi-hop 0.97;
                # at 80 trials a depth (the evaluation's default since): 0.89 (0.97), 71 of 80
-               # right at depth 1.0.
+               # right at depth 1.0.  Seed 5 instead, on an AMD EPYC (AVX2 kernels): 0.86 (0.97),
+               # worst at depth 1.0 again, multi-hop 0.65; not shipped.
                # (A copy warm-up of 650 steps instead of 800 ended before induction formed.)
                stages=(Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_POLISH_MIX),
                        _EARLY_S)),
