@@ -259,7 +259,8 @@ RECIPES: dict[str, Recipe] = {
                # d_mlp 384, 1,300 and 400 and live logits: 30.7 min, 0.90 (0.98), multi-hop 0.97;
                # at 80 trials a depth (the evaluation's default since): 0.89 (0.97), 71 of 80
                # right at depth 1.0.  Seed 5 instead, on an AMD EPYC (AVX2 kernels): 0.86 (0.97),
-               # worst at depth 1.0 again, multi-hop 0.65; not shipped.
+               # worst at depth 1.0 again, multi-hop 0.65; seed 6: 0.88 (0.97), depth 1.0 again,
+               # multi-hop 0.22; neither shipped.
                # (A copy warm-up of 650 steps instead of 800 ended before induction formed.)
                stages=(Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_POLISH_MIX),
                        _EARLY_S)),
