@@ -366,6 +366,37 @@ def test_a_finished_run_extended_by_a_stage_equals_the_longer_recipe_from_scratc
         train(base, run_dir=tmp_path / "b", progress=False)
 
 
+def test_a_checkpoint_branches_into_any_stage_that_starts_after_it(tmp_path):
+    import dataclasses
+    import shutil
+
+    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.train import train
+
+    base = dataclasses.replace(get_recipe("micro"), polish=Polish(steps=1))
+    first = Polish(steps=2, lr=1e-4, procedural=0.0, mix=Mix(0.0, 1.0, 0.0, 0.0))
+    last_a = Polish(steps=2, lr=1e-4, mix=Mix(1.0, 0.0, 0.0, 0.0))
+    last_b = Polish(steps=2, lr=2e-4, mix=Mix(1.0, 0.0, 0.0, 0.0), late=1.0)
+    a = dataclasses.replace(base, stages=(first, last_a))
+    b = dataclasses.replace(base, stages=(first, last_b))
+    assert a.late_stages()[-1][0] == 7 and a.total_steps == 9
+
+    twin_b, _, state_b = train(b, run_dir=tmp_path / "b", progress=False)
+    (tmp_path / "a").mkdir()
+    shutil.copytree(tmp_path / "b" / "tokenizer", tmp_path / "a" / "tokenizer")
+    train(a, run_dir=tmp_path / "a", steps=7, progress=False)  # stopped where last_a starts
+    branch = tmp_path / "branch"
+    shutil.copytree(tmp_path / "a", branch)
+    twin_a2b, _, state_a2b = train(b, run_dir=branch, progress=False)
+    x, y = _params(twin_b), _params(twin_a2b)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    assert state_a2b["recipe"] == b.to_json() and state_a2b["losses"] == state_b["losses"]
+    # One step later, last_a has begun: a checkpoint there no longer branches into b.
+    train(a, run_dir=tmp_path / "a", steps=8, progress=False)
+    with pytest.raises(ValueError, match="different recipe"):
+        train(b, run_dir=tmp_path / "a", progress=False)
+
+
 def test_learned_positions_can_stay_fixed_through_the_warm_up(tmp_path):
     import dataclasses
 
@@ -574,14 +605,16 @@ def test_the_polish_stage_has_its_own_rate_and_batches(zoo_tok):
     assert not torch.equal(polished.tokens, make_batches(base, r.polish_start, zoo_tok)[0].tokens)
 
 
-def _needle_share_and_length(batch, pad_id):
-    """Per row: where the answer first occurs, as a share of the row, and the row's length."""
+def _needle_share_and_length(batch, pad_id, *, last: bool = False):
+    """Per row: where the answer first occurs (with ``last``, last before the target: prose may
+    hold its first words by chance), as a share of the row, and the row's length."""
     out = []
     for ids, ans in zip(batch.tokens.tolist(), batch.answer_mask.tolist(), strict=True):
         n = sum(t != pad_id for t in ids)  # rows are right-padded
+        target = ans.index(True) + 1
         answer = [ids[i + 1] for i, a in enumerate(ans) if a][:3]
-        first = next(i for i in range(n) if ids[i:i + len(answer)] == answer)
-        out.append((first / n, n))
+        hits = [i for i in range(target) if ids[i:i + len(answer)] == answer]
+        out.append(((hits[-1] if last else hits[0]) / n, n))
     return out
 
 
@@ -603,6 +636,80 @@ def test_an_early_stage_puts_needles_first_in_the_longest_haystacks(zoo_tok):
         assert all(share < 0.3 and n > 0.8 * base.n_ctx for share, n in far), far
         assert max(share for share, _ in anywhere) > 0.5
         assert min(n for _, n in anywhere) < 0.8 * base.n_ctx
+
+
+def test_a_late_stage_puts_needles_last_and_shares_its_draw_with_early(zoo_tok):
+    import dataclasses
+
+    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+
+    # Haystacks of 400-448 tokens in rows of at most 512: a needle in the haystack's last fifth
+    # starts past half the row, one in its first fifth before a third of it.
+    base = dataclasses.replace(get_recipe("micro"), batch=12, n_ctx=512, min_haystack=400,
+                               polish=None)
+    niah = Mix(1.0, 0.0, 0.0, 0.0)
+    plain = dataclasses.replace(base, polish=Polish(steps=2, mix=niah))
+    late = dataclasses.replace(base, polish=Polish(steps=2, mix=niah, late=1.0))
+    both = dataclasses.replace(base, polish=Polish(steps=2, mix=niah, early=0.5, late=0.5))
+    assert "late" not in plain.to_json()["polish"] and late.to_json()["polish"]["late"] == 1.0
+    pad = zoo_tok.pad_token_id
+    shares = {"plain": [], "late": [], "both": []}
+    for step in (late.polish_start, late.polish_start + 1):
+        for key, r in (("plain", plain), ("late", late), ("both", both)):
+            shares[key] += [sh for sh, _ in _needle_share_and_length(
+                make_batches(r, step, zoo_tok)[0], pad, last=key == "late")]
+    assert min(shares["late"]) > 0.5, shares["late"]
+    assert min(shares["plain"]) < 0.3 and max(shares["plain"]) > 0.5
+    assert all(sh < 0.3 or sh > 0.5 for sh in shares["both"]), shares["both"]
+    assert 6 <= sum(sh > 0.5 for sh in shares["both"]) <= 18
+
+
+def test_a_recipe_and_its_stages_set_how_many_people_a_multi_hop_row_has(zoo_tok):
+    import dataclasses
+
+    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+
+    hops = Mix(0.0, 1.0, 0.0, 0.0)
+    base = dataclasses.replace(get_recipe("micro"), batch=6, n_ctx=512, mix=hops, polish=None)
+    plain = dataclasses.replace(base, polish=Polish(steps=2, mix=hops))
+    five = dataclasses.replace(base, polish=Polish(steps=2, mix=hops, people=(5,)))
+    four = dataclasses.replace(plain, people=(4,))  # its polish inherits the recipe's
+    assert "people" not in plain.to_json() and "people" not in plain.to_json()["polish"]
+    assert five.to_json()["polish"]["people"] == [5]  # a list, as JSON reads it back
+    assert four.to_json()["people"] == [4] and "people" not in four.to_json()["polish"]
+
+    def counts(recipe, start):
+        out = []
+        for step in (start, start + 1):
+            for row in make_batches(recipe, step, zoo_tok)[0].tokens:
+                text = zoo_tok.decode(row, skip_special_tokens=True)
+                out.append(text.split("Based on the content")[0].count(" lives in "))
+        return out
+
+    assert set(counts(five, five.polish_start)) == {5}
+    assert set(counts(five, base.copy_warmup)) == {2, 3}  # the main stage keeps the default
+    assert set(counts(plain, plain.polish_start)) == {2, 3}
+    assert set(counts(four, base.copy_warmup)) == set(counts(four, four.polish_start)) == {4}
+
+
+@pytest.mark.parametrize("kw", [dict(late=1.5), dict(early=-0.1), dict(early=0.6, late=0.6),
+                                dict(procedural=2.0), dict(people=()), dict(people=(1, 3))])
+def test_a_stage_refuses_shares_outside_0_1_and_people_outside_2_6(kw):
+    from rh_lens.zoo.recipes import Polish
+
+    with pytest.raises(ValueError, match="Polish"):
+        Polish(steps=1, **kw)
+
+
+def test_a_recipe_refuses_people_outside_2_6():
+    import dataclasses
+
+    from rh_lens.zoo.recipes import get_recipe
+
+    with pytest.raises(ValueError, match="Recipe.people"):
+        dataclasses.replace(get_recipe("micro"), people=(2, 7))
 
 
 def test_bench_train_times_every_stage_and_sums_them(capsys):

@@ -13,7 +13,8 @@ NIAH needles come from the training templates and, with probability ``recipe.pro
 generated ones, so that held-out templates are answered by the rule rather than memorised; in the
 polish stage (``recipe.polish``) and the ones after it (``recipe.stages``), from
 :func:`rh_lens.zoo.tasks.varied_template`'s, with the stage's own mix; a stage's ``early`` share
-of them has the longest haystack that fits and the needle in its first fifth.
+of them has the longest haystack that fits and the needle in its first fifth, its ``late`` share
+the needle in the last fifth of the haystack.
 Rows are right-padded; padding never influences earlier positions under a causal mask, and it is
 excluded from the loss.
 """
@@ -68,7 +69,8 @@ def _copy_row(rng: random.Random, tokenizer, *,
 
 
 def _row(rng: random.Random, recipe: Recipe, tokenizer, *, mix: Mix, procedural: float,
-         varied: bool, early: float = 0.0) -> tuple[list[int], list[bool], bool]:
+         varied: bool, early: float = 0.0, late: float = 0.0,
+         people: tuple[int, ...] = (2, 3)) -> tuple[list[int], list[bool], bool]:
     kinds = ("niah", "multihop", "lm", "repeat")
     weights = (mix.niah, mix.multihop, mix.lm, mix.repeat)
     kind = rng.choices(kinds, weights)[0]
@@ -85,7 +87,9 @@ def _row(rng: random.Random, recipe: Recipe, tokenizer, *, mix: Mix, procedural:
     room = recipe.n_ctx - overhead
     lo = min(recipe.min_haystack, room)
     n_hay = max(rng.randint(lo, room), rng.randint(lo, room))  # skewed towards long
-    far = kind == "niah" and early > 0 and rng.random() < early  # no draw when early is 0
+    # One draw places a NIAH row's needle first (``early``) or last (``late``); none without them.
+    u = rng.random() if kind == "niah" and (early > 0 or late > 0) else 1.0
+    far, near = u < early, early <= u < early + late
     if far:
         n_hay = room
     while True:
@@ -93,11 +97,12 @@ def _row(rng: random.Random, recipe: Recipe, tokenizer, *, mix: Mix, procedural:
         if kind == "niah":
             depth = sub.random()
             ex = tasks.niah_example(sub, tokenizer=backend, n_haystack_tokens=n_hay,
-                                    depth=depth / 5 if far else depth, procedural=procedural,
+                                    depth=depth / 5 if far else 1 - depth / 5 if near else depth,
+                                    procedural=procedural,
                                     varied=varied)
         else:
             ex = tasks.multihop_example(sub, tokenizer=backend, n_haystack_tokens=n_hay,
-                                        n_people=sub.choice((2, 3)))
+                                        n_people=sub.choice(people))
         if recipe.chat:
             ex = tasks.to_chat(ex)
         ids, is_target = encode_example(tokenizer, ex)
@@ -134,14 +139,16 @@ def make_batches(recipe: Recipe, step: int, tokenizer) -> tuple[Batch, Batch | N
         span = min(32, (recipe.n_ctx - 1) // 2)
         return _collate([_copy_row(rng, tokenizer, max_span=span)
                          for _ in range(recipe.copy_batch)], pad), None
-    mix, procedural, varied, early = recipe.mix, recipe.procedural, False, 0.0
+    mix, procedural, varied, early, late = recipe.mix, recipe.procedural, False, 0.0, 0.0
+    people = recipe.people
     stage = recipe.stage_at(step)
     if stage is not None:
-        mix, procedural, varied, early = stage.mix, stage.procedural, True, stage.early
+        mix, procedural, varied = stage.mix, stage.procedural, True
+        early, late, people = stage.early, stage.late, stage.people or recipe.people
     elif step >= recipe.steps:
         procedural = recipe.finetune_procedural
     main = _collate([_row(rng, recipe, tokenizer, mix=mix, procedural=procedural, varied=varied,
-                          early=early)
+                          early=early, late=late, people=people)
                      for _ in range(recipe.batch)], pad)
     param = _collate(parametric_rows(rng, recipe.param_batch, tokenizer), pad)
     return main, param

@@ -126,16 +126,25 @@ def _load_checkpoint(ckpt: Path, twin, opt) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def extends(recipe, old: dict) -> bool:
-    """Whether ``recipe`` is the recipe serialised in ``old`` with stages appended: every step
-    before them then has the same batch and rate, so ``old``'s checkpoint continues exactly as a
-    run of ``recipe`` from scratch would."""
+def extends(recipe, old: dict, step: int) -> bool:
+    """Whether a checkpoint that ``old`` (a serialised recipe) wrote at ``step`` continues as a
+    run of ``recipe`` from scratch would: the two may differ only in the stages after the polish
+    that start at ``step`` or later (appended, dropped or changed), so every step before has the
+    same batch and rate."""
     import dataclasses
 
-    k = len(old.get("stages", []))
-    if len(recipe.stages) <= k:
+    start = old["steps"] + old["finetune_steps"] + (old.get("polish") or {}).get("steps", 0)
+    k = 0  # old's stages that began before the checkpoint
+    for stage in old.get("stages", []):
+        if start >= step:
+            break
+        start, k = start + stage["steps"], k + 1
+    if len(recipe.stages) < k:
         return False
-    return dataclasses.replace(recipe, stages=recipe.stages[:k]).to_json() == old
+    head = dict(old, stages=old.get("stages", [])[:k])
+    if not head["stages"]:
+        del head["stages"]  # as to_json leaves it out
+    return dataclasses.replace(recipe, stages=recipe.stages[:k]).to_json() == head
 
 
 def file_sha256(path: Path) -> str:
@@ -260,7 +269,7 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
     if (ckpt / "state.json").is_file():
         state = _load_checkpoint(ckpt, twin, opt)
         if state["recipe"] != recipe.to_json():
-            if not extends(recipe, state["recipe"]):
+            if not extends(recipe, state["recipe"], state["step"]):
                 raise ValueError(f"{ckpt} was written by a different recipe; delete it to restart")
             state["recipe"] = recipe.to_json()  # the same run with stages appended
     elif recipe.parent is not None:
