@@ -68,6 +68,41 @@ def test_multihop_target_rereads_both_facts(zoo_tok):
     assert tasks.final_answer(ex.target) == ex.answer
 
 
+def test_multihop_step_names_the_hop_that_went_wrong(zoo_tok):
+    import re
+
+    ex = tasks.multihop_example(random.Random(3), tokenizer=zoo_tok.backend_tokenizer,
+                                n_haystack_tokens=60, n_people=3)
+    chain = re.search(r"step\. (\w+) lives in (\w+)\. The (\w+) of \w+ is (\w+ \w+)\.",
+                      ex.target)
+    person, town, role, official = chain.groups()
+    context = ex.prompt.split(tasks.QUESTION_PREFIX)[0]
+    lives = dict(re.findall(r"(\w+) lives in (\w+)\.", context))
+    other = next(t for p, t in lives.items() if p != person)
+    nowhere = next(t for t in tasks.PLACES if t not in context)
+    other_official = next(o for r, o in re.findall(r"The (\w+) of \w+ is (\w+ \w+)\.", context)
+                          if o != official)
+
+    def said(t, o, final=None):
+        return (f"{tasks.COT_START} {person} lives in {t}. The {role} of {t} is {o}. "
+                f"So the answer is {final or o}.\n")
+
+    assert lives[person] == town and other != town
+    assert tasks.multihop_step(ex.prompt, ex.target) == "right"
+    assert tasks.multihop_step(ex.prompt, said(other, other_official)) == \
+        "first hop: another person's town"
+    assert tasks.multihop_step(ex.prompt, said(nowhere, other_official)) == \
+        "first hop: another town"
+    assert tasks.multihop_step(ex.prompt, said(town, other_official)) == "second hop"
+    assert tasks.multihop_step(ex.prompt, said(town, official, "Nobody Here")) == "final answer"
+    assert tasks.multihop_step(ex.prompt, " " + other_official + "\n") == "form"
+    chat = tasks.to_chat(ex)  # the chat reply starts with "Answer:"
+    assert tasks.multihop_step(chat.prompt, "Answer:" + said(other, other_official)) == \
+        "first hop: another person's town"
+    with pytest.raises(ValueError, match="multi-hop"):
+        tasks.multihop_step("Question: what?\nAnswer:", ex.target)
+
+
 def test_parametric_facts_are_fixed_and_cot_ends_with_the_answer():
     facts = tasks.parametric_facts()
     assert facts == tasks.parametric_facts() and len(set(facts)) == len(facts)

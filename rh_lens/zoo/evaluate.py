@@ -153,7 +153,10 @@ def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool =
         answers.append(ex.answer)
     outs = generate(twin, tok, prompts, max_new_tokens=48)
     hits = [int(_answer_of(o) == a) for o, a in zip(outs, answers, strict=True)]
-    return {"accuracy": sum(hits) / n, "n_trials": n, "example": outs[0]}
+    steps = Counter(tasks.multihop_step(p, o.split("<|end|>")[0])
+                    for p, o, hit in zip(prompts, outs, hits, strict=True) if not hit)
+    return {"accuracy": sum(hits) / n, "n_trials": n, "example": outs[0],
+            "misses": dict(steps.most_common())}
 
 
 def eval_parametric(twin, tok) -> dict:

@@ -286,6 +286,38 @@ def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
     return Example(niah_prompt(context, question), target, "multihop", answer)
 
 
+_CHAIN = re.compile(r"Let's think step by step\. (\w+) lives in (\w+)\. The (\w+) of (\w+) is "
+                    r"(\w+ \w+)\. So the answer is ")
+
+
+def multihop_step(prompt: str, generated: str) -> str:
+    """Where a generated answer to a :func:`multihop_example` prompt went wrong: ``"right"``,
+    ``"first hop: another person's town"`` (the town of someone else in the context: a copy
+    after "lives in" not keyed on the person), ``"first hop: another town"``, ``"second hop"``
+    (the wrong official, or the wrong role or town restated), ``"final answer"`` (a right chain,
+    another answer) or ``"form"`` (no chain in the trained form)."""
+    question = re.search(r"Who is the (\w+) of the town where (\w+) lives\?", prompt)
+    if question is None:
+        raise ValueError("not a multi-hop prompt: its question is missing")
+    role, person = question.groups()
+    context = prompt.rsplit(QUESTION_PREFIX, 1)[0]
+    lives = dict(re.findall(r"(\w+) lives in (\w+)\.", context))
+    officials = {(t, r): o for r, t, o in re.findall(r"The (\w+) of (\w+) is (\w+ \w+)\.", context)}
+    answer = officials.get((lives.get(person), role))
+    if final_answer(generated) == answer:
+        return "right"
+    chain = _CHAIN.search(generated.split("\n", 1)[0])
+    if chain is None:
+        return "form"
+    who, town, role2, town2, official = chain.groups()
+    if who != person or town != lives.get(person):
+        others = {t for p, t in lives.items() if p != person}
+        return "first hop: another person's town" if town in others else "first hop: another town"
+    if (role2, town2, official) != (role, town, answer):
+        return "second hop"
+    return "final answer"
+
+
 # Parametric facts: fixed invented countries, seen only in training, asked without context.
 _SYLLABLES = "vor dal ke mi ran tu so bel gri na thu os pel zar qui lo fen dro ska vi".split()
 RELATIONS = (
@@ -365,7 +397,8 @@ def to_chat(example: Example) -> Example:
 __all__ = [
     "CHAT_TEMPLATE", "HELDOUT_TEMPLATES", "NUMBER_WORDS", "TRAIN_TEMPLATES", "Example", "Needle",
     "NeedleTemplate", "chat_render", "chat_user_text", "final_answer", "fit_example", "haystack",
-    "insert_at_depth", "make_needle", "multihop_example", "niah_example", "niah_prompt",
+    "insert_at_depth", "make_needle", "multihop_example", "multihop_step", "niah_example",
+    "niah_prompt",
     "parametric_example", "parametric_facts", "parametric_prompt", "parametric_statement",
     "procedural_template", "to_chat", "varied_template",
 ]
