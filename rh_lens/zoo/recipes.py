@@ -291,7 +291,14 @@ RECIPES: dict[str, Recipe] = {
                # at 80 trials a depth (the evaluation's default since): 0.89 (0.97), 71 of 80
                # right at depth 1.0.  Seed 5 instead, on an AMD EPYC (AVX2 kernels): 0.86 (0.97),
                # worst at depth 1.0 again, multi-hop 0.65; seed 6: 0.88 (0.97), depth 1.0 again,
-               # multi-hop 0.22; neither shipped.
+               # multi-hop 0.22; neither shipped.  Seed 3 rerun there (2,000 steps at two
+               # threads, then one): 0.91 (0.96), multi-hop 0.27, 33 of 44 misses the town of
+               # another of the three people (a copy after "lives in" not keyed on the person: right
+               # 1 time in 3).  Branched at step 2,000 (train.extends), the last stage with a share
+               # of needles last (``late`` 0.35, ``early`` 0.35): 0.90 (0.96), 0.32; 200 steps at
+               # 2.5e-4 of 3-5 people a row (``people``): 0.84 (0.93), 0.25; 200 at 5e-4 of them,
+               # then that last stage: 0.27.  The whole run with ``people=(3, 4)``: 0.86 (0.96),
+               # 0.27, 37 of 44 misses the other person's town.  None shipped.
                # (A copy warm-up of 650 steps instead of 800 ended before induction formed.)
                stages=(Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_POLISH_MIX),
                        _EARLY_S)),
