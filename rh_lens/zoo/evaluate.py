@@ -80,12 +80,16 @@ def generate(twin, tokenizer, prompts: list[str], *, max_new_tokens: int = 24,
     return outs
 
 
+def _reply(generated: str) -> str:
+    """A generation up to the chat turn's end, without the chat reply's leading "Answer:"."""
+    text = generated.split("<|end|>")[0]
+    return text[len("Answer:"):] if text.startswith("Answer:") else text
+
+
 def _answer_of(generated: str) -> str:
     from rh_lens.zoo.tasks import final_answer
 
-    text = generated.split("<|end|>")[0]
-    text = text[len("Answer:"):] if text.startswith("Answer:") else text
-    return final_answer(text)
+    return final_answer(_reply(generated))
 
 
 def _fit(make, tokenizer, n_ctx: int, n_hay: int, reserve: int):
@@ -153,7 +157,7 @@ def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool =
         answers.append(ex.answer)
     outs = generate(twin, tok, prompts, max_new_tokens=48)
     hits = [int(_answer_of(o) == a) for o, a in zip(outs, answers, strict=True)]
-    steps = Counter(tasks.multihop_step(p, o.split("<|end|>")[0])
+    steps = Counter(tasks.multihop_step(p, _reply(o))
                     for p, o, hit in zip(prompts, outs, hits, strict=True) if not hit)
     return {"accuracy": sum(hits) / n, "n_trials": n, "example": outs[0],
             "misses": dict(steps.most_common())}

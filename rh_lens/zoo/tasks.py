@@ -286,7 +286,8 @@ def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
     return Example(niah_prompt(context, question), target, "multihop", answer)
 
 
-_CHAIN = re.compile(r"Let's think step by step\. (\w+) lives in (\w+)\. The (\w+) of (\w+) is "
+# The chain multihop_example's target writes, with its five slots.
+_CHAIN = re.compile(re.escape(COT_START.strip()) + r" (\w+) lives in (\w+)\. The (\w+) of (\w+) is "
                     r"(\w+ \w+)\. So the answer is ")
 
 
@@ -398,7 +399,6 @@ __all__ = [
     "CHAT_TEMPLATE", "HELDOUT_TEMPLATES", "NUMBER_WORDS", "TRAIN_TEMPLATES", "Example", "Needle",
     "NeedleTemplate", "chat_render", "chat_user_text", "final_answer", "fit_example", "haystack",
     "insert_at_depth", "make_needle", "multihop_example", "multihop_step", "niah_example",
-    "niah_prompt",
-    "parametric_example", "parametric_facts", "parametric_prompt", "parametric_statement",
-    "procedural_template", "to_chat", "varied_template",
+    "niah_prompt", "parametric_example", "parametric_facts", "parametric_prompt",
+    "parametric_statement", "procedural_template", "to_chat", "varied_template",
 ]

@@ -271,7 +271,7 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
         if state["recipe"] != recipe.to_json():
             if not extends(recipe, state["recipe"], state["step"]):
                 raise ValueError(f"{ckpt} was written by a different recipe; delete it to restart")
-            state["recipe"] = recipe.to_json()  # the same run with stages appended
+            state["recipe"] = recipe.to_json()  # the same run, its later stages changed
     elif recipe.parent is not None:
         state["parent_sha256"] = _init_from_parent(twin, recipe.parent)
 
