@@ -432,6 +432,81 @@ def test_a_checkpoint_branches_into_any_stage_that_starts_after_it(tmp_path):
         train(b, run_dir=tmp_path / "a", progress=False)
 
 
+def test_a_restart_stage_continues_a_written_model_as_the_recipe_does_from_scratch(tmp_path):
+    """A ``restart`` stage begins from the weights as stored (float16 here) with a fresh AdamW,
+    so the model a finished run wrote (a shipped one, whose checkpoint is gone) starts it:
+    the same bits and losses as the longer recipe run from scratch."""
+    import dataclasses
+    import hashlib
+    import json
+    import shutil
+
+    from rh_lens.zoo.evaluate import card_markdown
+    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.train import train, write_model
+
+    base = dataclasses.replace(get_recipe("micro"), polish=Polish(steps=1), store_dtype="float16")
+    stage = Polish(steps=2, lr=1e-3, mix=Mix(1.0, 0.0, 0.0, 0.0), late=1.0, restart=True)
+    longer = dataclasses.replace(base, stages=(stage,))
+    assert longer.restarts() == [5] and longer.to_json()["stages"][0]["restart"] is True
+    assert "restart" not in dataclasses.replace(longer, stages=(
+        dataclasses.replace(stage, restart=False),)).to_json()["stages"][0]
+
+    twin_a, _, state_a = train(longer, run_dir=tmp_path / "a", progress=False)
+    twin_b, tok_b, state_b = train(base, run_dir=tmp_path / "b", progress=False)
+    shipped = write_model(twin_b, tok_b, base, state_b, tmp_path / "shipped")
+    shutil.rmtree(tmp_path / "b")  # the run's checkpoint and tokenizer are gone
+    twin_c, _, state_c = train(longer, run_dir=tmp_path / "c", start_from=shipped,
+                               progress=False)
+    a, c = _params(twin_a), _params(twin_c)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert state_c["losses"] == state_a["losses"] and state_c["step"] == 7
+    digest = hashlib.sha256((shipped / "model.safetensors").read_bytes()).hexdigest()
+    assert state_c["started_from"] == {"step": 5, "sha256": digest}
+    assert state_c["recipe"] == longer.to_json()
+    card = json.loads((write_model(twin_c, tok_b, longer, state_c, tmp_path / "out")
+                       / "card.json").read_text())
+    assert card["started_from"] == state_c["started_from"]
+    assert f"at step 5 from the written model with SHA-256 {digest[:12]}" in card_markdown(card)
+    # Without the restart the stage keeps AdamW's moments and the float32 weights.
+    plain = dataclasses.replace(longer, stages=(dataclasses.replace(stage, restart=False),))
+    twin_p, _, _ = train(plain, run_dir=tmp_path / "p", progress=False)
+    p = _params(twin_p)
+    assert any(not torch.equal(a[k], p[k]) for k in a)
+
+
+def test_start_from_refuses_a_model_it_cannot_continue(tmp_path):
+    import dataclasses
+    import json
+
+    from rh_lens.zoo.recipes import Polish, get_recipe
+    from rh_lens.zoo.train import train, write_model
+
+    base = dataclasses.replace(get_recipe("micro"), polish=Polish(steps=1))
+    longer = dataclasses.replace(base, stages=(Polish(steps=1, restart=True),))
+    twin, tok, state = train(base, run_dir=tmp_path / "b", progress=False)
+    shipped = write_model(twin, tok, base, state, tmp_path / "shipped")
+
+    twin_e, tok_e, state_e = train(base, run_dir=tmp_path / "e", steps=4, progress=False)
+    early = write_model(twin_e, tok_e, base, state_e, tmp_path / "early")
+    with pytest.raises(ValueError, match="written at step 4.*only at step \\[5\\]"):
+        train(longer, run_dir=tmp_path / "x1", start_from=early, progress=False)
+    other = dataclasses.replace(longer, lr=1e-2)
+    with pytest.raises(ValueError, match="different recipe"):
+        train(other, run_dir=tmp_path / "x2", start_from=shipped, progress=False)
+    with pytest.raises(ValueError, match="has a checkpoint"):
+        train(longer, run_dir=tmp_path / "b", start_from=shipped, progress=False)
+    no_card = tmp_path / "no_card"
+    no_card.mkdir()
+    with pytest.raises(ValueError, match="no card.json"):
+        train(longer, run_dir=tmp_path / "x3", start_from=no_card, progress=False)
+    card = json.loads((shipped / "card.json").read_text())
+    assert card["steps"] == 5
+    (shipped / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        train(longer, run_dir=tmp_path / "x4", start_from=shipped, progress=False)
+
+
 def test_learned_positions_can_stay_fixed_through_the_warm_up(tmp_path):
     import dataclasses
 

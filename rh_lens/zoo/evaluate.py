@@ -270,6 +270,10 @@ def card_markdown(card: dict) -> str:
         parts = "; ".join(f"{m['cpu']} ({m['kernels']} kernels), torch {m['torch']} from step "
                           f"{step}" for step, m in card["machine"])
         out.append(f"Machine: {parts}.")
+    if card.get("started_from"):
+        start = card["started_from"]
+        out.append(f"Continued at step {start['step']} from the written model with SHA-256 "
+                   f"{start['sha256'][:12]}... (a `restart` stage, `--start-from`).")
     out += ["", "## Evaluation (held-out templates and fresh fillers)", "", "```",
             format_report(ev) if ev else "not evaluated", "```", ""]
     return "\n".join(out)

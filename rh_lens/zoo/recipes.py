@@ -42,6 +42,11 @@ class Polish:
     # question: the nearest copy, where llama-m's answers drifted off the needle midway.
     late: float = 0.0
     people: tuple[int, ...] | None = None  # as Recipe.people (None: the recipe's)
+    # Start the stage from the weights as the run writes them (in ``Recipe.store_dtype``) with a
+    # fresh AdamW: a model written at the stage's first step is then as good as a checkpoint
+    # (``train --start-from``), so a stage can be added to a shipped model whose run's checkpoint
+    # is gone, and a rerun from scratch still does exactly what was done.
+    restart: bool = False
 
     def __post_init__(self) -> None:
         _check_people("Polish", self.people)
@@ -126,6 +131,10 @@ class Recipe:
             start += st.steps
         return out
 
+    def restarts(self) -> list[int]:
+        """First steps of the stages that start afresh from the stored weights (``restart``)."""
+        return [start for start, st in self.late_stages() if st.restart]
+
     def stage_at(self, step: int) -> Polish | None:
         """The polish-like stage that ``step`` belongs to (None before the polish)."""
         for start, st in self.late_stages():
@@ -204,7 +213,7 @@ _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "store_dtype"
                 "copy_freeze_pos": False, "aligned_unembed": False, "stages": [],
                 "live_logits": False, "people": (2, 3)}
 # The same, in the polish and each later stage.
-_LATE_STAGE_FIELDS = {"early": 0.0, "late": 0.0, "people": None}
+_LATE_STAGE_FIELDS = {"early": 0.0, "late": 0.0, "people": None, "restart": False}
 
 # Four KV heads (the issue allows two to four): with two, the same recipe (plus _ANNEAL_S) reached
 # held-out NIAH worst depth 0.80 (mean 0.95) and multi-hop 0.12; with four, and no anneal, 0.90

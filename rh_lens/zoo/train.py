@@ -7,7 +7,9 @@ run continues bit for bit where it stopped.  Training runs with torch's determin
 (:func:`deterministic`), so that a rerun at the same thread count gives the same bits.  At the
 end the weights are written with :func:`rh_lens.models.save_model_dir` to ``--out`` (default
 ``runs/zoo/NAME/final``), evaluated, and with ``--install`` copied into the package
-(``rh_lens/zoo/models/NAME``) if they meet the targets.
+(``rh_lens/zoo/models/NAME``) if they meet the targets.  A stage marked ``restart`` begins from
+the weights as written, with a fresh AdamW, so a model directory written at its first step (a
+shipped model, say) starts it as a checkpoint would: ``--start-from DIR``.
 """
 
 import argparse
@@ -151,16 +153,58 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _load_weights(twin, path: Path) -> str:
+    """Load a written model's weights into ``twin``; returns the file's SHA-256."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data = path.read_bytes()  # one read: load + hash
+    try:
+        weights = load(data)
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+    missing, unexpected = twin.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the recipe's model: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
+    return hashlib.sha256(data).hexdigest()
+
+
 def _init_from_parent(twin, parent: str) -> str:
     """Load the packaged ``parent``'s weights into ``twin``; returns the file's SHA-256, which
     the child's card keeps (a retrained parent leaves its children's cards pointing elsewhere)."""
-    from safetensors.torch import load
+    return _load_weights(twin, PACKAGE_MODELS / parent / "model.safetensors")
 
-    data = (PACKAGE_MODELS / parent / "model.safetensors").read_bytes()  # one read: load + hash
-    missing, unexpected = twin.load_state_dict(load(data), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"parent {parent} does not fit: {missing[:4]} {unexpected[:4]}")
-    return hashlib.sha256(data).hexdigest()
+
+def _start_card(recipe, model_dir: Path) -> dict:
+    """The card of a model that a run of ``recipe`` wrote at the first step of a ``restart``
+    stage (``train --start-from``); anything else is refused."""
+    card_path = model_dir / "card.json"
+    if not card_path.is_file():
+        raise ValueError(f"{model_dir} has no card.json: not a model written by a zoo run")
+    card = json.loads(card_path.read_text())
+    step = card.get("steps")
+    if step not in recipe.restarts():
+        raise ValueError(f"{model_dir} was written at step {step}, but {recipe.name} starts "
+                         f"afresh from written weights only at step {recipe.restarts() or 'none'}")
+    if not extends(recipe, card["recipe"], step):
+        raise ValueError(f"{model_dir} was written by a different recipe than the first {step} "
+                         f"steps of {recipe.name}")
+    return card
+
+
+def _start_from_model(twin, model_dir: Path, card: dict, recipe) -> dict:
+    """Load the model of :func:`_start_card` into ``twin``; returns the run's state at the
+    step it was written, from its card."""
+    step = card["steps"]
+    state = {"step": step, "train_seconds": card["train_seconds"], "recipe": recipe.to_json(),
+             "losses": card["loss_curve"]}
+    for key in ("threads", "machine", "parent_sha256"):
+        if key in card:
+            state[key] = card[key]
+    digest = _load_weights(twin, model_dir / "model.safetensors")
+    state["started_from"] = {"step": step, "sha256": digest}
+    return state
 
 
 def machine() -> dict:
@@ -200,6 +244,25 @@ def build(recipe):
     if recipe.aligned_unembed:
         with torch.no_grad():
             twin.unembed.W_U.copy_(twin.embed.W_E.T)
+    return (twin, *_optimizer(recipe, twin))
+
+
+def restart(recipe, twin):
+    """Round ``twin``'s weights to ``recipe.store_dtype``, as writing and loading them does, and
+    return a fresh AdamW and the parameters it trains (the first step of a ``restart`` stage)."""
+    import torch
+
+    dtype = getattr(torch, recipe.store_dtype)
+    with torch.no_grad():
+        for v in twin.state_dict().values():
+            if v.is_floating_point():
+                v.copy_(v.to(dtype))
+    return _optimizer(recipe, twin)
+
+
+def _optimizer(recipe, twin):
+    import torch
+
     params = [p for _, p in twin.trainable()]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -208,7 +271,7 @@ def build(recipe):
          {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe.lr, betas=(0.9, 0.95), eps=1e-8,
     )
-    return twin, opt, params
+    return opt, params
 
 
 def batch_loss(recipe, twin, batch, weight: float):
@@ -253,18 +316,28 @@ def train_step(recipe, step: int, tokenizer, twin, opt, params):
 
 
 def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: int = 250,
-          progress: bool = True):
-    """Train (or resume) ``recipe`` up to ``steps``; returns (twin, tokenizer, state)."""
+          progress: bool = True, start_from: Path | None = None):
+    """Train (or resume) ``recipe`` up to ``steps``; returns (twin, tokenizer, state).
+
+    ``start_from``: a model directory that a run of ``recipe`` wrote at the first step of a
+    ``restart`` stage, to continue from where ``run_dir`` has no checkpoint."""
     import torch
     from tqdm.auto import tqdm
 
     steps = recipe.total_steps if steps is None else steps
+    ckpt = run_dir / "checkpoint"
+    if start_from is not None and (ckpt / "state.json").is_file():
+        raise ValueError(f"{run_dir} has a checkpoint: resume it, or start from {start_from} "
+                         "in another run directory")
+    start_card = None if start_from is None else _start_card(recipe, start_from)
     run_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = run_dir / "tokenizer"
+    if start_from is not None and recipe.parent is None and not tok_dir.is_dir():
+        load_tokenizer(start_from).save_pretrained(str(tok_dir))  # the weights' own
     tokenizer = get_tokenizer(recipe, run_dir)
     if len(tokenizer) != recipe.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, recipe wants {recipe.vocab_size}")
     twin, opt, params = build(recipe)
-    ckpt = run_dir / "checkpoint"
     state = {"step": 0, "train_seconds": 0.0, "recipe": recipe.to_json(), "losses": []}
     if (ckpt / "state.json").is_file():
         state = _load_checkpoint(ckpt, twin, opt)
@@ -272,6 +345,8 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
             if not extends(recipe, state["recipe"], state["step"]):
                 raise ValueError(f"{ckpt} was written by a different recipe; delete it to restart")
             state["recipe"] = recipe.to_json()  # the same run, its later stages changed
+    elif start_from is not None:
+        state = _start_from_model(twin, start_from, start_card, recipe)
     elif recipe.parent is not None:
         state["parent_sha256"] = _init_from_parent(twin, recipe.parent)
 
@@ -284,8 +359,11 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
     twin.train()
     bar = tqdm(total=steps, initial=state["step"], desc=recipe.name, disable=not progress)
     t0, done0 = time.perf_counter(), state["train_seconds"]
+    restarts = set(recipe.restarts())
     while state["step"] < steps:
         step = state["step"]
+        if step in restarts:
+            opt, params = restart(recipe, twin)
         with deterministic():
             loss, ans = train_step(recipe, step, tokenizer, twin, opt, params)
         state["step"] = step + 1
@@ -322,6 +400,8 @@ def write_model(twin, tokenizer, recipe, state: dict, out: Path) -> Path:
             card[key] = state[key]
     if "parent_sha256" in state:  # the parent's model.safetensors the run started from
         card["parent_sha256"] = state["parent_sha256"]
+    if "started_from" in state:  # the written model a restart stage continued (train --start-from)
+        card["started_from"] = state["started_from"]
     dtype = getattr(torch, recipe.store_dtype)
     weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in twin.state_dict().items()}
     out = save_model_dir(out, cfg=recipe.hooked_config(), state_dict=weights,
@@ -348,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="final model directory")
     parser.add_argument("--run-dir", type=Path, default=None, help="checkpoint directory")
     parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--start-from", type=Path, default=None,
+                        help="a model directory written at the first step of a restart stage "
+                             "(e.g. the packaged model): continue from it")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation")
     parser.add_argument("--install", action="store_true",
@@ -369,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = get_recipe(args.name)
     run_dir = args.run_dir or RUNS / recipe.name
     twin, tok, state = train(recipe, run_dir=run_dir, steps=args.steps,
-                             checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+                             checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+                             start_from=args.start_from)
     out = write_model(twin, tok, recipe, state, args.out or run_dir / "final")
     print(f"wrote {out} after {state['step']} steps, {state['train_seconds']:.0f} s of training")
     if args.no_eval:
