@@ -309,8 +309,18 @@ RECIPES: dict[str, Recipe] = {
                # then that last stage: 0.27.  The whole run with ``people=(3, 4)``: 0.86 (0.96),
                # 0.27, 37 of 44 misses the other person's town.  None shipped.
                # (A copy warm-up of 650 steps instead of 800 ended before induction formed.)
+               # The shipped 2,200-step model (0.89 / 0.97, its run's checkpoint gone with the
+               # machine it ran on) then continued into a last stage from its float16 weights
+               # (``restart``), each 150 steps with half its NIAH rows needles first or last, at
+               # one thread on the AMD EPYC: at 1.25e-4 with _ANNEAL_MIX (``early`` 0.2, ``late``
+               # 0.4) 0.88 (0.97), depth 1.0 0.89 -> 0.93 and depth 0.0 0.90 -> 0.88, multi-hop
+               # 0.93; the same at 2.5e-4: 0.80 (0.94); at 1.25e-4 with 0.4 / 0.3: 0.85 (0.97); at
+               # 6e-5 with _LONG_MIX and 0.35 / 0.35 (this one): 0.91 (0.98), depth 0.0 0.96,
+               # multi-hop 0.95, every target met.
                stages=(Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_POLISH_MIX),
-                       _EARLY_S)),
+                       _EARLY_S,
+                       Polish(steps=150, lr=6e-5, procedural=0.5, mix=_LONG_MIX, early=0.35,
+                              late=0.35, restart=True))),
         Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
                parent="llama-s", chat=True, seed=4, copy_warmup=0, procedural=0.5,
                polish=Polish(**_POLISH_S),
