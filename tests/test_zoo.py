@@ -68,6 +68,26 @@ def test_multihop_target_rereads_both_facts(zoo_tok):
     assert tasks.final_answer(ex.target) == ex.answer
 
 
+def test_lookup_target_gives_every_asked_persons_own_town(zoo_tok):
+    import re
+
+    for seed in range(6):
+        ex = tasks.lookup_example(random.Random(seed), tokenizer=zoo_tok.backend_tokenizer,
+                                  n_haystack_tokens=60, n_people=3 + seed % 4)
+        context, question = ex.prompt.split(tasks.QUESTION_PREFIX)
+        lives = dict(re.findall(r"(\w+) lives in (\w+)\.", context))
+        asked = re.findall(r"[A-Z]\w+", question.split("Where do ")[1].split("?")[0])
+        written = re.findall(r" (\w+) lives in (\w+)\.", ex.target)
+        assert len(lives) == len(asked) == 3 + seed % 4 and ex.target.endswith(".\n")
+        assert [p for p, _ in written] == asked  # in the question's order
+        assert all(lives[p] == t for p, t in written)
+        assert ex.answer == " ".join(t for _, t in written)
+    again = tasks.lookup_example(random.Random(5), tokenizer=zoo_tok.backend_tokenizer,
+                                 n_haystack_tokens=60, n_people=4)
+    assert again == tasks.lookup_example(random.Random(5), tokenizer=zoo_tok.backend_tokenizer,
+                                         n_haystack_tokens=60, n_people=4)
+
+
 def test_multihop_step_names_the_hop_that_went_wrong(zoo_tok):
     import re
 
@@ -802,6 +822,26 @@ def test_a_recipe_and_its_stages_set_how_many_people_a_multi_hop_row_has(zoo_tok
     assert set(counts(five, base.copy_warmup)) == {2, 3}  # the main stage keeps the default
     assert set(counts(plain, plain.polish_start)) == {2, 3}
     assert set(counts(four, base.copy_warmup)) == set(counts(four, four.polish_start)) == {4}
+
+
+def test_lookup_rows_are_drawn_only_by_a_mix_that_asks_for_them(zoo_tok):
+    import dataclasses
+
+    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+
+    base = dataclasses.replace(get_recipe("micro"), batch=6, n_ctx=512, polish=None)
+    lookups = dataclasses.replace(base, polish=Polish(steps=2, mix=Mix(0.0, 0.0, 0.0, 0.0, 1.0)))
+    assert "lookup" not in base.to_json()["mix"]  # older cards still match
+    assert lookups.to_json()["polish"]["mix"]["lookup"] == 1.0
+
+    def questions(recipe, step):
+        rows = make_batches(recipe, step, zoo_tok)[0].tokens
+        return [zoo_tok.decode(r, skip_special_tokens=True).split("Question: ")[-1][:9]
+                for r in rows]
+
+    assert set(questions(lookups, lookups.polish_start)) == {"Where do "}
+    assert "Where do " not in questions(lookups, base.copy_warmup)  # the main mix has none
 
 
 @pytest.mark.parametrize("kw", [dict(late=1.5), dict(early=-0.1), dict(early=0.6, late=0.6),

@@ -71,8 +71,10 @@ def _copy_row(rng: random.Random, tokenizer, *,
 def _row(rng: random.Random, recipe: Recipe, tokenizer, *, mix: Mix, procedural: float,
          varied: bool, early: float = 0.0, late: float = 0.0,
          people: tuple[int, ...] = (2, 3)) -> tuple[list[int], list[bool], bool]:
-    kinds = ("niah", "multihop", "lm", "repeat")
-    weights = (mix.niah, mix.multihop, mix.lm, mix.repeat)
+    # A kind of weight 0 at the end of the list is never drawn and changes no draw: the lookup
+    # rows left every earlier recipe's batches as they were.
+    kinds = ("niah", "multihop", "lm", "repeat", "lookup")
+    weights = (mix.niah, mix.multihop, mix.lm, mix.repeat, mix.lookup)
     kind = rng.choices(kinds, weights)[0]
     backend = tokenizer.backend_tokenizer
     if kind == "repeat":  # induction: the second copy is predictable only from the first
@@ -100,9 +102,12 @@ def _row(rng: random.Random, recipe: Recipe, tokenizer, *, mix: Mix, procedural:
                                     depth=depth / 5 if far else 1 - depth / 5 if near else depth,
                                     procedural=procedural,
                                     varied=varied)
-        else:
+        elif kind == "multihop":
             ex = tasks.multihop_example(sub, tokenizer=backend, n_haystack_tokens=n_hay,
                                         n_people=sub.choice(people))
+        else:
+            ex = tasks.lookup_example(sub, tokenizer=backend, n_haystack_tokens=n_hay,
+                                      n_people=sub.randint(3, 6))
         if recipe.chat:
             ex = tasks.to_chat(ex)
         ids, is_target = encode_example(tokenizer, ex)

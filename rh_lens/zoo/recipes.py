@@ -16,6 +16,9 @@ class Mix:
     multihop: float = 0.25
     lm: float = 0.1
     repeat: float = 0.15  # a random token sequence and its repetition: teaches copying
+    # Where 3-6 people live, asked of all at once (tasks.lookup_example): the multi-hop's first
+    # hop, several times a row.  Drawn after the others, so at 0 no batch changes.
+    lookup: float = 0.0
 
 
 def _check_people(owner: str, people: tuple[int, ...] | None) -> None:
@@ -170,6 +173,9 @@ class Recipe:
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["stages"] = list(out["stages"])  # as JSON reads it back
+        for mix in [out["mix"]] + [st["mix"] for st in out["stages"] + [out["polish"]] if st]:
+            if mix["lookup"] == 0.0:  # a field added after models were trained
+                del mix["lookup"]
         for stage in out["stages"] + [out["polish"]]:
             for late, default in _LATE_STAGE_FIELDS.items():
                 if stage is not None and stage[late] == default:

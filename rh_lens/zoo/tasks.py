@@ -261,9 +261,9 @@ def fit_example(make, n_tokens, *, n_ctx: int, n_hay: int, reserve: int) -> Exam
 ROLES = ("mayor", "baker", "doctor", "teacher", "judge", "librarian", "painter", "captain")
 
 
-def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
-                     n_people: int = 3) -> Example:
-    """Two-hop question: where does X live, and who is the ROLE of that town."""
+def _towns_in_haystack(rng: random.Random, *, tokenizer, n_haystack_tokens: int, n_people: int):
+    """A haystack with the town of each of ``n_people`` people and two officials of each town
+    scattered in it: (context, people, towns, roles, officials)."""
     towns = rng.sample(PLACES, n_people)
     people = rng.sample(FIRST_NAMES, n_people)
     roles = rng.sample(ROLES, 2)
@@ -277,6 +277,14 @@ def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
     context = haystack(Prose(rng), n_tokens=n_haystack_tokens, tokenizer=tokenizer)
     for d in sorted((rng.random() for _ in facts), reverse=True):
         context, _ = insert_at_depth(context, facts.pop(), d)
+    return context, people, towns, roles, officials
+
+
+def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
+                     n_people: int = 3) -> Example:
+    """Two-hop question: where does X live, and who is the ROLE of that town."""
+    context, people, towns, roles, officials = _towns_in_haystack(
+        rng, tokenizer=tokenizer, n_haystack_tokens=n_haystack_tokens, n_people=n_people)
     who, role = rng.randrange(n_people), rng.choice(roles)
     person, town = people[who], towns[who]
     answer = officials[town, role]
@@ -284,6 +292,21 @@ def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
     target = (f"{COT_START} {person} lives in {town}. The {role} of {town} is {answer}. "
               f"So the answer is {answer}.\n")
     return Example(niah_prompt(context, question), target, "multihop", answer)
+
+
+def lookup_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
+                   n_people: int = 4) -> Example:
+    """Where every person of a :func:`multihop_example` context lives, asked at once: the target
+    writes the first hop once a person (" Noor lives in Tolbrook. Ava lives in ..."), so each
+    town is copied after "lives in" keyed on whom it is asked for."""
+    context, people, towns, _, _ = _towns_in_haystack(
+        rng, tokenizer=tokenizer, n_haystack_tokens=n_haystack_tokens, n_people=n_people)
+    order = rng.sample(range(n_people), n_people)
+    names = [people[i] for i in order]
+    question = f"Where do {', '.join(names[:-1])} and {names[-1]} live?"
+    target = "".join(f" {people[i]} lives in {towns[i]}." for i in order) + "\n"
+    return Example(niah_prompt(context, question), target, "lookup",
+                   " ".join(towns[i] for i in order))
 
 
 # The chain multihop_example's target writes, with its five slots.
@@ -398,7 +421,7 @@ def to_chat(example: Example) -> Example:
 __all__ = [
     "CHAT_TEMPLATE", "HELDOUT_TEMPLATES", "NUMBER_WORDS", "TRAIN_TEMPLATES", "Example", "Needle",
     "NeedleTemplate", "chat_render", "chat_user_text", "final_answer", "fit_example", "haystack",
-    "insert_at_depth", "make_needle", "multihop_example", "multihop_step", "niah_example",
+    "insert_at_depth", "lookup_example", "make_needle", "multihop_example", "multihop_step", "niah_example",
     "niah_prompt", "parametric_example", "parametric_facts", "parametric_prompt",
     "parametric_statement", "procedural_template", "to_chat", "varied_template",
 ]
