@@ -522,6 +522,9 @@ def test_start_from_refuses_a_model_it_cannot_continue(tmp_path):
         train(longer, run_dir=tmp_path / "x3", start_from=no_card, progress=False)
     card = json.loads((shipped / "card.json").read_text())
     assert card["steps"] == 5
+    (no_card / "card.json").write_text(json.dumps({"steps": 5}))
+    with pytest.raises(ValueError, match="not a zoo model's card: it lacks \\['recipe', "):
+        train(longer, run_dir=tmp_path / "x3", start_from=no_card, progress=False)
     (shipped / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         train(longer, run_dir=tmp_path / "x4", start_from=shipped, progress=False)

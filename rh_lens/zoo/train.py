@@ -182,8 +182,14 @@ def _start_card(recipe, model_dir: Path) -> dict:
     card_path = model_dir / "card.json"
     if not card_path.is_file():
         raise ValueError(f"{model_dir} has no card.json: not a model written by a zoo run")
-    card = json.loads(card_path.read_text())
-    step = card.get("steps")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{card_path} is not JSON: {err}") from None
+    missing = [k for k in ("steps", "recipe", "train_seconds", "loss_curve") if k not in card]
+    if missing:
+        raise ValueError(f"{card_path} is not a zoo model's card: it lacks {missing}")
+    step = card["steps"]
     if step not in recipe.restarts():
         raise ValueError(f"{model_dir} was written at step {step}, but {recipe.name} starts "
                          f"afresh from written weights only at step {recipe.restarts() or 'none'}")
