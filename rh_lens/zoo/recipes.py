@@ -247,6 +247,11 @@ RECIPES: dict[str, Recipe] = {
                # steps at one thread, then two) gave other bits (5d1bd4fa...): NIAH 0.94 (0.99),
                # multi-hop 0.10; 300 more steps of _POLISH_MIX at 2.5e-4: 0.96 (0.99), multi-hop
                # 0.22, the first hop copying another person's town (12 of 15 misses of 16 probes).
+               # 300 steps at 5e-4 after step 4,250 of that run with 25 % or 50 % lookup rows
+               # (Mix.lookup): multi-hop 0.20 in both, 40 of 48 misses another person's town.
+               # The whole recipe with 15 % lookup rows in the main mix: 0.95 (0.98), multi-hop
+               # 0.35 (37 of 39 misses another person's town); lookup rows at step 2,500: 23 of
+               # 120 towns right.
                stages=(Polish(steps=400, procedural=0.5, mix=_MULTIHOP_S),
                        Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_ANNEAL_MIX),
                        _SETTLE_S)),
