@@ -176,6 +176,12 @@ def _init_from_parent(twin, parent: str) -> str:
     return _load_weights(twin, PACKAGE_MODELS / parent / "model.safetensors")
 
 
+# What a run's state and its model's card share: [first step, value] of each part of the run
+# (threads, machine), the parent's model.safetensors the run started from, and the written model
+# a restart stage continued (train --start-from).
+_CARRIED = ("threads", "machine", "parent_sha256", "started_from")
+
+
 def _start_card(recipe, model_dir: Path) -> dict:
     """The card of a model that a run of ``recipe`` wrote at the first step of a ``restart``
     stage (``train --start-from``); anything else is refused."""
@@ -205,9 +211,7 @@ def _start_from_model(twin, model_dir: Path, card: dict, recipe) -> dict:
     step = card["steps"]
     state = {"step": step, "train_seconds": card["train_seconds"], "recipe": recipe.to_json(),
              "losses": card["loss_curve"]}
-    for key in ("threads", "machine", "parent_sha256"):
-        if key in card:
-            state[key] = card[key]
+    state.update({k: card[k] for k in _CARRIED if k in card})
     digest = _load_weights(twin, model_dir / "model.safetensors")
     state["started_from"] = {"step": step, "sha256": digest}
     return state
@@ -254,16 +258,18 @@ def build(recipe):
 
 
 def restart(recipe, twin):
-    """Round ``twin``'s weights to ``recipe.store_dtype``, as writing and loading them does, and
+    """Load ``twin``'s weights as :func:`write_model` stores them (``recipe.store_dtype``) and
     return a fresh AdamW and the parameters it trains (the first step of a ``restart`` stage)."""
+    twin.load_state_dict(_stored_weights(recipe, twin))
+    return _optimizer(recipe, twin)
+
+
+def _stored_weights(recipe, twin) -> dict:
+    """``twin``'s state dict in ``recipe.store_dtype``, as a written model holds it."""
     import torch
 
     dtype = getattr(torch, recipe.store_dtype)
-    with torch.no_grad():
-        for v in twin.state_dict().values():
-            if v.is_floating_point():
-                v.copy_(v.to(dtype))
-    return _optimizer(recipe, twin)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in twin.state_dict().items()}
 
 
 def _optimizer(recipe, twin):
@@ -388,8 +394,6 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
 def write_model(twin, tokenizer, recipe, state: dict, out: Path) -> Path:
     """Write the trained weights (in ``recipe.store_dtype``) in rh_lens's directory format, with
     a first model card."""
-    import torch
-
     from rh_lens.models import save_model_dir
     from rh_lens.zoo.tasks import CHAT_TEMPLATE
 
@@ -401,16 +405,8 @@ def write_model(twin, tokenizer, recipe, state: dict, out: Path) -> Path:
         "n_params": sum(p.numel() for p in twin.parameters()),
         "loss_curve": state["losses"],
     }
-    for key in ("threads", "machine"):  # [first step, value] of each part of the run
-        if key in state:
-            card[key] = state[key]
-    if "parent_sha256" in state:  # the parent's model.safetensors the run started from
-        card["parent_sha256"] = state["parent_sha256"]
-    if "started_from" in state:  # the written model a restart stage continued (train --start-from)
-        card["started_from"] = state["started_from"]
-    dtype = getattr(torch, recipe.store_dtype)
-    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in twin.state_dict().items()}
-    out = save_model_dir(out, cfg=recipe.hooked_config(), state_dict=weights,
+    card.update({k: state[k] for k in _CARRIED if k in state})
+    out = save_model_dir(out, cfg=recipe.hooked_config(), state_dict=_stored_weights(recipe, twin),
                          tokenizer=tokenizer, card=card)
     _inline_chat_template(out)
     return out
