@@ -23,6 +23,7 @@ import argparse
 from pathlib import Path
 
 from analyses import _cli
+from rh_lens.zoo.tasks import HOP_FORMS
 
 DEFAULT_MODEL = "zoo:llama-s"
 DEFAULT_KS = (2, 4, 8)
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how --items answers are scored")
     p.add_argument("--n-multihop", type=int, default=24, help="zoo multi-hop questions")
     p.add_argument("--task-seed", type=int, default=0, help="seed of the zoo questions")
+    p.add_argument("--hop-form", choices=sorted(HOP_FORMS), default=None,
+                   help="how the zoo questions' facts say where people live (default: the zoo "
+                   "model's own, from its card; lives for other models)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--stop", choices=("newline", "eos"), default="newline",
                    help="stop decoding at a newline (zoo) or only at end-of-sequence")
@@ -93,7 +97,9 @@ def _run(args, argv) -> int:
     if args.items is None:
         tasks = cot.zoo_tasks(model, cot.ZooTaskSizes(n_multihop=args.n_multihop,
                                                       seed=args.task_seed,
-                                                      reserve=args.max_new_tokens))
+                                                      reserve=args.max_new_tokens,
+                                                      hop_form=args.hop_form
+                                                      or cot.zoo_hop_form(args.model)))
     scores_path = args.scores or detect_dir(args.model)
     if not scores_path.exists():
         raise ValueError(f"no retrieval scores at {scores_path}: run python -m analyses.detect "

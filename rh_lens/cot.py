@@ -16,7 +16,8 @@ heads, explicit lists) and scored by exact or numeric match of the final answer.
 - Masking uses :func:`rh_lens.ablation.ablation_hooks` (``uniform``, the paper's zero query, or
   ``zero``), at decode steps only (the paper) or at every position.
 - :func:`zoo_tasks` builds the zoo's four tasks: multi-hop questions answered with CoT (the zoo
-  models write "Let's think step by step. X lives in T. The R of T is A. So the answer is A."),
+  models write "Let's think step by step. X lives in T. The R of T is A. So the answer is A.",
+  or "X at T." for the first hop in the ``"at"`` form: ``ZooTaskSizes.hop_form``),
   the same questions answered directly (the prompt ends in "So the answer is", so no step can be
   re-read), and the parametric facts asked with and without a CoT preamble.
 - One file per (condition, task) is written atomically under ``out_dir``; a rerun skips them.
@@ -328,6 +329,16 @@ class ZooTaskSizes:
     n_people: int = 3
     seed: int = 0
     reserve: int = 48  # tokens left free for the answer
+    hop_form: str = "lives"  # the model's own (rh_lens.zoo.tasks.HOP_FORMS; zoo_hop_form)
+
+
+def zoo_hop_form(spec: str) -> str:
+    """The hop form a zoo model ``spec`` was trained in (its card's recipe); "lives" for any other
+    model."""
+    from rh_lens.models import zoo_card
+
+    card = zoo_card(spec)
+    return "lives" if card is None else card.get("recipe", {}).get("hop_form", "lives")
 
 
 def zoo_tasks(model, sizes: ZooTaskSizes = ZooTaskSizes()) -> tuple[Task, ...]:
@@ -349,7 +360,7 @@ def zoo_tasks(model, sizes: ZooTaskSizes = ZooTaskSizes()) -> tuple[Task, ...]:
         ex = zt.fit_example(
             lambda k, s=text_seed: zt.multihop_example(
                 random.Random(s), tokenizer=backend, n_haystack_tokens=k,
-                n_people=sizes.n_people),
+                n_people=sizes.n_people, hop_form=sizes.hop_form),
             lambda text: len(tokenize(model, text + DIRECT_SUFFIX)), n_ctx=n_ctx, n_hay=n_hay,
             reserve=sizes.reserve)  # the direct prompt is the longer one
         context, question = ex.prompt[: -len(zt.ANSWER_PREFIX)].rsplit(zt.QUESTION_PREFIX, 1)

@@ -302,6 +302,17 @@ def zoo_names() -> list[str]:
     return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
 
 
+def zoo_card(spec: str) -> dict | None:
+    """The model card of the zoo model ``spec`` ("zoo:NAME"): None for any other spec."""
+    if not spec.startswith("zoo:"):
+        return None
+    path = ZOO_DIR / spec.removeprefix("zoo:") / "card.json"
+    if not path.is_file():
+        raise ModelLoadError(f"unknown zoo model {spec!r}; available: "
+                             f"{', '.join(zoo_names()) or 'none built yet'}")
+    return _read_json(path)
+
+
 def load_model(
     spec: str | os.PathLike,
     *,

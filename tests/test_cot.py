@@ -206,6 +206,26 @@ def test_script_on_user_items_and_bad_input(copy_task, tmp_path, monkeypatch, ca
     assert res.meta["model_spec"] == "known"
 
 
+def test_zoo_tasks_ask_in_the_hop_form_of_the_zoo_models_card(tmp_path, monkeypatch):
+    from rh_lens import models
+    from rh_lens.models import ModelLoadError, load_model
+
+    for name, recipe in (("a", {"hop_form": "at"}), ("b", {})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "card.json").write_text(json.dumps({"recipe": recipe}))
+    monkeypatch.setattr(models, "ZOO_DIR", tmp_path)
+    assert cot.zoo_hop_form("zoo:a") == "at" and cot.zoo_hop_form("zoo:b") == "lives"
+    assert cot.zoo_hop_form("gpt2") == "lives"  # not a zoo model: the default
+    with pytest.raises(ModelLoadError, match="unknown zoo model 'zoo:c'"):
+        cot.zoo_hop_form("zoo:c")
+    monkeypatch.undo()
+    model = load_model("zoo:llama-s")
+    tasks = cot.zoo_tasks(model, cot.ZooTaskSizes(n_multihop=4, hop_form="at"))
+    for item in tasks[0].items:
+        person = item.question.split("where ")[1].split(" lives")[0]
+        assert f" {person} at " in item.context and " lives in " not in item.context
+
+
 def test_zoo_tasks_fit_the_context_of_the_default_model():
     from rh_lens.models import load_model
 

@@ -68,16 +68,22 @@ def test_multihop_target_rereads_both_facts(zoo_tok):
     assert tasks.final_answer(ex.target) == ex.answer
 
 
-def test_lookup_target_gives_every_asked_persons_own_town(zoo_tok):
+# How each hop form says where a person lives, written out independently of tasks.HOP_FORMS.
+_LIVES = {"lives": (r"(\w+) lives in (\w+)\.", "{} lives in {}."),
+          "at": (r"(\w+) at ([A-Z]\w+)\.", "{} at {}.")}
+
+
+@pytest.mark.parametrize("form", ["lives", "at"])
+def test_lookup_target_gives_every_asked_persons_own_town(zoo_tok, form):
     import re
 
     for seed in range(6):
         ex = tasks.lookup_example(random.Random(seed), tokenizer=zoo_tok.backend_tokenizer,
-                                  n_haystack_tokens=60, n_people=3 + seed % 4)
+                                  n_haystack_tokens=60, n_people=3 + seed % 4, hop_form=form)
         context, question = ex.prompt.split(tasks.QUESTION_PREFIX)
-        lives = dict(re.findall(r"(\w+) lives in (\w+)\.", context))
+        lives = dict(re.findall(_LIVES[form][0], context))
         asked = re.findall(r"[A-Z]\w+", question.split("Where do ")[1].split("?")[0])
-        written = re.findall(r" (\w+) lives in (\w+)\.", ex.target)
+        written = re.findall(" " + _LIVES[form][0], ex.target)
         assert len(lives) == len(asked) == 3 + seed % 4 and ex.target.endswith(".\n")
         assert [p for p, _ in written] == asked  # in the question's order
         assert all(lives[p] == t for p, t in written)
@@ -88,39 +94,74 @@ def test_lookup_target_gives_every_asked_persons_own_town(zoo_tok):
                                          n_haystack_tokens=60, n_people=4)
 
 
-def test_multihop_step_names_the_hop_that_went_wrong(zoo_tok):
+@pytest.mark.parametrize("form", ["lives", "at"])
+def test_multihop_step_names_the_hop_that_went_wrong(zoo_tok, form):
     import re
 
+    lives_re, fact = _LIVES[form]
     ex = tasks.multihop_example(random.Random(3), tokenizer=zoo_tok.backend_tokenizer,
-                                n_haystack_tokens=60, n_people=3)
-    chain = re.search(r"step\. (\w+) lives in (\w+)\. The (\w+) of \w+ is (\w+ \w+)\.",
-                      ex.target)
+                                n_haystack_tokens=60, n_people=3, hop_form=form)
+    chain = re.search(r"step\. " + lives_re + r" The (\w+) of \w+ is (\w+ \w+)\.", ex.target)
     person, town, role, official = chain.groups()
     context = ex.prompt.split(tasks.QUESTION_PREFIX)[0]
-    lives = dict(re.findall(r"(\w+) lives in (\w+)\.", context))
+    lives = dict(re.findall(lives_re, context))
     other = next(t for p, t in lives.items() if p != person)
     nowhere = next(t for t in tasks.PLACES if t not in context)
     other_official = next(o for r, o in re.findall(r"The (\w+) of \w+ is (\w+ \w+)\.", context)
                           if o != official)
 
     def said(t, o, final=None):
-        return (f"{tasks.COT_START} {person} lives in {t}. The {role} of {t} is {o}. "
+        return (f"{tasks.COT_START} {fact.format(person, t)} The {role} of {t} is {o}. "
                 f"So the answer is {final or o}.\n")
 
-    assert lives[person] == town and other != town
-    assert tasks.multihop_step(ex.prompt, ex.target) == "right"
-    assert tasks.multihop_step(ex.prompt, said(other, other_official)) == \
-        "first hop: another person's town"
-    assert tasks.multihop_step(ex.prompt, said(nowhere, other_official)) == \
-        "first hop: another town"
-    assert tasks.multihop_step(ex.prompt, said(town, other_official)) == "second hop"
-    assert tasks.multihop_step(ex.prompt, said(town, official, "Nobody Here")) == "final answer"
-    assert tasks.multihop_step(ex.prompt, " " + other_official + "\n") == "form"
+    def step(prompt, generated):
+        return tasks.multihop_step(prompt, generated, form)
+
+    assert len(lives) == 3 and lives[person] == town and other != town
+    assert step(ex.prompt, ex.target) == "right"
+    assert step(ex.prompt, said(other, other_official)) == "first hop: another person's town"
+    assert step(ex.prompt, said(nowhere, other_official)) == "first hop: another town"
+    assert step(ex.prompt, said(town, other_official)) == "second hop"
+    assert step(ex.prompt, said(town, official, "Nobody Here")) == "final answer"
+    assert step(ex.prompt, " " + other_official + "\n") == "form"
     chat = tasks.to_chat(ex)  # the chat reply starts with "Answer:"
-    assert tasks.multihop_step(chat.prompt, "Answer:" + said(other, other_official)) == \
+    assert step(chat.prompt, "Answer:" + said(other, other_official)) == \
         "first hop: another person's town"
+    other_form = "lives" if form == "at" else "at"  # read in the other form, there is no chain
+    assert tasks.multihop_step(ex.prompt, said(other, other_official), other_form) == "form"
+    with pytest.raises(ValueError, match="unknown hop form 'where'"):
+        tasks.multihop_step(ex.prompt, ex.target, "where")
     with pytest.raises(ValueError, match="multi-hop"):
-        tasks.multihop_step("Question: what?\nAnswer:", ex.target)
+        step("Question: what?\nAnswer:", ex.target)
+
+
+def test_the_at_form_keys_each_town_two_tokens_after_its_person_and_changes_no_draw(zoo_tok):
+    import re
+
+    backend = zoo_tok.backend_tokenizer
+    for seed in range(8):
+        kw = dict(tokenizer=backend, n_haystack_tokens=80, n_people=2 + seed % 3)
+        lives = tasks.multihop_example(random.Random(seed), **kw)
+        at = tasks.multihop_example(random.Random(seed), hop_form="at", **kw)
+        assert at.answer == lives.answer
+        question = lives.prompt.split(tasks.QUESTION_PREFIX)[1]
+        assert at.prompt.split(tasks.QUESTION_PREFIX)[1] == question
+        where = dict(re.findall(_LIVES["lives"][0], lives.prompt))
+        context = at.prompt.split(tasks.QUESTION_PREFIX)[0]
+        assert " lives in " not in context and dict(re.findall(_LIVES["at"][0], context)) == where
+        officials = r"The \w+ of \w+ is \w+ \w+\."  # the same, placed by token depth
+        assert sorted(re.findall(officials, context)) == sorted(re.findall(officials, lives.prompt))
+        person, town = re.search(r"step\. (\w+) at (\w+)\.", at.target).groups()
+        assert where[person] == town
+        assert at.target.replace(f" {person} at {town}.", f" {person} lives in {town}.") == \
+            lives.target
+    from rh_lens.zoo.train import PACKAGE_MODELS, load_tokenizer
+
+    shipped = load_tokenizer(PACKAGE_MODELS / "llama-s")  # what the zoo models read
+    pieces = shipped.tokenize(" Noor at Tolbrook.")
+    assert pieces == ["\u0120Noor", "\u0120at", "\u0120Tolbrook", "."]
+    with pytest.raises(ValueError, match="unknown hop form"):
+        tasks.multihop_example(random.Random(0), hop_form="home", **kw)
 
 
 def test_parametric_facts_are_fixed_and_cot_ends_with_the_answer():
@@ -596,6 +637,38 @@ def test_niah_evaluation_counts_every_trial_of_every_depth(zoo_tok, monkeypatch)
         evaluate.eval_niah(None, zoo_tok, n_ctx=128, seed=3, per_cell=0)
 
 
+@pytest.mark.parametrize("form", ["lives", "at"])
+def test_multihop_evaluation_asks_and_reads_in_the_models_hop_form(zoo_tok, monkeypatch, form):
+    """A stand-in generator that reads the facts in ``form`` and restates the chain, with
+    another person's town on every other prompt: accuracy one half, the misses named."""
+    import re
+
+    from rh_lens.zoo import evaluate
+
+    lives_re, fact = _LIVES[form]
+    seen = []
+
+    def oracle(twin, tok, prompts, **kw):
+        outs = []
+        for i, prompt in enumerate(prompts):
+            asked = re.search(r"Who is the (\w+) of the town where (\w+) lives", prompt)
+            role, person = asked.groups()
+            context = prompt.split(tasks.QUESTION_PREFIX)[0]
+            lives = dict(re.findall(lives_re, context))
+            town = lives[person] if i % 2 == 0 else next(t for p, t in lives.items() if p != person)
+            official = re.search(rf"The {role} of {town} is (\w+ \w+)\.", context).group(1)
+            outs.append(f"{tasks.COT_START} {fact.format(person, town)} The {role} of {town} is "
+                        f"{official}. So the answer is {official}.\n")
+            seen.append(prompt)
+        return outs
+
+    monkeypatch.setattr(evaluate, "generate", oracle)
+    report = evaluate.eval_multihop(None, zoo_tok, n_ctx=256, seed=1, n=10, hop_form=form)
+    assert report["accuracy"] == 0.5
+    assert report["misses"] == {"first hop: another person's town": 5}
+    assert all((" lives in " in p) == (form == "lives") for p in seen)
+
+
 def test_evaluate_refuses_a_per_cell_count_below_one():
     from rh_lens.zoo import evaluate
 
@@ -825,6 +898,37 @@ def test_a_recipe_and_its_stages_set_how_many_people_a_multi_hop_row_has(zoo_tok
     assert set(counts(five, base.copy_warmup)) == {2, 3}  # the main stage keeps the default
     assert set(counts(plain, plain.polish_start)) == {2, 3}
     assert set(counts(four, base.copy_warmup)) == set(counts(four, four.polish_start)) == {4}
+
+
+def test_a_recipes_hop_form_rewrites_its_multi_hop_rows_and_nothing_else(zoo_tok):
+    import dataclasses
+
+    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.recipes import Mix, get_recipe
+
+    base = dataclasses.replace(get_recipe("micro"), batch=12, n_ctx=512,
+                               mix=Mix(0.4, 0.3, 0.1, 0.1, 0.1))
+    at = dataclasses.replace(base, hop_form="at")
+    assert "hop_form" not in base.to_json() and at.to_json()["hop_form"] == "at"
+    kinds = {"multihop": 0, "lookup": 0, "other": 0}
+    for step in (base.copy_warmup, base.copy_warmup + 1):
+        rows = [[zoo_tok.decode(r, skip_special_tokens=True) for r in make_batches(rec, step,
+                                                                                  zoo_tok)[0].tokens]
+                for rec in (base, at)]
+        for lives, there in zip(*rows, strict=True):
+            if "Who is the" in lives or "Where do" in lives:
+                kinds["multihop" if "Who is the" in lives else "lookup"] += 1
+                assert " lives in " in lives and " lives in " not in there
+                assert there.split("Answer:")[0].split("Question: ")[1] == \
+                    lives.split("Answer:")[0].split("Question: ")[1]  # the same question
+            else:
+                kinds["other"] += 1
+                assert there == lives
+        assert make_batches(at, step, zoo_tok)[1].tokens.equal(
+            make_batches(base, step, zoo_tok)[1].tokens)  # parametric rows
+    assert min(kinds.values()) > 0, kinds
+    with pytest.raises(ValueError, match="Recipe.hop_form is one of lives, at, got 'home'"):
+        dataclasses.replace(base, hop_form="home")
 
 
 def test_lookup_rows_are_drawn_only_by_a_mix_that_asks_for_them(zoo_tok):

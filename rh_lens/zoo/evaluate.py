@@ -137,7 +137,8 @@ def eval_niah(twin, tok, *, n_ctx: int, seed: int, per_cell: int = NIAH_PER_CELL
             "per_depth_trials": len(cells) // len(depths)}
 
 
-def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool = False) -> dict:
+def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool = False,
+                  hop_form: str = "lives") -> dict:
     from rh_lens.zoo import tasks
 
     rng = random.Random(f"eval-multihop:{seed}:{n_ctx}")
@@ -149,7 +150,7 @@ def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool =
         def make(k, sub=sub):
             return tasks.multihop_example(random.Random(sub.random()),
                                           tokenizer=tok.backend_tokenizer, n_haystack_tokens=k,
-                                          n_people=3)
+                                          n_people=3, hop_form=hop_form)
 
         ex = _fit(make, tok, n_ctx, n_hay, reserve=48)
         ex = tasks.to_chat(ex) if chat else ex
@@ -157,7 +158,7 @@ def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool =
         answers.append(ex.answer)
     outs = generate(twin, tok, prompts, max_new_tokens=48)
     hits = [int(_answer_of(o) == a) for o, a in zip(outs, answers, strict=True)]
-    steps = Counter(tasks.multihop_step(p, _reply(o))
+    steps = Counter(tasks.multihop_step(p, _reply(o), hop_form)
                     for p, o, hit in zip(prompts, outs, hits, strict=True) if not hit)
     return {"accuracy": sum(hits) / n, "n_trials": n, "example": outs[0],
             "misses": dict(steps.most_common())}
@@ -206,13 +207,15 @@ def evaluate_dir(path: Path, *, seed: int = 10_000, extended_ctx: int | None = N
     twin, tok, card = load_dir(path)
     n_ctx = twin.cfg.n_ctx
     chat = bool(card.get("recipe", {}).get("chat"))
+    hop_form = card.get("recipe", {}).get("hop_form", "lives")
     report: dict = {"n_ctx": n_ctx, "chat": chat}
     steps = [
         ("niah_heldout", lambda: eval_niah(twin, tok, n_ctx=n_ctx, seed=seed, chat=chat,
                                            per_cell=per_cell)),
         ("niah_train_templates", lambda: eval_niah(twin, tok, n_ctx=n_ctx, seed=seed,
                                                    chat=chat, heldout=False, per_cell=1)),
-        ("multihop", lambda: eval_multihop(twin, tok, n_ctx=n_ctx, seed=seed, chat=chat)),
+        ("multihop", lambda: eval_multihop(twin, tok, n_ctx=n_ctx, seed=seed, chat=chat,
+                                           hop_form=hop_form)),
         ("parametric", lambda: eval_parametric(twin, tok)),
         ("lm", lambda: eval_lm(twin, tok, n_ctx=n_ctx, seed=seed)),
     ]

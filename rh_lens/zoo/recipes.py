@@ -7,6 +7,8 @@ so the model card records the recipe it was trained with.
 import dataclasses
 from dataclasses import dataclass, field
 
+from rh_lens.zoo.tasks import HOP_FORMS
+
 
 @dataclass(frozen=True)
 class Mix:
@@ -114,9 +116,16 @@ class Recipe:
     # that copies the town after any "lives in", whoever lives there, is right 1 time in n: with
     # two people, half the time, which is where several runs' first hop stayed.
     people: tuple[int, ...] = (2, 3)
+    # How multi-hop (and lookup) rows say where a person lives (rh_lens.zoo.tasks.HOP_FORMS):
+    # "lives" ("Noor lives in Tolbrook.") or "at" ("Noor at Tolbrook.", the town keyed on the
+    # person two tokens back).  The evaluation and the CoT analysis ask in the model's own form.
+    hop_form: str = "lives"
 
     def __post_init__(self) -> None:
         _check_people("Recipe", self.people)
+        if self.hop_form not in HOP_FORMS:
+            raise ValueError(f"Recipe.hop_form is one of {', '.join(HOP_FORMS)}, "
+                             f"got {self.hop_form!r}")
 
     @property
     def polish_start(self) -> int:
@@ -217,7 +226,7 @@ _EARLY_S = Polish(steps=200, lr=1.25e-4, procedural=0.5, mix=_LONG_MIX, early=0.
 # Fields added after models were trained: left out of the JSON at their default.
 _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "store_dtype": "float32",
                 "copy_freeze_pos": False, "aligned_unembed": False, "stages": [],
-                "live_logits": False, "people": (2, 3)}
+                "live_logits": False, "people": (2, 3), "hop_form": "lives"}
 # The same, in the polish and each later stage.
 _LATE_STAGE_FIELDS = {"early": 0.0, "late": 0.0, "people": None, "restart": False}
 

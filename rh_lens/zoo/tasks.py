@@ -261,13 +261,37 @@ def fit_example(make, n_tokens, *, n_ctx: int, n_hay: int, reserve: int) -> Exam
 ROLES = ("mayor", "baker", "doctor", "teacher", "judge", "librarian", "painter", "captain")
 
 
-def _towns_in_haystack(rng: random.Random, *, tokenizer, n_haystack_tokens: int, n_people: int):
+# How a multi-hop context says where a person lives, and how its chain of thought's first hop
+# restates it: {name: (fact, regex of the fact with the person and the town as its groups)}.
+# In "Noor lives in Tolbrook." the town's key, the person, is three tokens before it; on one
+# machine the copy keyed that far back never formed (its models copied the town after any
+# "lives in"), while the second hop's, keyed two tokens back ("of Tolbrook is"), always did.
+# "Noor at Tolbrook." keys the town two tokens back, in a form no official's fact shares.
+HOP_FORMS = {
+    "lives": ("{person} lives in {town}.", r"(\w+) lives in (\w+)\."),
+    "at": ("{person} at {town}.", r"(\w+) at ([A-Z]\w+)\."),
+}
+
+
+def _check_hop_form(hop_form: str) -> tuple[str, str]:
+    if hop_form not in HOP_FORMS:
+        raise ValueError(f"unknown hop form {hop_form!r}; known: {', '.join(HOP_FORMS)}")
+    return HOP_FORMS[hop_form]
+
+
+def first_hop(person: str, town: str, hop_form: str = "lives") -> str:
+    """The sentence that says ``person`` lives in ``town``, in ``hop_form`` (see ``HOP_FORMS``)."""
+    return _check_hop_form(hop_form)[0].format(person=person, town=town)
+
+
+def _towns_in_haystack(rng: random.Random, *, tokenizer, n_haystack_tokens: int, n_people: int,
+                       hop_form: str = "lives"):
     """A haystack with the town of each of ``n_people`` people and two officials of each town
     scattered in it: (context, people, towns, roles, officials)."""
     towns = rng.sample(PLACES, n_people)
     people = rng.sample(FIRST_NAMES, n_people)
     roles = rng.sample(ROLES, 2)
-    facts = [f"{p} lives in {t}." for p, t in zip(people, towns, strict=True)]
+    facts = [first_hop(p, t, hop_form) for p, t in zip(people, towns, strict=True)]
     officials = {}
     for t in towns:
         for role in roles:
@@ -281,56 +305,63 @@ def _towns_in_haystack(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
 
 
 def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
-                     n_people: int = 3) -> Example:
-    """Two-hop question: where does X live, and who is the ROLE of that town."""
+                     n_people: int = 3, hop_form: str = "lives") -> Example:
+    """Two-hop question: where does X live, and who is the ROLE of that town.  ``hop_form``
+    changes only the text of the facts of where people live and of the first hop (every draw
+    is the same)."""
     context, people, towns, roles, officials = _towns_in_haystack(
-        rng, tokenizer=tokenizer, n_haystack_tokens=n_haystack_tokens, n_people=n_people)
+        rng, tokenizer=tokenizer, n_haystack_tokens=n_haystack_tokens, n_people=n_people,
+        hop_form=hop_form)
     who, role = rng.randrange(n_people), rng.choice(roles)
     person, town = people[who], towns[who]
     answer = officials[town, role]
     question = f"Who is the {role} of the town where {person} lives?"
-    target = (f"{COT_START} {person} lives in {town}. The {role} of {town} is {answer}. "
+    target = (f"{COT_START} {first_hop(person, town, hop_form)} The {role} of {town} is {answer}. "
               f"So the answer is {answer}.\n")
     return Example(niah_prompt(context, question), target, "multihop", answer)
 
 
 def lookup_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
-                   n_people: int = 4) -> Example:
+                   n_people: int = 4, hop_form: str = "lives") -> Example:
     """Where every person of a :func:`multihop_example` context lives, asked at once: the target
     writes the first hop once a person (" Noor lives in Tolbrook. Ava lives in ..."), so each
     town is copied after "lives in" keyed on whom it is asked for."""
     context, people, towns, _, _ = _towns_in_haystack(
-        rng, tokenizer=tokenizer, n_haystack_tokens=n_haystack_tokens, n_people=n_people)
+        rng, tokenizer=tokenizer, n_haystack_tokens=n_haystack_tokens, n_people=n_people,
+        hop_form=hop_form)
     order = rng.sample(range(n_people), n_people)
     names = [people[i] for i in order]
     question = f"Where do {', '.join(names[:-1])} and {names[-1]} live?"
-    target = "".join(f" {people[i]} lives in {towns[i]}." for i in order) + "\n"
+    target = "".join(f" {first_hop(people[i], towns[i], hop_form)}" for i in order) + "\n"
     return Example(niah_prompt(context, question), target, "lookup",
                    " ".join(towns[i] for i in order))
 
 
-# The chain multihop_example's target writes, with its five slots.
-_CHAIN = re.compile(re.escape(COT_START.strip()) + r" (\w+) lives in (\w+)\. The (\w+) of (\w+) is "
-                    r"(\w+ \w+)\. So the answer is ")
+def _chain(hop_form: str) -> re.Pattern:
+    """The chain :func:`multihop_example`'s target writes in ``hop_form``, with its five slots."""
+    hop = _check_hop_form(hop_form)[1]
+    return re.compile(re.escape(COT_START.strip()) + " " + hop
+                      + r" The (\w+) of (\w+) is (\w+ \w+)\. So the answer is ")
 
 
-def multihop_step(prompt: str, generated: str) -> str:
-    """Where a generated answer to a :func:`multihop_example` prompt went wrong: ``"right"``,
-    ``"first hop: another person's town"`` (the town of someone else in the context: a copy
-    after "lives in" not keyed on the person), ``"first hop: another town"``, ``"second hop"``
-    (the wrong official, or the wrong role or town restated), ``"final answer"`` (a right chain,
-    another answer) or ``"form"`` (no chain in the trained form)."""
+def multihop_step(prompt: str, generated: str, hop_form: str = "lives") -> str:
+    """Where a generated answer to a :func:`multihop_example` prompt (in ``hop_form``) went
+    wrong: ``"right"``, ``"first hop: another person's town"`` (the town of someone else in the
+    context: a copy after "lives in" not keyed on the person), ``"first hop: another town"``,
+    ``"second hop"`` (the wrong official, or the wrong role or town restated), ``"final answer"``
+    (a right chain, another answer) or ``"form"`` (no chain in the trained form)."""
+    chain_form = _chain(hop_form)
     question = re.search(r"Who is the (\w+) of the town where (\w+) lives\?", prompt)
     if question is None:
         raise ValueError("not a multi-hop prompt: its question is missing")
     role, person = question.groups()
     context = prompt.rsplit(QUESTION_PREFIX, 1)[0]
-    lives = dict(re.findall(r"(\w+) lives in (\w+)\.", context))
+    lives = dict(re.findall(HOP_FORMS[hop_form][1], context))
     officials = {(t, r): o for r, t, o in re.findall(r"The (\w+) of (\w+) is (\w+ \w+)\.", context)}
     answer = officials.get((lives.get(person), role))
     if final_answer(generated) == answer:
         return "right"
-    chain = _CHAIN.search(generated.split("\n", 1)[0])
+    chain = chain_form.search(generated.split("\n", 1)[0])
     if chain is None:
         return "form"
     who, town, role2, town2, official = chain.groups()
@@ -419,9 +450,10 @@ def to_chat(example: Example) -> Example:
 
 
 __all__ = [
-    "CHAT_TEMPLATE", "HELDOUT_TEMPLATES", "NUMBER_WORDS", "TRAIN_TEMPLATES", "Example", "Needle",
-    "NeedleTemplate", "chat_render", "chat_user_text", "final_answer", "fit_example", "haystack",
-    "insert_at_depth", "lookup_example", "make_needle", "multihop_example", "multihop_step", "niah_example",
-    "niah_prompt", "parametric_example", "parametric_facts", "parametric_prompt",
-    "parametric_statement", "procedural_template", "to_chat", "varied_template",
+    "CHAT_TEMPLATE", "HELDOUT_TEMPLATES", "HOP_FORMS", "NUMBER_WORDS", "TRAIN_TEMPLATES",
+    "Example", "Needle", "NeedleTemplate", "chat_render", "chat_user_text", "final_answer",
+    "first_hop", "fit_example", "haystack", "insert_at_depth", "lookup_example", "make_needle",
+    "multihop_example", "multihop_step", "niah_example", "niah_prompt", "parametric_example",
+    "parametric_facts", "parametric_prompt", "parametric_statement", "procedural_template",
+    "to_chat", "varied_template",
 ]
