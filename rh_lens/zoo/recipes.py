@@ -183,8 +183,9 @@ class Recipe:
         out = dataclasses.asdict(self)
         out["stages"] = list(out["stages"])  # as JSON reads it back
         for mix in [out["mix"]] + [st["mix"] for st in out["stages"] + [out["polish"]] if st]:
-            if mix["lookup"] == 0.0:  # a field added after models were trained
-                del mix["lookup"]
+            for late, default in _LATE_MIX_FIELDS.items():
+                if mix[late] == default:
+                    del mix[late]
         for stage in out["stages"] + [out["polish"]]:
             for late, default in _LATE_STAGE_FIELDS.items():
                 if stage is not None and stage[late] == default:
@@ -227,8 +228,9 @@ _EARLY_S = Polish(steps=200, lr=1.25e-4, procedural=0.5, mix=_LONG_MIX, early=0.
 _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "store_dtype": "float32",
                 "copy_freeze_pos": False, "aligned_unembed": False, "stages": [],
                 "live_logits": False, "people": (2, 3), "hop_form": "lives"}
-# The same, in the polish and each later stage.
+# The same, in the polish and each later stage, and in every mix.
 _LATE_STAGE_FIELDS = {"early": 0.0, "late": 0.0, "people": None, "restart": False}
+_LATE_MIX_FIELDS = {"lookup": 0.0}
 
 # Four KV heads (the issue allows two to four): with two, the same recipe (plus _ANNEAL_S) reached
 # held-out NIAH worst depth 0.80 (mean 0.95) and multi-hop 0.12; with four, and no anneal, 0.90
