@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hop-form", choices=sorted(HOP_FORMS), default=None,
                    help="how the zoo questions' facts say where people live (default: the zoo "
                    "model's own, from its card; lives for other models)")
+    p.add_argument("--roles", type=int, choices=(1, 2), default=None,
+                   help="officials per town in the zoo questions (default: the zoo model's own, "
+                   "from its card; 2 for other models)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--stop", choices=("newline", "eos"), default="newline",
                    help="stop decoding at a newline (zoo) or only at end-of-sequence")
@@ -95,11 +98,12 @@ def _run(args, argv) -> int:
                        **_cli.backend_kwargs(args))
     facts = model_facts(model)
     if args.items is None:
+        chain = cot.zoo_chain(args.model)
+        chain.update({k: v for k, v in (("hop_form", args.hop_form), ("roles", args.roles))
+                      if v is not None})
         tasks = cot.zoo_tasks(model, cot.ZooTaskSizes(n_multihop=args.n_multihop,
                                                       seed=args.task_seed,
-                                                      reserve=args.max_new_tokens,
-                                                      hop_form=args.hop_form
-                                                      or cot.zoo_hop_form(args.model)))
+                                                      reserve=args.max_new_tokens, **chain))
     scores_path = args.scores or detect_dir(args.model)
     if not scores_path.exists():
         raise ValueError(f"no retrieval scores at {scores_path}: run python -m analyses.detect "

@@ -329,16 +329,17 @@ class ZooTaskSizes:
     n_people: int = 3
     seed: int = 0
     reserve: int = 48  # tokens left free for the answer
-    hop_form: str = "lives"  # the model's own (rh_lens.zoo.tasks.HOP_FORMS; zoo_hop_form)
+    hop_form: str = "lives"  # the model's own (rh_lens.zoo.tasks.HOP_FORMS; zoo_chain)
+    roles: int = 2  # officials per town, the model's own (zoo_chain)
 
 
-def zoo_hop_form(spec: str) -> str:
-    """The hop form a zoo model ``spec`` was trained in (its card's recipe); "lives" for any other
-    model."""
+def zoo_chain(spec: str) -> dict:
+    """How a zoo model ``spec`` was trained to chain two hops (its card's recipe): the
+    :class:`ZooTaskSizes` fields ``hop_form`` and ``roles``; their defaults for any other model."""
     from rh_lens.models import zoo_card
 
-    card = zoo_card(spec)
-    return "lives" if card is None else card.get("recipe", {}).get("hop_form", "lives")
+    recipe = (zoo_card(spec) or {}).get("recipe", {})
+    return {"hop_form": recipe.get("hop_form", "lives"), "roles": recipe.get("roles", 2)}
 
 
 def zoo_tasks(model, sizes: ZooTaskSizes = ZooTaskSizes()) -> tuple[Task, ...]:
@@ -360,7 +361,7 @@ def zoo_tasks(model, sizes: ZooTaskSizes = ZooTaskSizes()) -> tuple[Task, ...]:
         ex = zt.fit_example(
             lambda k, s=text_seed: zt.multihop_example(
                 random.Random(s), tokenizer=backend, n_haystack_tokens=k,
-                n_people=sizes.n_people, hop_form=sizes.hop_form),
+                n_people=sizes.n_people, hop_form=sizes.hop_form, roles=sizes.roles),
             lambda text: len(tokenize(model, text + DIRECT_SUFFIX)), n_ctx=n_ctx, n_hay=n_hay,
             reserve=sizes.reserve)  # the direct prompt is the longer one
         context, question = ex.prompt[: -len(zt.ANSWER_PREFIX)].rsplit(zt.QUESTION_PREFIX, 1)

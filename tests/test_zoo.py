@@ -68,6 +68,28 @@ def test_multihop_target_rereads_both_facts(zoo_tok):
     assert tasks.final_answer(ex.target) == ex.answer
 
 
+def test_one_official_a_town_keys_the_second_hop_on_the_town_alone(zoo_tok):
+    import re
+
+    backend = zoo_tok.backend_tokenizer
+    for seed in range(8):
+        kw = dict(tokenizer=backend, n_haystack_tokens=80, n_people=2 + seed % 3)
+        two = tasks.multihop_example(random.Random(seed), **kw)
+        assert two == tasks.multihop_example(random.Random(seed), roles=2, **kw)  # the default
+        one = tasks.multihop_example(random.Random(seed), roles=1, **kw)
+        context = one.prompt.split(tasks.QUESTION_PREFIX)[0]
+        officials = re.findall(r"The (\w+) of (\w+) is (\w+ \w+)\.", context)
+        assert len(officials) == kw["n_people"] and len({r for r, _, _ in officials}) == 1
+        role, person = re.search(r"Who is the (\w+) of the town where (\w+) lives",
+                                 one.prompt).groups()
+        town = dict(re.findall(r"(\w+) lives in (\w+)\.", context))[person]
+        assert {(r, t): o for r, t, o in officials}[role, town] == one.answer
+        assert len(re.findall(r"The \w+ of \w+ is", two.prompt.split(tasks.QUESTION_PREFIX)[0])) \
+            == 2 * kw["n_people"]
+    with pytest.raises(ValueError, match="1 or 2 officials"):
+        tasks.multihop_example(random.Random(0), roles=3, **kw)
+
+
 # How each hop form says where a person lives, written out independently of tasks.HOP_FORMS.
 _LIVES = {"lives": (r"(\w+) lives in (\w+)\.", "{} lives in {}."),
           "at": (r"(\w+) at ([A-Z]\w+)\.", "{} at {}.")}
@@ -637,8 +659,9 @@ def test_niah_evaluation_counts_every_trial_of_every_depth(zoo_tok, monkeypatch)
         evaluate.eval_niah(None, zoo_tok, n_ctx=128, seed=3, per_cell=0)
 
 
-@pytest.mark.parametrize("form", ["lives", "at"])
-def test_multihop_evaluation_asks_and_reads_in_the_models_hop_form(zoo_tok, monkeypatch, form):
+@pytest.mark.parametrize(("form", "roles"), [("lives", 2), ("at", 2), ("at", 1)])
+def test_multihop_evaluation_asks_and_reads_in_the_models_chain_form(zoo_tok, monkeypatch, form,
+                                                                     roles):
     """A stand-in generator that reads the facts in ``form`` and restates the chain, with
     another person's town on every other prompt: accuracy one half, the misses named."""
     import re
@@ -663,10 +686,13 @@ def test_multihop_evaluation_asks_and_reads_in_the_models_hop_form(zoo_tok, monk
         return outs
 
     monkeypatch.setattr(evaluate, "generate", oracle)
-    report = evaluate.eval_multihop(None, zoo_tok, n_ctx=256, seed=1, n=10, hop_form=form)
+    report = evaluate.eval_multihop(None, zoo_tok, n_ctx=256, seed=1, n=10, hop_form=form,
+                                    roles=roles)
     assert report["accuracy"] == 0.5
     assert report["misses"] == {"first hop: another person's town": 5}
     assert all((" lives in " in p) == (form == "lives") for p in seen)
+    assert {len(re.findall(r"The \w+ of \w+ is", p.split(tasks.QUESTION_PREFIX)[0]))
+            for p in seen} == {3 * roles}
 
 
 def test_evaluate_refuses_a_per_cell_count_below_one():
@@ -929,6 +955,28 @@ def test_a_recipes_hop_form_rewrites_its_multi_hop_rows_and_nothing_else(zoo_tok
     assert min(kinds.values()) > 0, kinds
     with pytest.raises(ValueError, match="Recipe.hop_form is one of lives, at, got 'home'"):
         dataclasses.replace(base, hop_form="home")
+
+
+def test_a_recipes_roles_set_the_officials_of_each_town_in_its_multi_hop_rows(zoo_tok):
+    import dataclasses
+    import re
+
+    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.recipes import Mix, get_recipe
+
+    base = dataclasses.replace(get_recipe("micro"), batch=6, n_ctx=512, polish=None,
+                               mix=Mix(0.0, 1.0, 0.0, 0.0), people=(3,))
+    one = dataclasses.replace(base, roles=1)
+    assert "roles" not in base.to_json() and one.to_json()["roles"] == 1
+
+    def officials(recipe):
+        rows = make_batches(recipe, base.copy_warmup, zoo_tok)[0].tokens
+        return {len(re.findall(r"The \w+ of \w+ is", zoo_tok.decode(r).split("Question:")[0]))
+                for r in rows}
+
+    assert officials(base) == {6} and officials(one) == {3}
+    with pytest.raises(ValueError, match="Recipe.roles is 1 or 2"):
+        dataclasses.replace(base, roles=0)
 
 
 def test_lookup_rows_are_drawn_only_by_a_mix_that_asks_for_them(zoo_tok):

@@ -104,10 +104,12 @@ def _row(rng: random.Random, recipe: Recipe, tokenizer, *, mix: Mix, procedural:
                                     varied=varied)
         elif kind == "multihop":
             ex = tasks.multihop_example(sub, tokenizer=backend, n_haystack_tokens=n_hay,
-                                        n_people=sub.choice(people), hop_form=recipe.hop_form)
+                                        n_people=sub.choice(people), hop_form=recipe.hop_form,
+                                        roles=recipe.roles)
         else:
             ex = tasks.lookup_example(sub, tokenizer=backend, n_haystack_tokens=n_hay,
-                                      n_people=sub.randint(3, 6), hop_form=recipe.hop_form)
+                                      n_people=sub.randint(3, 6), hop_form=recipe.hop_form,
+                                      roles=recipe.roles)
         if recipe.chat:
             ex = tasks.to_chat(ex)
         ids, is_target = encode_example(tokenizer, ex)

@@ -138,7 +138,7 @@ def eval_niah(twin, tok, *, n_ctx: int, seed: int, per_cell: int = NIAH_PER_CELL
 
 
 def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool = False,
-                  hop_form: str = "lives") -> dict:
+                  hop_form: str = "lives", roles: int = 2) -> dict:
     from rh_lens.zoo import tasks
 
     rng = random.Random(f"eval-multihop:{seed}:{n_ctx}")
@@ -150,7 +150,7 @@ def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool =
         def make(k, sub=sub):
             return tasks.multihop_example(random.Random(sub.random()),
                                           tokenizer=tok.backend_tokenizer, n_haystack_tokens=k,
-                                          n_people=3, hop_form=hop_form)
+                                          n_people=3, hop_form=hop_form, roles=roles)
 
         ex = _fit(make, tok, n_ctx, n_hay, reserve=48)
         ex = tasks.to_chat(ex) if chat else ex
@@ -208,6 +208,7 @@ def evaluate_dir(path: Path, *, seed: int = 10_000, extended_ctx: int | None = N
     n_ctx = twin.cfg.n_ctx
     chat = bool(card.get("recipe", {}).get("chat"))
     hop_form = card.get("recipe", {}).get("hop_form", "lives")
+    roles = card.get("recipe", {}).get("roles", 2)
     report: dict = {"n_ctx": n_ctx, "chat": chat}
     steps = [
         ("niah_heldout", lambda: eval_niah(twin, tok, n_ctx=n_ctx, seed=seed, chat=chat,
@@ -215,7 +216,7 @@ def evaluate_dir(path: Path, *, seed: int = 10_000, extended_ctx: int | None = N
         ("niah_train_templates", lambda: eval_niah(twin, tok, n_ctx=n_ctx, seed=seed,
                                                    chat=chat, heldout=False, per_cell=1)),
         ("multihop", lambda: eval_multihop(twin, tok, n_ctx=n_ctx, seed=seed, chat=chat,
-                                           hop_form=hop_form)),
+                                           hop_form=hop_form, roles=roles)),
         ("parametric", lambda: eval_parametric(twin, tok)),
         ("lm", lambda: eval_lm(twin, tok, n_ctx=n_ctx, seed=seed)),
     ]

@@ -285,12 +285,14 @@ def first_hop(person: str, town: str, hop_form: str = "lives") -> str:
 
 
 def _towns_in_haystack(rng: random.Random, *, tokenizer, n_haystack_tokens: int, n_people: int,
-                       hop_form: str = "lives"):
-    """A haystack with the town of each of ``n_people`` people and two officials of each town
-    scattered in it: (context, people, towns, roles, officials)."""
+                       hop_form: str = "lives", roles: int = 2):
+    """A haystack with the town of each of ``n_people`` people and ``roles`` officials of each
+    town (1 or 2) scattered in it: (context, people, towns, roles, officials)."""
+    if roles not in (1, 2):
+        raise ValueError(f"a town has 1 or 2 officials (roles), got {roles}")
     towns = rng.sample(PLACES, n_people)
     people = rng.sample(FIRST_NAMES, n_people)
-    roles = rng.sample(ROLES, 2)
+    roles = rng.sample(ROLES, 2)[:roles]
     facts = [first_hop(p, t, hop_form) for p, t in zip(people, towns, strict=True)]
     officials = {}
     for t in towns:
@@ -305,13 +307,15 @@ def _towns_in_haystack(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
 
 
 def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
-                     n_people: int = 3, hop_form: str = "lives") -> Example:
+                     n_people: int = 3, hop_form: str = "lives", roles: int = 2) -> Example:
     """Two-hop question: where does X live, and who is the ROLE of that town.  ``hop_form``
     changes only the text of the facts of where people live and of the first hop (every draw
-    is the same)."""
+    is the same).  ``roles``: officials per town.  With two ("The judge of Tolbrook is ..." and
+    "The baker of Tolbrook is ..."), the second hop tells them apart by the role four tokens
+    before the answer; with one, the town two tokens before it is the whole key."""
     context, people, towns, roles, officials = _towns_in_haystack(
         rng, tokenizer=tokenizer, n_haystack_tokens=n_haystack_tokens, n_people=n_people,
-        hop_form=hop_form)
+        hop_form=hop_form, roles=roles)
     who, role = rng.randrange(n_people), rng.choice(roles)
     person, town = people[who], towns[who]
     answer = officials[town, role]
@@ -322,13 +326,13 @@ def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
 
 
 def lookup_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
-                   n_people: int = 4, hop_form: str = "lives") -> Example:
+                   n_people: int = 4, hop_form: str = "lives", roles: int = 2) -> Example:
     """Where every person of a :func:`multihop_example` context lives, asked at once: the target
     writes the first hop once a person (" Noor lives in Tolbrook. Ava lives in ..."), so each
     town is copied after "lives in" keyed on whom it is asked for."""
     context, people, towns, _, _ = _towns_in_haystack(
         rng, tokenizer=tokenizer, n_haystack_tokens=n_haystack_tokens, n_people=n_people,
-        hop_form=hop_form)
+        hop_form=hop_form, roles=roles)
     order = rng.sample(range(n_people), n_people)
     names = [people[i] for i in order]
     question = f"Where do {', '.join(names[:-1])} and {names[-1]} live?"
