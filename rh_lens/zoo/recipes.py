@@ -270,7 +270,12 @@ RECIPES: dict[str, Recipe] = {
                # (Mix.lookup): multi-hop 0.20 in both, 40 of 48 misses another person's town.
                # The whole recipe with 15 % lookup rows in the main mix: 0.95 (0.98), multi-hop
                # 0.35 (37 of 39 misses another person's town); lookup rows at step 2,500: 23 of
-               # 120 towns right.
+               # 120 towns right.  With hop_form "at" and live logits (two runs at one thread
+               # each): steps 2,300, fine-tuning 200, polish 250, _SETTLE_S: 0.85 (0.96),
+               # multi-hop 0.52, the second hop the other official of the right town; with roles 1
+               # as well: 0.85 (0.96), multi-hop 0.95; then 150 steps at 1.25e-4 of _LONG_MIX,
+               # early / late 0.35 / 0.35: 0.94 (0.98), multi-hop 0.93, every target met, 29.9
+               # min by bench_train on the AMD EPYC (this recipe: 56.1).  Not shipped yet.
                stages=(Polish(steps=400, procedural=0.5, mix=_MULTIHOP_S),
                        Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_ANNEAL_MIX),
                        _SETTLE_S)),
