@@ -337,9 +337,9 @@ def zoo_chain(spec: str) -> dict:
     """How a zoo model ``spec`` was trained to chain two hops (its card's recipe): the
     :class:`ZooTaskSizes` fields ``hop_form`` and ``roles``; their defaults for any other model."""
     from rh_lens.models import zoo_card
+    from rh_lens.zoo.tasks import chain_of
 
-    recipe = (zoo_card(spec) or {}).get("recipe", {})
-    return {"hop_form": recipe.get("hop_form", "lives"), "roles": recipe.get("roles", 2)}
+    return chain_of((zoo_card(spec) or {}).get("recipe", {}))
 
 
 def zoo_tasks(model, sizes: ZooTaskSizes = ZooTaskSizes()) -> tuple[Task, ...]:

@@ -203,12 +203,13 @@ def evaluate_dir(path: Path, *, seed: int = 10_000, extended_ctx: int | None = N
                  per_cell: int = NIAH_PER_CELL, progress: bool = True) -> dict:
     """Run every evaluation on a saved model, write the numbers into its card, return them.
     ``per_cell``: held-out NIAH trials per (depth, length) cell."""
+    from rh_lens.zoo import tasks
+
     path = Path(path)
     twin, tok, card = load_dir(path)
     n_ctx = twin.cfg.n_ctx
     chat = bool(card.get("recipe", {}).get("chat"))
-    hop_form = card.get("recipe", {}).get("hop_form", "lives")
-    roles = card.get("recipe", {}).get("roles", 2)
+    chain = tasks.chain_of(card.get("recipe", {}))
     report: dict = {"n_ctx": n_ctx, "chat": chat}
     steps = [
         ("niah_heldout", lambda: eval_niah(twin, tok, n_ctx=n_ctx, seed=seed, chat=chat,
@@ -216,7 +217,7 @@ def evaluate_dir(path: Path, *, seed: int = 10_000, extended_ctx: int | None = N
         ("niah_train_templates", lambda: eval_niah(twin, tok, n_ctx=n_ctx, seed=seed,
                                                    chat=chat, heldout=False, per_cell=1)),
         ("multihop", lambda: eval_multihop(twin, tok, n_ctx=n_ctx, seed=seed, chat=chat,
-                                           hop_form=hop_form, roles=roles)),
+                                           **chain)),
         ("parametric", lambda: eval_parametric(twin, tok)),
         ("lm", lambda: eval_lm(twin, tok, n_ctx=n_ctx, seed=seed)),
     ]

@@ -273,6 +273,12 @@ HOP_FORMS = {
 }
 
 
+def chain_of(recipe: dict) -> dict:
+    """The ``hop_form`` and ``roles`` of a recipe as a model card holds it (``card["recipe"]``):
+    how that model was trained to chain two hops, the defaults where the card predates them."""
+    return {"hop_form": recipe.get("hop_form", "lives"), "roles": recipe.get("roles", 2)}
+
+
 def _check_hop_form(hop_form: str) -> tuple[str, str]:
     if hop_form not in HOP_FORMS:
         raise ValueError(f"unknown hop form {hop_form!r}; known: {', '.join(HOP_FORMS)}")
@@ -455,9 +461,9 @@ def to_chat(example: Example) -> Example:
 
 __all__ = [
     "CHAT_TEMPLATE", "HELDOUT_TEMPLATES", "HOP_FORMS", "NUMBER_WORDS", "TRAIN_TEMPLATES",
-    "Example", "Needle", "NeedleTemplate", "chat_render", "chat_user_text", "final_answer",
-    "first_hop", "fit_example", "haystack", "insert_at_depth", "lookup_example", "make_needle",
-    "multihop_example", "multihop_step", "niah_example", "niah_prompt", "parametric_example",
-    "parametric_facts", "parametric_prompt", "parametric_statement", "procedural_template",
-    "to_chat", "varied_template",
+    "Example", "Needle", "NeedleTemplate", "chain_of", "chat_render", "chat_user_text",
+    "final_answer", "first_hop", "fit_example", "haystack", "insert_at_depth", "lookup_example",
+    "make_needle", "multihop_example", "multihop_step", "niah_example", "niah_prompt",
+    "parametric_example", "parametric_facts", "parametric_prompt", "parametric_statement",
+    "procedural_template", "to_chat", "varied_template",
 ]
