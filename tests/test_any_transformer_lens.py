@@ -43,7 +43,8 @@ def test_bridge_decoding_equals_the_slow_obvious_one(hf_dirs, arch, fast_prefill
 
 def test_zoo_default_finds_its_retrieval_heads_on_the_bridge():
     """zoo:llama-s on the Bridge retrieves and its retrieval heads are layer 1's (measured with
-    HookedTransformer: six heads of layer 1 score 0.94-0.99, every other head below 0.04)."""
+    HookedTransformer: the eight heads of layer 1 score 0.57-0.99, every other head below 0.01;
+    on this sweep 0.57-0.87, every other head below 0.04)."""
     model = load_model("zoo:llama-s", backend="bridge")
     haystack = TextHaystack(Prose(5).text(n_chars=6000))
     needles = [Needle("The favourite song of Mara is the quiet lantern of Fenwick.",
@@ -54,7 +55,7 @@ def test_zoo_default_finds_its_retrieval_heads_on_the_bridge():
     assert result.n_success >= 5
     scores = result.mean_scores("step")
     layers = sorted(int(i) // model.cfg.n_heads for i in np.flatnonzero(scores.ravel() > 0.5))
-    assert layers == [1] * 6, np.round(scores, 2)
+    assert layers == [1] * 8, np.round(scores, 2)
 
 
 def test_detect_script_records_the_backend(tmp_path):

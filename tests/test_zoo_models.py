@@ -79,10 +79,14 @@ def test_zoo_model_loads_and_answers_heldout_niah(name):
     chat = model.tokenizer.chat_template is not None
     rng = random.Random(f"test:{name}")
     n_ctx = min(model.cfg.n_ctx, 256)
+    # 12 prompts, not 3: a model right 91 % of the time at this length (llama-s-chat, which
+    # missed 2 of the 3 this seed drew) fails 2 % of 3-prompt draws and would still pass most
+    # draws at 70 %; a quarter of 12 missed says the model is broken.
     hits = 0
-    for depth in (0.0, 0.5, 1.0):
+    depths = (0.0, 0.5, 1.0) * 4
+    for depth in depths:
         ex = tasks.niah_example(rng, tokenizer=model.tokenizer.backend_tokenizer,
-                                n_haystack_tokens=n_ctx - 80, depth=depth,
+                                n_haystack_tokens=n_ctx - 96, depth=depth,
                                 templates=tasks.HELDOUT_TEMPLATES)
         if chat:  # the tokenizer's own chat template builds the same prompt
             context, question = ex.prompt[: -len(tasks.ANSWER_PREFIX)].rsplit(
@@ -94,7 +98,7 @@ def test_zoo_model_loads_and_answers_heldout_niah(name):
         out = _greedy_line(model, ex.prompt)
         out = out.removeprefix("Answer:")
         hits += out.strip() == ex.answer
-    assert hits >= 2, f"{name} answered {hits}/3 held-out NIAH prompts"
+    assert hits >= 9, f"{name} answered {hits}/{len(depths)} held-out NIAH prompts"
 
 
 def _detect(model, needles):

@@ -223,9 +223,7 @@ _POLISH_S = dict(steps=400, procedural=0.5, mix=Mix(niah=0.45, multihop=0.3, lm=
 # (dev trials 113 -> 117 of 120; answers of unseen words 8 -> 10 of 12 detection trials); on the
 # four-KV one it lowered both NIAH and multi-hop, so only the children keep it.
 _ANNEAL_S = Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_POLISH_S["mix"])
-# llama-s's stages after the polish: multi-hop rows weighed up, then back towards NIAH.
-_MULTIHOP_S = Mix(niah=0.4, multihop=0.45, lm=0.05, repeat=0.1)
-# And last, 150 steps at a quarter of the rate with 60 % NIAH rows (the llama-s family).
+# 150 steps at a quarter of the rate with 60 % NIAH rows (the llama-s family).
 _SETTLE_S = Polish(steps=150, lr=1.25e-4, procedural=0.5,
                    mix=Mix(niah=0.6, multihop=0.3, lm=0.05, repeat=0.05))
 # 200 steps at _SETTLE_S's rate, half the NIAH rows with the needle early in a full context
@@ -250,42 +248,36 @@ _LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=4
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=3000, finetune_steps=500,
-               polish=Polish(**_POLISH_S),
-               # Then multi-hop rows weighed up, and two stages at a half and a quarter of the
-               # rate weighed back towards NIAH.  Multi-hop after the polish 0.42 (worst NIAH
-               # depth 0.90); 0.85 after the first stage (0.85), 0.90 after the second (0.85),
-               # 0.92 after the third (0.90, mean 0.98).  200 steps of 55 % NIAH rows at half the
-               # rate instead of the third: 0.90 (0.90, mean 0.97).  With live logits and 2,500
-               # steps (4,250 in all; 1,715 s alone at two threads): 0.85 (mean 0.97), multi-hop
-               # 0.97, at 20 trials a depth; rerun (the same LM loss, 1.685), at 80 a depth: 0.94
-               # (0.97), every target met, weights' SHA-256 b17d7ebe....  With live logits and
-               # 2,800 (2,206 s on a slower day): 0.15 (0.29), multi-hop 0.08, the first answer
-               # word wrong and the rest copied.
-               # The 2,500-step recipe rerun on another machine (AMD EPYC, AVX2 kernels; 1,000
-               # steps at one thread, then two) gave other bits (5d1bd4fa...): NIAH 0.94 (0.99),
-               # multi-hop 0.10; 300 more steps of _POLISH_MIX at 2.5e-4: 0.96 (0.99), multi-hop
-               # 0.22, the first hop copying another person's town (12 of 15 misses of 16 probes).
-               # 300 steps at 5e-4 after step 4,250 of that run with 25 % or 50 % lookup rows
-               # (Mix.lookup): multi-hop 0.20 in both, 40 of 48 misses another person's town.
-               # The whole recipe with 15 % lookup rows in the main mix: 0.95 (0.98), multi-hop
-               # 0.35 (37 of 39 misses another person's town); lookup rows at step 2,500: 23 of
-               # 120 towns right.  With hop_form "at" and live logits (two runs at one thread
-               # each): steps 2,300, fine-tuning 200, polish 250, _SETTLE_S: 0.85 (0.96),
-               # multi-hop 0.52, the second hop the other official of the right town; with roles 1
-               # as well: 0.85 (0.96), multi-hop 0.95; then 150 steps at 1.25e-4 of _LONG_MIX,
-               # early / late 0.35 / 0.35: 0.94 (0.98), multi-hop 0.93, every target met, 29.9
-               # min by bench_train on the AMD EPYC (this recipe: 56.1).  Not shipped yet.
-               stages=(Polish(steps=400, procedural=0.5, mix=_MULTIHOP_S),
-                       Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_ANNEAL_MIX),
-                       _SETTLE_S)),
+        Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=2300, finetune_steps=200,
+               polish=Polish(**{**_POLISH_S, "steps": 250}), live_logits=True, hop_form="at",
+               roles=1,
+               # Multi-hop rows say "Noor at Tolbrook." with one official a town, so both hops
+               # are keyed two tokens back.  The recipe before (steps 3,000, fine-tuning 500,
+               # polish 400, then 400 steps of 45 % multi-hop rows, 300 of _ANNEAL_MIX at 2.5e-4 and
+               # _SETTLE_S; "lives in", two officials a town) met every target on the first
+               # machine, 43.4 min by bench_train; on the AMD EPYC it took 56.1, and with live
+               # logits and 2,500 steps its first hop copied another person's town (multi-hop
+               # 0.10; 0.20-0.35 with lookup rows at 5e-4 late or 15 % in the whole run).
+               # The hop key three tokens back ("Noor lives in") is what these runs did not
+               # learn.  With hop_form "at" alone (two runs at one thread each), this recipe
+               # without its last stage: worst held-out NIAH depth 0.85 (mean 0.95), multi-hop
+               # 0.52, the second hop the other official of the right town; with roles 1 as well:
+               # 0.85 (0.96), multi-hop 0.95; with the last stage (this recipe): 0.94 (0.98),
+               # multi-hop 0.93, 26.0-29.9 min by bench_train on the AMD EPYC.  _EARLY_S as the last
+               # stage instead: 0.93 (0.98), 0.93.
+               stages=(_SETTLE_S,
+                       Polish(steps=150, lr=1.25e-4, procedural=0.5, mix=_LONG_MIX, early=0.35,
+                              late=0.35))),
         Recipe(name="llama-s-long", **_LLAMA_S, n_ctx=1024, steps=600, batch=4, lr=1e-3,
                warmup=20, parent="llama-s", rotary_base=40_000, seed=1, copy_warmup=0,
-               procedural=0.5, polish=Polish(**_POLISH_S),
+               procedural=0.5, polish=Polish(**_POLISH_S), live_logits=True, hop_form="at",
+               roles=1,
+               # From the parent with hop_form "at" and roles 1, with them and live logits:
+               # 0.96 (0.99), multi-hop 0.97; 35.4-35.8 min by bench_train on the AMD EPYC.
                # Then mostly NIAH rows at the polish's rate, and at half of it.  From the two-KV
                # parent: worst depth at 1,024 tokens 0.50 -> 0.70 after the first 400 steps
                # (mean 0.82 -> 0.92), 0.75 (mean 0.95) at the end.  From the four-KV one with
-               # multi-hop 0.42: 0.65 (0.91), multi-hop 0.38; from the shipped parent (0.92):
+               # multi-hop 0.42: 0.65 (0.91), multi-hop 0.38; from the earlier parent (0.92):
                # 0.65 (0.93), 0.75, and after _SETTLE_S 0.70 (0.95), 0.78, all with the parent's
                # rotary base (10,000): the needle in the first ~100 of 1,024 tokens was the weak
                # part, the copy starting and then drifting.  With the base at 40,000 (the parent's
@@ -358,9 +350,11 @@ RECIPES: dict[str, Recipe] = {
                               late=0.35, restart=True))),
         Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
                parent="llama-s", chat=True, seed=4, copy_warmup=0, procedural=0.5,
-               polish=Polish(**_POLISH_S),
-               # From the multi-hop llama-s, after _ANNEAL_S: worst NIAH depth 0.80 (mean 0.96),
-               # multi-hop 0.87; after _SETTLE_S 0.95 (0.99) and 0.90.
+               polish=Polish(**_POLISH_S), live_logits=True, hop_form="at", roles=1,
+               # From the parent with hop_form "at" and roles 1, with them and live logits:
+               # 0.91 (0.96), multi-hop 0.90.  From the earlier multi-hop llama-s, after
+               # _ANNEAL_S: worst NIAH depth 0.80 (mean 0.96), multi-hop 0.87; after _SETTLE_S
+               # 0.95 (0.99) and 0.90.
                stages=(_ANNEAL_S, _SETTLE_S)),
         # A micro recipe for smoke tests: trains a few steps in seconds.
         Recipe(name="micro", family="llama", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2,
