@@ -274,6 +274,9 @@ RECIPES: dict[str, Recipe] = {
                roles=1,
                # From the parent with hop_form "at" and roles 1, with them and live logits:
                # 0.96 (0.99), multi-hop 0.97; 35.4-35.8 min by bench_train on the AMD EPYC.
+               # Without the second 400-step and the 300-step _LONG_MIX stages (2,050 steps,
+               # trained alone in 27.3 min at two threads): 0.96 (0.99), multi-hop 0.95, every
+               # target met; not shipped yet.
                # Then mostly NIAH rows at the polish's rate, and at half of it.  From the two-KV
                # parent: worst depth at 1,024 tokens 0.50 -> 0.70 after the first 400 steps
                # (mean 0.82 -> 0.92), 0.75 (mean 0.95) at the end.  From the four-KV one with
