@@ -81,7 +81,7 @@ def test_zoo_model_loads_and_answers_heldout_niah(name):
     n_ctx = min(model.cfg.n_ctx, 256)
     # 12 prompts, not 3: a model right 91 % of the time at this length (llama-s-chat, which
     # missed 2 of the 3 this seed drew) fails 2 % of 3-prompt draws and would still pass most
-    # draws at 70 %; a quarter of 12 missed says the model is broken.
+    # draws at 70 %; more than a quarter of 12 missed says the model is broken.
     hits = 0
     depths = (0.0, 0.5, 1.0) * 4
     for depth in depths:
