@@ -43,6 +43,7 @@ from rh_lens.detect import check_sweep_config
 from rh_lens.errors import ContextTooLongError, RhLensError
 from rh_lens.models import model_facts, tokenize
 from rh_lens.results import read_json, write_json_atomic
+from rh_lens.zoo.tasks import DEFAULT_HOP_FORM, DEFAULT_ROLES
 
 Match = Literal["exact", "numeric"]
 COT_MODES = ("uniform", "zero")
@@ -329,8 +330,8 @@ class ZooTaskSizes:
     n_people: int = 3
     seed: int = 0
     reserve: int = 48  # tokens left free for the answer
-    hop_form: str = "lives"  # the model's own (rh_lens.zoo.tasks.HOP_FORMS; zoo_chain)
-    roles: int = 2  # officials per town, the model's own (zoo_chain)
+    hop_form: str = DEFAULT_HOP_FORM  # the model's own (rh_lens.zoo.tasks.HOP_FORMS; zoo_chain)
+    roles: int = DEFAULT_ROLES  # officials per town, the model's own (zoo_chain)
 
 
 def zoo_chain(spec: str) -> dict:

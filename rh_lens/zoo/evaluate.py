@@ -15,6 +15,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from rh_lens.zoo.tasks import DEFAULT_HOP_FORM, DEFAULT_ROLES
+
 TARGETS = {"niah_min_depth": 0.9, "multihop": 0.8, "parametric": 0.9}
 N_DEPTHS = 11
 # Held-out NIAH trials per (depth, length) cell: 4 lengths make 80 a depth.  The target is a
@@ -138,7 +140,7 @@ def eval_niah(twin, tok, *, n_ctx: int, seed: int, per_cell: int = NIAH_PER_CELL
 
 
 def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool = False,
-                  hop_form: str = "lives", roles: int = 2) -> dict:
+                  hop_form: str = DEFAULT_HOP_FORM, roles: int = DEFAULT_ROLES) -> dict:
     from rh_lens.zoo import tasks
 
     rng = random.Random(f"eval-multihop:{seed}:{n_ctx}")

@@ -7,7 +7,7 @@ so the model card records the recipe it was trained with.
 import dataclasses
 from dataclasses import dataclass, field
 
-from rh_lens.zoo.tasks import HOP_FORMS
+from rh_lens.zoo.tasks import DEFAULT_HOP_FORM, DEFAULT_ROLES, HOP_FORMS
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,12 @@ class Recipe:
     # How multi-hop (and lookup) rows say where a person lives (rh_lens.zoo.tasks.HOP_FORMS):
     # "lives" ("Noor lives in Tolbrook.") or "at" ("Noor at Tolbrook.", the town keyed on the
     # person two tokens back).  The evaluation and the CoT analysis ask in the model's own form.
-    hop_form: str = "lives"
+    hop_form: str = DEFAULT_HOP_FORM
     # Officials per town in a multi-hop row (1 or 2).  With two, the second hop's answer is keyed
     # on its role four tokens back ("The judge of Tolbrook is"), which on one machine's runs
     # formed only half the time (the town's other official, right 1 time in 2); with one, the
     # town two tokens back is the whole key.
-    roles: int = 2
+    roles: int = DEFAULT_ROLES
 
     def __post_init__(self) -> None:
         _check_people("Recipe", self.people)
@@ -232,8 +232,8 @@ _EARLY_S = Polish(steps=200, lr=1.25e-4, procedural=0.5, mix=_LONG_MIX, early=0.
 # Fields added after models were trained: left out of the JSON at their default.
 _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "store_dtype": "float32",
                 "copy_freeze_pos": False, "aligned_unembed": False, "stages": [],
-                "live_logits": False, "people": (2, 3), "hop_form": "lives",
-                "roles": 2}
+                "live_logits": False, "people": (2, 3), "hop_form": DEFAULT_HOP_FORM,
+                "roles": DEFAULT_ROLES}
 # The same, in the polish and each later stage, and in every mix.
 _LATE_STAGE_FIELDS = {"early": 0.0, "late": 0.0, "people": None, "restart": False}
 _LATE_MIX_FIELDS = {"lookup": 0.0}

@@ -271,12 +271,17 @@ HOP_FORMS = {
     "lives": ("{person} lives in {town}.", r"(\w+) lives in (\w+)\."),
     "at": ("{person} at {town}.", r"(\w+) at ([A-Z]\w+)\."),
 }
+# The chain the zoo's first models were trained on, "Noor lives in Tolbrook." with two officials a
+# town: the default of every recipe, card and task that does not say.
+DEFAULT_HOP_FORM = "lives"
+DEFAULT_ROLES = 2
 
 
 def chain_of(recipe: dict) -> dict:
     """The ``hop_form`` and ``roles`` of a recipe as a model card holds it (``card["recipe"]``):
     how that model was trained to chain two hops, the defaults where the card predates them."""
-    return {"hop_form": recipe.get("hop_form", "lives"), "roles": recipe.get("roles", 2)}
+    return {"hop_form": recipe.get("hop_form", DEFAULT_HOP_FORM),
+            "roles": recipe.get("roles", DEFAULT_ROLES)}
 
 
 def _check_hop_form(hop_form: str) -> tuple[str, str]:
@@ -285,13 +290,13 @@ def _check_hop_form(hop_form: str) -> tuple[str, str]:
     return HOP_FORMS[hop_form]
 
 
-def first_hop(person: str, town: str, hop_form: str = "lives") -> str:
+def first_hop(person: str, town: str, hop_form: str = DEFAULT_HOP_FORM) -> str:
     """The sentence that says ``person`` lives in ``town``, in ``hop_form`` (see ``HOP_FORMS``)."""
     return _check_hop_form(hop_form)[0].format(person=person, town=town)
 
 
 def _towns_in_haystack(rng: random.Random, *, tokenizer, n_haystack_tokens: int, n_people: int,
-                       hop_form: str = "lives", roles: int = 2):
+                       hop_form: str = DEFAULT_HOP_FORM, roles: int = DEFAULT_ROLES):
     """A haystack with the town of each of ``n_people`` people and ``roles`` officials of each
     town (1 or 2) scattered in it: (context, people, towns, roles, officials)."""
     if roles not in (1, 2):
@@ -313,7 +318,8 @@ def _towns_in_haystack(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
 
 
 def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
-                     n_people: int = 3, hop_form: str = "lives", roles: int = 2) -> Example:
+                     n_people: int = 3, hop_form: str = DEFAULT_HOP_FORM,
+                     roles: int = DEFAULT_ROLES) -> Example:
     """Two-hop question: where does X live, and who is the ROLE of that town.  ``hop_form``
     changes only the text of the facts of where people live and of the first hop (every draw
     is the same).  ``roles``: officials per town.  With two ("The judge of Tolbrook is ..." and
@@ -332,7 +338,8 @@ def multihop_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
 
 
 def lookup_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int,
-                   n_people: int = 4, hop_form: str = "lives", roles: int = 2) -> Example:
+                   n_people: int = 4, hop_form: str = DEFAULT_HOP_FORM,
+                   roles: int = DEFAULT_ROLES) -> Example:
     """Where every person of a :func:`multihop_example` context lives, asked at once: the target
     writes the first hop once a person (" Noor lives in Tolbrook. Ava lives in ..."), so each
     town is copied after "lives in" keyed on whom it is asked for."""
@@ -354,7 +361,7 @@ def _chain(hop_form: str) -> re.Pattern:
                       + r" The (\w+) of (\w+) is (\w+ \w+)\. So the answer is ")
 
 
-def multihop_step(prompt: str, generated: str, hop_form: str = "lives") -> str:
+def multihop_step(prompt: str, generated: str, hop_form: str = DEFAULT_HOP_FORM) -> str:
     """Where a generated answer to a :func:`multihop_example` prompt (in ``hop_form``) went
     wrong: ``"right"``, ``"first hop: another person's town"`` (the town of someone else in the
     context: a copy after "lives in" not keyed on the person), ``"first hop: another town"``,
