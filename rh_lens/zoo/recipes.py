@@ -322,8 +322,9 @@ RECIPES: dict[str, Recipe] = {
                procedural=0.5, live_logits=True, hop_form="at", roles=1,
                polish=Polish(steps=250, mix=_POLISH_MIX), store_dtype="float16",
                # Keyed two tokens back (hop_form "at", roles 1, as llama-s), with llama-s's last
-               # stage: 1,650 steps, at one thread beside another run, held-out NIAH 0.91 (mean
-               # 0.96), multi-hop 0.87.  The recipe before (2,350 steps, "lives in", two
+               # stage: 1,650 steps, 25.7 min alone at two threads (25.8-32.4 by bench_train),
+               # held-out NIAH 0.91 (mean 0.96), multi-hop 0.87; the same weights bit for bit at
+               # one thread.  The recipe before (2,350 steps, "lives in", two
                # officials a town, 38.4-44.1 min by bench_train on the AMD EPYC; its history is in
                # NOTES.md) met every target only after a last stage added to its float16 weights.
                stages=(_ENDS,)),
