@@ -43,7 +43,7 @@ from rh_lens.detect import check_sweep_config
 from rh_lens.errors import ContextTooLongError, RhLensError
 from rh_lens.models import model_facts, tokenize
 from rh_lens.results import read_json, write_json_atomic
-from rh_lens.zoo.tasks import DEFAULT_HOP_FORM, DEFAULT_ROLES
+from rh_lens.zoo import tasks as zt
 
 Match = Literal["exact", "numeric"]
 COT_MODES = ("uniform", "zero")
@@ -330,25 +330,22 @@ class ZooTaskSizes:
     n_people: int = 3
     seed: int = 0
     reserve: int = 48  # tokens left free for the answer
-    hop_form: str = DEFAULT_HOP_FORM  # the model's own (rh_lens.zoo.tasks.HOP_FORMS; zoo_chain)
-    roles: int = DEFAULT_ROLES  # officials per town, the model's own (zoo_chain)
+    hop_form: str = zt.DEFAULT_HOP_FORM  # the model's own (rh_lens.zoo.tasks.HOP_FORMS; zoo_chain)
+    roles: int = zt.DEFAULT_ROLES  # officials per town, the model's own (zoo_chain)
 
 
 def zoo_chain(spec: str) -> dict:
     """How a zoo model ``spec`` was trained to chain two hops (its card's recipe): the
     :class:`ZooTaskSizes` fields ``hop_form`` and ``roles``; their defaults for any other model."""
     from rh_lens.models import zoo_card
-    from rh_lens.zoo.tasks import chain_of
 
-    return chain_of((zoo_card(spec) or {}).get("recipe", {}))
+    return zt.chain_of((zoo_card(spec) or {}).get("recipe", {}))
 
 
 def zoo_tasks(model, sizes: ZooTaskSizes = ZooTaskSizes()) -> tuple[Task, ...]:
     """The zoo's multi-hop questions (CoT and direct) and parametric facts (direct and CoT),
     with fresh random fillers (``seed``) and haystacks up to the model's context."""
     import random
-
-    from rh_lens.zoo import tasks as zt
 
     n_ctx = model_facts(model).n_ctx
     if n_ctx <= sizes.reserve + 64:

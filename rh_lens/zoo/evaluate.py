@@ -15,7 +15,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from rh_lens.zoo.tasks import DEFAULT_HOP_FORM, DEFAULT_ROLES
+from rh_lens.zoo import tasks
 
 TARGETS = {"niah_min_depth": 0.9, "multihop": 0.8, "parametric": 0.9}
 N_DEPTHS = 11
@@ -89,24 +89,18 @@ def _reply(generated: str) -> str:
 
 
 def _answer_of(generated: str) -> str:
-    from rh_lens.zoo.tasks import final_answer
-
-    return final_answer(_reply(generated))
+    return tasks.final_answer(_reply(generated))
 
 
 def _fit(make, tokenizer, n_ctx: int, n_hay: int, reserve: int):
     """Build an example whose prompt leaves ``reserve`` tokens free, shrinking the haystack."""
-    from rh_lens.zoo.tasks import fit_example
-
-    return fit_example(make, lambda text: len(tokenizer(text)["input_ids"]), n_ctx=n_ctx,
-                       n_hay=n_hay, reserve=reserve)
+    return tasks.fit_example(make, lambda text: len(tokenizer(text)["input_ids"]), n_ctx=n_ctx,
+                             n_hay=n_hay, reserve=reserve)
 
 
 def eval_niah(twin, tok, *, n_ctx: int, seed: int, per_cell: int = NIAH_PER_CELL,
               chat: bool = False, heldout: bool = True) -> dict:
     """Exact-answer accuracy per depth bin over haystack lengths up to the full context."""
-    from rh_lens.zoo import tasks
-
     if per_cell < 1:
         raise ValueError(f"per_cell must be at least 1, got {per_cell}")
 
@@ -140,9 +134,7 @@ def eval_niah(twin, tok, *, n_ctx: int, seed: int, per_cell: int = NIAH_PER_CELL
 
 
 def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool = False,
-                  hop_form: str = DEFAULT_HOP_FORM, roles: int = DEFAULT_ROLES) -> dict:
-    from rh_lens.zoo import tasks
-
+                  hop_form: str = tasks.DEFAULT_HOP_FORM, roles: int = tasks.DEFAULT_ROLES) -> dict:
     rng = random.Random(f"eval-multihop:{seed}:{n_ctx}")
     prompts, answers = [], []
     for _ in range(n):
@@ -167,8 +159,6 @@ def eval_multihop(twin, tok, *, n_ctx: int, seed: int, n: int = 60, chat: bool =
 
 
 def eval_parametric(twin, tok) -> dict:
-    from rh_lens.zoo import tasks
-
     facts = tasks.parametric_facts()
     result = {}
     for cot in (False, True):
@@ -205,8 +195,6 @@ def evaluate_dir(path: Path, *, seed: int = 10_000, extended_ctx: int | None = N
                  per_cell: int = NIAH_PER_CELL, progress: bool = True) -> dict:
     """Run every evaluation on a saved model, write the numbers into its card, return them.
     ``per_cell``: held-out NIAH trials per (depth, length) cell."""
-    from rh_lens.zoo import tasks
-
     path = Path(path)
     twin, tok, card = load_dir(path)
     n_ctx = twin.cfg.n_ctx

@@ -227,7 +227,7 @@ _ANNEAL_S = Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_POLISH_S["mix"])
 _SETTLE_S = Polish(steps=150, lr=1.25e-4, procedural=0.5,
                    mix=Mix(niah=0.6, multihop=0.3, lm=0.05, repeat=0.05))
 # 200 steps at _SETTLE_S's rate, half the NIAH rows with the needle early in a full context
-# (llama-s-long and llama-m, whose misses were that case).
+# (llama-s-long, and the llama-m before today's, whose misses were that case).
 _EARLY_S = Polish(steps=200, lr=1.25e-4, procedural=0.5, mix=_LONG_MIX, early=0.5)
 # The last stage of llama-s and llama-m: 150 steps at _SETTLE_S's rate of 70 % NIAH rows, 35 % of
 # their needles first in the haystack and 35 % last (the two ends, where misses gather).
@@ -291,9 +291,9 @@ RECIPES: dict[str, Recipe] = {
                # in the first fifth of a full context.  Then 200 steps at _SETTLE_S's rate with
                # half the NIAH rows that case (``early``): 0.95 (0.99), 0.95; dev trials 114 ->
                # 119 of 120.  300 steps of 60 % NIAH rows at 2.5e-4 instead: 0.85 (0.97), 0.92.
-               # The two 400-step stages are written as they were run (one of 800 has the same
-               # batches).  With live logits (27.5 min by bench_train, from 31.4): 0.85 (0.96),
-               # worst at depth 1.0, multi-hop 0.95; not shipped.
+               # The earlier recipe's two 400-step stages were written as they were run (one of
+               # 800 has the same batches).  With live logits (27.5 min by bench_train, from
+               # 31.4): 0.85 (0.96), worst at depth 1.0, multi-hop 0.95; not shipped.
                stages=(_ANNEAL_S, Polish(steps=400, procedural=0.5, mix=_LONG_MIX), _SETTLE_S,
                        _EARLY_S)),
         # Learned positions.  With an unembedding started as the embedding's transpose and the
@@ -324,9 +324,9 @@ RECIPES: dict[str, Recipe] = {
                # Keyed two tokens back (hop_form "at", roles 1, as llama-s), with llama-s's last
                # stage: 1,650 steps, 25.7 min alone at two threads (25.8-32.4 by bench_train),
                # held-out NIAH 0.91 (mean 0.96), multi-hop 0.87; the same weights bit for bit at
-               # one thread.  The recipe before (2,350 steps, "lives in", two
-               # officials a town, 38.4-44.1 min by bench_train on the AMD EPYC; its history is in
-               # NOTES.md) met every target only after a last stage added to its float16 weights.
+               # one thread.  The recipe before (2,350 steps, "lives in", two officials a town,
+               # 38.4-44.1 min by bench_train on the AMD EPYC; its history is in NOTES.md) met
+               # every target only after a last stage added to its float16 weights.
                stages=(_ENDS,)),
         Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
                parent="llama-s", chat=True, seed=4, copy_warmup=0, procedural=0.5,
