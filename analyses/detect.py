@@ -14,7 +14,6 @@ figures; it prints the top heads.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -77,18 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, argv) -> int:
-    from rh_lens.detect import DetectConfig, DetectResult, compute_detect, merge_cells
+    from rh_lens.detect import DetectConfig, DetectResult, compute_detect
     from rh_lens.models import load_model, weights_fingerprint
     from rh_lens.results import RunMetadata
 
     if args.merge:
         if args.out is None:
             raise ValueError("--merge needs --out")
-        identity, records = merge_cells(args.merge)
-        cfg = DetectConfig.from_dict(identity["config"])
-        shape = identity["shape"]
-        result = DetectResult(cfg, tuple(records), shape["n_layers"], shape["n_heads"],
-                              shape["n_kv_heads"])
+        result, identity = DetectResult.merge(args.merge)
+        identity = {k: v for k, v in identity.items() if k != "config"}
         meta = RunMetadata.collect(model_spec=identity["model"], seed=identity.get("seed"),
                                    argv=argv, extra={"merged_from": [str(d) for d in args.merge]})
         write_outputs(args.out, result, meta, identity, score=args.score, top=args.top)
@@ -155,43 +151,15 @@ def _inputs(args):
 
 
 def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: int) -> None:
+    """Save the result, its figures, and print the top heads."""
     from rh_lens import plotting
-    from rh_lens.results import export_reference_json, save_result, write_json_atomic
 
-    cfg = result.config
-    arrays = {
-        "mean_step": result.mean_scores("step"),
-        "mean_set": result.mean_scores("set"),
-        "activation_frequency": result.activation_frequency(),
-        "trial_step": result.trial_scores("step"),
-        "trial_set": result.trial_scores("set"),
-        "trial_active": result.trial_scores("active"),
-        "group_step": result.group_scores("step"),
-        "group_set": result.group_scores("set"),
-        "rouge_grid": result.rouge_grid(),
-        "success": result.success,
-    }
-    table = arrays[f"mean_{score}"]
-    ranked = _ranked(table) if result.n_success else []
-    summary = {
-        "n_trials": len(result.records),
-        "n_success": result.n_success,
-        "score": score,
-        "retrieval_heads": [[lay, h, s] for lay, h, s in ranked if s > 0.1],
-        "mean_rouge1_recall": float(np.mean([r.rouge1_recall for r in result.records]))
-        if result.records else None,
-    }
-    save_result(out, kind="detect", config={**cfg.to_dict(), **identity}, meta=meta,
-                summary=summary, arrays=arrays)
-    if result.n_success:
-        export_reference_json(out / "head_score.json", arrays[f"trial_{score}"])
-    else:
+    summary = result.save(out, meta=meta, identity=identity, score=score)
+    if not result.n_success:
         print("warning: no trial succeeded (ROUGE-1 recall > 0.5), so no head has a score and "
               "head_score.json is not written", file=sys.stderr)
-    with open(out / "trials.jsonl", "w", encoding="utf-8") as f:
-        for r in result.records:
-            f.write(json.dumps({**r.to_json(), "step_score_max": float(r.step_score.max())})
-                    + "\n")
+    cfg = result.config
+    table = result.mean_scores(score)
     name = identity["model"]
     figures = {
         "heatmap": plotting.plot_head_heatmap(
@@ -205,19 +173,12 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
     }
     for fname, fig in figures.items():
         plotting.save_figure(fig, out / f"{fname}.html")
-    write_json_atomic(out / "summary.json", summary)
     print(f"{len(result.records)} trials, {result.n_success} successful "
           f"(mean ROUGE-1 recall {summary['mean_rouge1_recall'] or 0:.3f}); results in {out}")
     print(f"{'head':>8}  {score:>6}  {'active':>6}")
-    freq = arrays["activation_frequency"]
-    for lay, h, s in ranked[:top]:
+    freq = result.activation_frequency()
+    for lay, h, s in result.ranked(score)[:top]:
         print(f"  L{lay}H{h:<3}  {s:6.3f}  {freq[lay, h]:6.2f}")
-
-
-def _ranked(table: np.ndarray) -> list[tuple[int, int, float]]:
-    order = np.argsort(-table, axis=None, kind="stable")
-    return [(int(i // table.shape[1]), int(i % table.shape[1]), float(table.flat[i]))
-            for i in order]
 
 
 if __name__ == "__main__":

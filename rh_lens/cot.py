@@ -39,15 +39,14 @@ from jaxtyping import Float
 
 from rh_lens.ablation import Condition, Mode, Where, ablation_hooks
 from rh_lens.decode import Stop, decode_greedy
-from rh_lens.detect import check_sweep_config
 from rh_lens.errors import ContextTooLongError, RhLensError
 from rh_lens.models import model_facts, tokenize
-from rh_lens.results import read_json, write_json_atomic
+from rh_lens.store import Record, SweepStore
 from rh_lens.zoo import tasks as zt
 
 Match = Literal["exact", "numeric"]
 COT_MODES = ("uniform", "zero")
-RECORD_FORMAT = 1
+CONDITION_JSON = "condition.json"
 ZOO_QUESTION = "{context}Based on the content of the book, Question: {question}\nAnswer:"
 DIRECT_SUFFIX = " So the answer is"
 ZOO_TEMPLATES = {
@@ -203,7 +202,7 @@ class TaskRecord:
         return sum(self.correct) / len(self.correct)
 
     def to_json(self) -> dict:
-        return {"format": RECORD_FORMAT, "condition": self.condition, "task": self.task,
+        return {"condition": self.condition, "task": self.task,
                 "digest": self.digest, "outputs": list(self.outputs),
                 "correct": list(self.correct), "accuracy": self.accuracy}
 
@@ -260,19 +259,14 @@ class CotResult:
         return (np.stack([g.mean(0) for g in groups]), np.stack([g.std(0) for g in groups]))
 
 
-def _record_path(out_dir: Path, cond: Condition, task: Task) -> Path:
-    return out_dir / "conditions" / cond.name / f"{task.name}.json"
-
-
-def _read_record(path: Path) -> TaskRecord:
-    data = read_json(path)
+def _read_record(record: Record) -> TaskRecord:
+    data = record.fields
     try:
-        if data["format"] != RECORD_FORMAT:
-            raise ValueError(f"record format {data['format']}")
         return TaskRecord(data["condition"], data["task"], data["digest"],
                           tuple(data["outputs"]), tuple(bool(c) for c in data["correct"]))
     except (KeyError, TypeError, ValueError) as err:
-        raise RhLensError(f"{path}: not a CoT record ({err}); delete it to recompute") from err
+        raise RhLensError(f"CoT record {record.key}: not a CoT record ({err}); delete it to "
+                          "recompute") from err
 
 
 def compute_cot(
@@ -287,32 +281,30 @@ def compute_cot(
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {names}")
-    out = None if out_dir is None else Path(out_dir)
-    if out is not None:
-        check_sweep_config(out, {"config": cfg.to_dict(), **(identity or {})},
-                           name="cot_config.json")
+    root = None
+    if out_dir is not None:
+        legacy = Path(out_dir) / "cot_config.json"
+        if legacy.is_file():
+            raise RhLensError(f"{out_dir} was written by an earlier rh_lens (it has "
+                              f"{legacy.name}); use a new output directory")
+        root = SweepStore.open(out_dir, {"config": cfg.to_dict(), **(identity or {})})
     records = []
     bar = tqdm(total=len(conditions) * len(tasks), desc="cot", disable=not progress)
     for cond in conditions:
+        store = None if root is None else root.sub(cond.name, cond.to_json(),
+                                                   identity_file=CONDITION_JSON)
+        done = {} if store is None else store.finished(with_arrays=False)
         row = []
         for task in tasks:
-            path = None if out is None else _record_path(out, cond, task)
             rec = None
-            if path is not None and path.is_file():
-                rec = _read_record(path)
+            if task.name in done:
+                rec = _read_record(store.read(task.name, arrays=False))
                 if rec.digest != task.digest():
                     rec = None  # the items changed: recompute
-            if path is not None and rec is not None:
-                heads = read_json(path.parent / "condition.json")["heads"]
-                if [tuple(h) for h in heads] != [tuple(h) for h in cond.heads]:
-                    raise RhLensError(f"{path.parent} holds other heads than condition "
-                                      f"{cond.name}; use a new --out")
             if rec is None:
                 rec = run_task(model, task, cond, cfg)
-                if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    write_json_atomic(path.parent / "condition.json", cond.to_json())
-                    write_json_atomic(path, rec.to_json())
+                if store is not None:
+                    store.write(task.name, rec.to_json())
             row.append(rec)
             bar.update(1)
         records.append(tuple(row))

@@ -4,7 +4,8 @@ A sweep is the grid needles x context lengths x depths.  Each cell is one trial 
 prompt, decode greedily while recording every head's top-1 key, score it) and, when an output
 directory is given, one file written atomically (``cells/<id>.json`` + ``.npz``): rerunning
 skips finished cells, and ``shard=(i, n)`` takes every n-th cell so that n machines can split a
-sweep and :func:`merge_cells` can combine their directories.
+sweep and :meth:`DetectResult.merge` can combine their directories.  A result saves itself
+(:meth:`DetectResult.save`) beside its cells and loads back from them (:meth:`DetectResult.load`).
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,11 +21,22 @@ from jaxtyping import Bool, Float
 
 from rh_lens import scoring
 from rh_lens.decode import decode_greedy
-from rh_lens.errors import RhLensError
+from rh_lens.models import model_facts
 from rh_lens.niah import Haystack, Needle, build_trial
-from rh_lens.results import read_json, write_json_atomic, write_npz_atomic
+from rh_lens.results import (
+    RunMetadata,
+    atomic_open,
+    export_reference_json,
+    save_result,
+    write_json_atomic,
+)
+from rh_lens.store import Record, StoreError, SweepStore, merge, read_record
 
-CELL_FORMAT = 1
+HEAD_SCORE_JSON = "head_score.json"
+TRIALS_JSONL = "trials.jsonl"
+SUMMARY_JSON = "summary.json"
+THRESHOLD = 0.1  # a retrieval head's mean score is above it
+Score = Literal["step", "set"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,6 @@ class TrialRecord:
 
     def to_json(self) -> dict:
         return {
-            "cell_format": CELL_FORMAT,
             "cell": dataclasses.asdict(self.cell),
             "n_tokens": self.n_tokens,
             "answer_span": list(self.answer_span),
@@ -109,6 +121,26 @@ class TrialRecord:
             "rouge1_recall": self.rouge1_recall,
             "success": self.success,
         }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"step_score": self.step_score, "set_score": self.set_score,
+                "active": self.active, "tokens": self.tokens, "positions": self.positions}
+
+    @classmethod
+    def from_record(cls, record: Record) -> "TrialRecord":
+        data, arr = record.fields, record.arrays
+        try:
+            return cls(
+                cell=Cell(**data["cell"]), n_tokens=data["n_tokens"],
+                answer_span=tuple(data["answer_span"]), question=data["question"],
+                answer=data["answer"], generated=data["generated"],
+                rouge1_recall=data["rouge1_recall"], success=data["success"],
+                step_score=arr["step_score"], set_score=arr["set_score"], active=arr["active"],
+                tokens=arr["tokens"], positions=arr["positions"],
+            )
+        except (KeyError, TypeError) as err:
+            raise StoreError(f"cell {record.key}: not a detection trial record (missing or bad "
+                             f"{err})") from None
 
 
 def run_trials(
@@ -162,67 +194,15 @@ def score_trial(cell: Cell, trial, out) -> TrialRecord:
 
 
 # --------------------------------------------------------------------------------------------
-# Cell files
+# Cells in the sweep store
 
 
-def cell_paths(directory: Path, cell: Cell) -> tuple[Path, Path]:
-    return directory / "cells" / f"{cell.key}.json", directory / "cells" / f"{cell.key}.npz"
-
-
-def write_cell(directory: Path, record: TrialRecord) -> None:
-    """Arrays first, then the JSON that marks the cell done: a crash leaves no half cell."""
-    json_path, npz_path = cell_paths(directory, record.cell)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_npz_atomic(
-        npz_path, step_score=record.step_score, set_score=record.set_score,
-        active=record.active, tokens=record.tokens, positions=record.positions,
-    )
-    write_json_atomic(json_path, record.to_json())
+def write_cell(store: SweepStore, record: TrialRecord) -> None:
+    store.write(record.cell.key, record.to_json(), record.arrays())
 
 
 def read_cell(json_path: Path) -> TrialRecord:
-    data = read_json(json_path)
-    if data.get("cell_format") != CELL_FORMAT:
-        raise RhLensError(f"{json_path}: unknown cell_format {data.get('cell_format')!r}")
-    npz_path = json_path.with_suffix(".npz")
-    try:
-        with np.load(npz_path, allow_pickle=False) as arrays:
-            arr = {k: arrays[k] for k in arrays.files}
-    except (OSError, ValueError) as err:
-        raise RhLensError(f"{npz_path}: cannot read cell arrays ({err})") from err
-    return TrialRecord(
-        cell=Cell(**data["cell"]), n_tokens=data["n_tokens"],
-        answer_span=tuple(data["answer_span"]), question=data["question"],
-        answer=data["answer"], generated=data["generated"],
-        rouge1_recall=data["rouge1_recall"], success=data["success"],
-        step_score=arr["step_score"], set_score=arr["set_score"], active=arr["active"],
-        tokens=arr["tokens"], positions=arr["positions"],
-    )
-
-
-def finished_cells(directory: Path) -> dict[str, Path]:
-    """Cells already done in ``directory`` (a JSON file is written last, atomically)."""
-    folder = directory / "cells"
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(folder.glob("*.json")) if p.with_suffix(".npz").is_file()}
-
-
-def check_sweep_config(directory: Path, identity: dict, *, name: str = "sweep.json") -> None:
-    """Refuse to mix cells of different sweeps in one directory (``identity`` kept in ``name``)."""
-    path = directory / name
-    if path.is_file():
-        existing = read_json(path)
-        if existing != json.loads(json.dumps(identity)):
-            diff = sorted(k for k in set(existing) | set(identity)
-                          if existing.get(k) != json.loads(json.dumps(identity)).get(k))
-            raise RhLensError(
-                f"{directory} holds cells of a different sweep (differs in: {', '.join(diff)}); "
-                "use a new --out directory"
-            )
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, identity)
+    return TrialRecord.from_record(read_record(json_path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +269,95 @@ class DetectResult:
                     grid[i, j] = float(np.mean(vals))
         return grid
 
+    # ----------------------------------------------------------------------------------------
+    # On disk
+
+    def ranked(self, score: Score = "step") -> list[tuple[int, int, float]]:
+        """Every head as ``(layer, head, score)``, highest first (empty if no trial succeeded)."""
+        if not self.n_success:
+            return []
+        table = self.mean_scores(score)
+        order = np.argsort(-table, axis=None, kind="stable")
+        return [(int(i // table.shape[1]), int(i % table.shape[1]), float(table.flat[i]))
+                for i in order]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The aggregates as saved in ``arrays.npz``."""
+        return {
+            "mean_step": self.mean_scores("step"),
+            "mean_set": self.mean_scores("set"),
+            "activation_frequency": self.activation_frequency(),
+            "trial_step": self.trial_scores("step"),
+            "trial_set": self.trial_scores("set"),
+            "trial_active": self.trial_scores("active"),
+            "group_step": self.group_scores("step"),
+            "group_set": self.group_scores("set"),
+            "rouge_grid": self.rouge_grid(),
+            "success": self.success,
+        }
+
+    def summary(self, score: Score = "step") -> dict:
+        """Trials, successes, the retrieval heads (score > the threshold) and the mean recall."""
+        return {
+            "n_trials": len(self.records),
+            "n_success": self.n_success,
+            "score": score,
+            "retrieval_heads": [[lay, h, s] for lay, h, s in self.ranked(score) if s > THRESHOLD],
+            "mean_rouge1_recall": float(np.mean([r.rouge1_recall for r in self.records]))
+            if self.records else None,
+        }
+
+    def save(self, directory: str | Path, *, meta: RunMetadata, identity: dict | None = None,
+             score: Score = "step") -> dict:
+        """Write the result beside its cells: ``result.json`` + ``arrays.npz`` (config,
+        provenance, aggregates), ``summary.json``, ``trials.jsonl`` (one line per trial) and
+        ``head_score.json`` in the reference's format (when a trial succeeded).  Returns the
+        summary."""
+        directory = Path(directory)
+        arrays = self.arrays()
+        summary = self.summary(score)
+        config = {**self.config.to_dict(), **(identity or {})}
+        config.setdefault("shape", {"n_layers": self.n_layers, "n_heads": self.n_heads,
+                                    "n_kv_heads": self.n_kv_heads})
+        save_result(directory, kind="detect", config=config, meta=meta, summary=summary,
+                    arrays=arrays)
+        if self.n_success:
+            export_reference_json(directory / HEAD_SCORE_JSON, arrays[f"trial_{score}"])
+        lines = [json.dumps({**r.to_json(), "step_score_max": float(r.step_score.max())})
+                 for r in self.records]
+        with atomic_open(directory / TRIALS_JSONL, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+        write_json_atomic(directory / SUMMARY_JSON, summary)
+        return summary
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DetectResult":
+        """The sweep in ``directory`` read back from its cells (every cell must be there)."""
+        return cls.merge([directory])[0]
+
+    @classmethod
+    def merge(cls, directories: Sequence[str | Path]) -> tuple["DetectResult", dict]:
+        """One result from the cells of the shard directories of one sweep, in the sweep's own
+        cell order, and the sweep's identity."""
+        identity, found = merge(directories)
+        try:
+            cfg = DetectConfig.from_dict(identity["config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise StoreError(f"{directories[0]}: not a detection sweep ({err})") from None
+        records = [read_cell(found[k]) for k in sorted(found)]
+        n_needles = (len(identity["needles"]) if "needles" in identity
+                     else 1 + max((r.cell.needle for r in records), default=-1))
+        order = {c.key: i for i, c in enumerate(cells(n_needles, cfg))}
+        records.sort(key=lambda r: order.get(r.cell.key, len(order)))
+        shape = identity.get("shape")
+        if shape is None:
+            if not records:
+                raise StoreError(f"{directories[0]}: no finished cell and no model shape")
+            n_layers, n_heads = records[0].step_score.shape
+            shape = {"n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_heads}
+        return (cls(cfg, tuple(records), shape["n_layers"], shape["n_heads"],
+                    shape["n_kv_heads"]), identity)
+
 
 def compute_detect(
     model,
@@ -301,19 +370,24 @@ def compute_detect(
     identity: dict | None = None,
     progress: bool = True,
 ) -> DetectResult:
-    """Run (or resume) a sweep.  With ``out_dir`` every finished cell is written at once and
-    cells already there are read instead of rerun; ``identity`` (model spec, needle source, ...)
-    is stored with the config so a directory never mixes two sweeps."""
+    """Run (or resume) a sweep.  With ``out_dir`` every finished cell is written at once to the
+    directory's :class:`~rh_lens.store.SweepStore` and cells already there are read instead of
+    rerun; ``identity`` (model spec, needle source, ...) is stored with the config so a directory
+    never mixes two sweeps."""
     from tqdm.auto import tqdm
 
     if len(needles) != len(haystacks):
         raise ValueError(f"{len(needles)} needles but {len(haystacks)} haystacks")
     todo = cells(len(needles), cfg, shard)
-    directory = Path(out_dir) if out_dir is not None else None
+    store = None
     done: dict[str, Path] = {}
-    if directory is not None:
-        check_sweep_config(directory, {"config": cfg.to_dict(), **(identity or {})})
-        done = finished_cells(directory)
+    facts = model_facts(model)
+    if out_dir is not None:
+        shape = {"n_layers": facts.n_layers, "n_heads": facts.n_heads,
+                 "n_kv_heads": facts.n_kv_heads}
+        store = SweepStore.open(out_dir, {"config": cfg.to_dict(), "shape": shape,
+                                          **(identity or {})})
+        done = store.finished()
     by_key: dict[str, TrialRecord] = {c.key: read_cell(done[c.key]) for c in todo if c.key in done}
     pending = [c for c in todo if c.key not in by_key]
     step = max(cfg.batch_size, 1) * 4
@@ -322,31 +396,21 @@ def compute_detect(
         for start in range(0, len(pending), step):
             for record in run_trials(model, needles, haystacks, pending[start : start + step],
                                      cfg):
-                if directory is not None:
-                    write_cell(directory, record)
+                if store is not None:
+                    write_cell(store, record)
                 by_key[record.cell.key] = record
                 bar.update(1)
-    cfg_model = model.cfg
-    return DetectResult(
-        cfg, tuple(by_key[c.key] for c in todo), cfg_model.n_layers, cfg_model.n_heads,
-        cfg_model.n_key_value_heads or cfg_model.n_heads,
-    )
+    return DetectResult(cfg, tuple(by_key[c.key] for c in todo), facts.n_layers, facts.n_heads,
+                        facts.n_kv_heads)
 
 
-def merge_cells(directories: Sequence[str | Path]) -> tuple[dict, list[TrialRecord]]:
-    """Combine the cells of shard directories of one sweep (their ``sweep.json`` must agree)."""
-    identity = None
-    records: dict[str, TrialRecord] = {}
-    for directory in map(Path, directories):
-        path = directory / "sweep.json"
-        if not path.is_file():
-            raise RhLensError(f"{directory} is not a detection output (no sweep.json)")
-        this = read_json(path)
-        if identity is not None and this != identity:
-            raise RhLensError(f"{directory} belongs to a different sweep than {directories[0]}")
-        identity = this
-        for key, cell_path in finished_cells(directory).items():
-            records.setdefault(key, read_cell(cell_path))
-    if identity is None:
-        raise RhLensError("nothing to merge")
-    return identity, [records[k] for k in sorted(records)]
+
+
+def check_sweep_config(directory: Path, identity: dict, *, name: str = "sweep.json") -> None:
+    """Transitional: :meth:`SweepStore.open`."""
+    SweepStore.open(directory, identity, identity_file=name)
+
+
+def finished_cells(directory: Path) -> dict[str, Path]:
+    """Transitional: :meth:`SweepStore.finished`."""
+    return SweepStore(Path(directory)).finished()

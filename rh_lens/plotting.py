@@ -400,3 +400,32 @@ def plot_groups(result: GroupResult, *, title: str) -> go.Figure:
     fig.update_traces(hovertemplate="L%{y} group %{x}: %{z:.0f} heads<extra></extra>")
     fig.update_xaxes(title_text="KV group")
     return fig
+
+
+def property_figures(result, *, file_name=str) -> dict[str, go.Figure]:
+    """Every figure of a :class:`~rh_lens.property_summary.PropertySummary` computed in this
+    session, by file stem (``file_name`` turns a model name into part of a file name)."""
+    figures = {}
+    for name, g in (result.groups or {}).items():
+        figures[f"groups_{file_name(name)}"] = plot_groups(
+            g, title=f"{name}: retrieval heads per KV group")
+    for name, sw in (result.switch_on or {}).items():
+        if sw.heads:
+            figures[f"switch_on_{file_name(name)}"] = plot_switch_on(
+                sw, title=f"{name}: activation rate of context-dependent heads")
+            figures[f"switch_on_grid_{file_name(name)}"] = plot_switch_on_grid(sw, sw.heads[0])
+    for r in result.intrinsic:
+        a, b = r.names
+        stem = f"intrinsic_{file_name(a)}_vs_{file_name(b)}"
+        figures[f"{stem}_scatter"] = plot_intrinsic(r)
+        figures[f"{stem}_heatmaps"] = plot_intrinsic_heatmaps(r)
+    sparsity = {row.name: row.sparsity for row in result.universality.models}
+    figures.update({
+        "heatmaps": plot_universality(result.universality),
+        "sparsity_bins": plot_sparsity(sparsity),
+        "layer_profile": plot_layer_profile(sparsity),
+        "activation": plot_activation(result.activation),
+        "correlation_pearson": plot_correlation_matrix(result.correlations, method="pearson"),
+        "correlation_spearman": plot_correlation_matrix(result.correlations, method="spearman"),
+    })
+    return figures

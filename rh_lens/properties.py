@@ -95,6 +95,20 @@ class HeadScores:
         object.__setattr__(self, "trial_scores", scores)
         object.__setattr__(self, "trial_active", active)
 
+    @classmethod
+    def from_detect(cls, result, *, name: str = "model", score: Literal["step", "set"] = "step",
+                    source: str = "") -> "HeadScores":
+        """The scores of an in-memory :class:`~rh_lens.detect.DetectResult` (the same as
+        :func:`load_head_scores` reads from the directory it is saved in)."""
+        if score not in ("step", "set"):
+            raise ValueError(f"score must be 'step' or 'set', got {score!r}")
+        contexts = tuple(TrialContext(int(r.cell.needle), int(r.cell.length), float(r.cell.depth))
+                         for r in result.records if r.success)
+        return cls(name, result.trial_scores(score),
+                   trial_active=result.trial_scores("active") > 0, n_kv_heads=result.n_kv_heads,
+                   contexts=contexts, n_trials_run=len(result.records), source=source,
+                   score=score)
+
     @property
     def n_trials(self) -> int:
         return int(self.trial_scores.shape[0])

@@ -6,7 +6,7 @@ import torch
 
 from rh_lens import detect
 from rh_lens.decode import decode_greedy, decode_slow
-from rh_lens.detect import DetectConfig, compute_detect, merge_cells
+from rh_lens.detect import DetectConfig, DetectResult, compute_detect
 from rh_lens.errors import RhLensError
 from rh_lens.models import backend_of
 from rh_lens.niah import Needle, TextHaystack, build_trial
@@ -142,9 +142,49 @@ def test_shards_merge_to_the_full_sweep(copy_setup, tmp_path):
         compute_detect(model, [needle], [HAYSTACK], SWEEP, out_dir=out, shard=(i, 2),
                        progress=False)
         dirs.append(out)
-    identity, records = merge_cells(dirs)
+    merged, identity = DetectResult.merge(dirs)
     assert DetectConfig.from_dict(identity["config"]) == SWEEP
-    assert sorted(r.cell.key for r in records) == sorted(r.cell.key for r in full.records)
+    assert [r.cell.key for r in merged.records] == [r.cell.key for r in full.records]
+    for kind in ("step", "set", "active"):
+        np.testing.assert_array_equal(merged.trial_scores(kind), full.trial_scores(kind))
+
+
+def test_result_saves_and_loads_back(copy_setup, tmp_path):
+    """A saved result reads back from its cells with every trial, and the head scores built
+    in memory equal those read from the saved directory."""
+    from rh_lens.properties import HeadScores, load_head_scores
+    from rh_lens.results import RunMetadata, import_reference_json, load_result
+
+    model, needle = copy_setup
+    out = tmp_path / "sweep"
+    result = compute_detect(model, [needle], [HAYSTACK], SWEEP, out_dir=out, progress=False)
+    meta = RunMetadata.collect(model_spec="copy", model=model, seed=0, argv=[])
+    summary = result.save(out, meta=meta, identity={"model": "copy"})
+    assert summary["n_trials"] == len(result.records) == 6
+    loaded = DetectResult.load(out)
+    assert loaded.config == result.config
+    assert (loaded.n_layers, loaded.n_heads, loaded.n_kv_heads) == (
+        result.n_layers, result.n_heads, result.n_kv_heads)
+    assert [r.generated for r in loaded.records] == [r.generated for r in result.records]
+    for kind in ("step", "set", "active"):
+        np.testing.assert_array_equal(loaded.trial_scores(kind), result.trial_scores(kind))
+    on_disk = load_result(out)
+    assert on_disk.kind == "detect" and on_disk.config["model"] == "copy"
+    np.testing.assert_array_equal(on_disk.arrays["mean_step"], result.mean_scores("step"))
+    np.testing.assert_array_equal(import_reference_json(out / "head_score.json"),
+                                  result.trial_scores("step"))
+    in_memory = HeadScores.from_detect(result, name="copy")
+    from_dir = load_head_scores(out)
+    np.testing.assert_array_equal(in_memory.trial_scores, from_dir.trial_scores)
+    np.testing.assert_array_equal(in_memory.trial_active, from_dir.trial_active)
+    assert in_memory.contexts == from_dir.contexts
+    assert (in_memory.n_kv_heads, in_memory.n_trials_run) == (
+        from_dir.n_kv_heads, from_dir.n_trials_run)
+
+
+def test_load_of_a_directory_without_a_sweep_is_refused(tmp_path):
+    with pytest.raises(RhLensError, match="not a sweep directory"):
+        DetectResult.load(tmp_path)
 
 
 def test_directory_of_another_sweep_is_refused(copy_setup, tmp_path):
