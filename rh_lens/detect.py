@@ -307,13 +307,17 @@ class DetectResult:
             if self.records else None,
         }
 
-    def save(self, directory: str | Path, *, meta: RunMetadata, identity: dict | None = None,
-             score: Score = "step") -> dict:
+    def save(self, directory: str | Path, *, meta: RunMetadata | None = None,
+             identity: dict | None = None, score: Score = "step") -> dict:
         """Write the result beside its cells: ``result.json`` + ``arrays.npz`` (config,
         provenance, aggregates), ``summary.json``, ``trials.jsonl`` (one line per trial) and
-        ``head_score.json`` in the reference's format (when a trial succeeded).  Returns the
-        summary."""
+        ``head_score.json`` in the reference's format (when a trial succeeded).  ``identity``
+        (model spec, inputs, ...) joins the config; ``meta`` defaults to this environment's
+        provenance.  Returns the summary."""
         directory = Path(directory)
+        if meta is None:
+            meta = RunMetadata.collect(model_spec=str((identity or {}).get("model", "unknown")),
+                                       seed=None, argv=None)
         arrays = self.arrays()
         summary = self.summary(score)
         config = {**self.config.to_dict(), **(identity or {})}
