@@ -156,6 +156,7 @@ def _inputs(args):
 
 def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: int) -> None:
     from rh_lens import plotting
+    from rh_lens.heads import THRESHOLD, label, ranked_heads
     from rh_lens.results import export_reference_json, save_result, write_json_atomic
 
     cfg = result.config
@@ -172,12 +173,12 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
         "success": result.success,
     }
     table = arrays[f"mean_{score}"]
-    ranked = _ranked(table) if result.n_success else []
+    ranked = ranked_heads(table) if result.n_success else []
     summary = {
         "n_trials": len(result.records),
         "n_success": result.n_success,
         "score": score,
-        "retrieval_heads": [[lay, h, s] for lay, h, s in ranked if s > 0.1],
+        "retrieval_heads": [[lay, h, s] for lay, h, s in ranked if s > THRESHOLD],
         "mean_rouge1_recall": float(np.mean([r.rouge1_recall for r in result.records]))
         if result.records else None,
     }
@@ -211,13 +212,7 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
     print(f"{'head':>8}  {score:>6}  {'active':>6}")
     freq = arrays["activation_frequency"]
     for lay, h, s in ranked[:top]:
-        print(f"  L{lay}H{h:<3}  {s:6.3f}  {freq[lay, h]:6.2f}")
-
-
-def _ranked(table: np.ndarray) -> list[tuple[int, int, float]]:
-    order = np.argsort(-table, axis=None, kind="stable")
-    return [(int(i // table.shape[1]), int(i % table.shape[1]), float(table.flat[i]))
-            for i in order]
+        print(f"  {label((lay, h)):<{len(str(lay)) + 5}}  {s:6.3f}  {freq[lay, h]:6.2f}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rh_lens.properties import ALWAYS_ON_LEVEL, THRESHOLD, TOPK
+    from rh_lens.heads import THRESHOLD
+    from rh_lens.properties import ALWAYS_ON_LEVEL, TOPK
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scores", type=Path, nargs="+", required=True,
@@ -82,6 +83,7 @@ def _run(args) -> int:
 
     from rh_lens import plotting
     from rh_lens import properties as P
+    from rh_lens.heads import labels
     from rh_lens.results import to_jsonable, write_json_atomic
 
     if any(k < 1 for k in args.topk):
@@ -124,7 +126,7 @@ def _run(args) -> int:
             "source": m.source, "score": m.score,
             "groups": None, "switch_on": None,
         }
-        on = " ".join(f"L{a}H{b}" for a, b in act.always_on) or "none"
+        on = " ".join(labels(act.always_on)) or "none"
         lines.append(f"{m.name}: always-on (frequency 1): {on}; >= {level}: "
                      f"{len(act.always_on_at_level)} heads; context-dependent retrieval heads: "
                      f"{len(act.context_dependent)}")

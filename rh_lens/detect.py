@@ -20,6 +20,7 @@ from jaxtyping import Bool, Float
 from rh_lens import scoring
 from rh_lens.decode import decode_greedy
 from rh_lens.errors import RhLensError
+from rh_lens.heads import group_table
 from rh_lens.niah import Haystack, Needle, build_trial
 from rh_lens.results import read_json, write_json_atomic, write_npz_atomic
 
@@ -273,9 +274,7 @@ class DetectResult:
 
     def group_scores(self, kind: str = "step") -> Float[np.ndarray, "n_layers n_kv_heads"]:
         """Mean of the query heads' scores within each key/value group."""
-        table = self.mean_scores(kind)
-        size = self.n_heads // self.n_kv_heads
-        return table.reshape(self.n_layers, self.n_kv_heads, size).mean(axis=-1)
+        return group_table(self.mean_scores(kind), self.n_kv_heads)
 
     def rouge_grid(self) -> Float[np.ndarray, "n_depths n_lengths"]:
         """Mean ROUGE-1 recall per (depth, context length), over needles."""

@@ -18,13 +18,12 @@ from jaxtyping import Float, Int, Real
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from rh_lens.heads import THRESHOLD, HeadLike, label
 from rh_lens.properties import (
     FACTORS,
-    THRESHOLD,
     ActivationResult,
     CorrelationMatrix,
     GroupResult,
-    Head,
     IntrinsicResult,
     SparsityResult,
     SwitchOnResult,
@@ -175,7 +174,7 @@ def plot_decode_steps(
     span: tuple[int, int],
     *,
     token_text: Sequence[str],
-    heads: Sequence[Head] | None = None,
+    heads: Sequence[HeadLike] | None = None,
     title: str = "Where each head looks while the answer is generated",
 ) -> go.Figure:
     """Per decode step (y, labelled with the emitted token) and head (x): dark where the head's
@@ -270,10 +269,6 @@ def save_figure(fig: go.Figure, path: str | Path) -> Path:
 # Property figures (results of rh_lens.properties)
 
 
-def _label(head: Head) -> str:
-    return f"L{head[0]}H{head[1]}"
-
-
 def plot_sparsity(results: dict[str, SparsityResult]) -> go.Figure:
     """Score-bin shares (%) per model as grouped bars."""
     fig = go.Figure([go.Bar(name=name, x=list(r.bin_labels), y=[100 * s for s in r.bins.values()],
@@ -319,7 +314,7 @@ def plot_switch_on(result: SwitchOnResult, *, title: str = "What switches heads 
     columns = [f"{f} {v:g}" for f, vals in zip(FACTORS, result.values, strict=True) for v in vals]
     z = np.concatenate(result.rates, axis=1) if result.heads else np.zeros((0, len(columns)))
     fig = go.Figure(go.Heatmap(
-        z=z, x=columns, y=[_label(h) for h in result.heads], colorscale=SEQUENTIAL,
+        z=z, x=columns, y=[label(h) for h in result.heads], colorscale=SEQUENTIAL,
         zmin=0.0, zmax=1.0, colorbar=dict(title=dict(text="activation rate")),
         hovertemplate="%{y} at %{x}: %{z:.2f}<extra></extra>"))
     fig.update_xaxes(title_text="context", type="category")
@@ -329,15 +324,15 @@ def plot_switch_on(result: SwitchOnResult, *, title: str = "What switches heads 
     return fig
 
 
-def plot_switch_on_grid(result: SwitchOnResult, head: Head, *, title: str = "") -> go.Figure:
+def plot_switch_on_grid(result: SwitchOnResult, head: HeadLike, *, title: str = "") -> go.Figure:
     """One head's activation rate per (depth, length), over needles."""
     head = (int(head[0]), int(head[1]))
     if head not in result.heads:
-        raise ValueError(f"{_label(head)} is not among the analysed heads")
+        raise ValueError(f"{label(head)} is not among the analysed heads")
     return plot_niah_grid(
         result.grid[result.heads.index(head)], depths=list(result.values[2]),
         lengths=[int(v) for v in result.values[1]], colorbar_title="activation rate",
-        title=title or f"{_label(head)}: activation rate by depth and length")
+        title=title or f"{label(head)}: activation rate by depth and length")
 
 
 def plot_universality(result: UniversalityResult) -> go.Figure:
