@@ -24,6 +24,7 @@ import json
 from pathlib import Path
 
 from analyses import _cli
+from rh_lens.heads import SPEC_HELP, THRESHOLD
 
 DEFAULT_MODEL = "zoo:llama-s"
 DEFAULT_KS = (1, 2, 4, 8, 16)
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", choices=("step", "set"), default="step",
                    help="which score of a detection directory ranks the heads")
     p.add_argument("--mask", action="append", default=[], metavar="SPEC",
-                   help="top:K | random:K | heads:L.H,... | groups:L.G,... (repeatable)")
+                   help=f"{SPEC_HELP} (repeatable; see rh_lens.heads)")
     p.add_argument("--ks", type=int, nargs="+", help="add top:K and random:K for each K")
     p.add_argument("--mode", choices=("uniform", "zero", "mean", "resample"), default="uniform",
                    help="uniform: the paper's zero query; zero, mean or resample the head output")
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 0 25 50 75 100)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-K draws")
     p.add_argument("--draws", type=int, default=3, help="random draws per K")
-    p.add_argument("--threshold", type=float, default=0.1,
+    p.add_argument("--threshold", type=float, default=THRESHOLD,
                    help="retrieval heads (score > this) are never drawn for random-K")
     p.add_argument("--exclude", default="", metavar="L.H,...",
                    help="further heads never drawn for random-K")
@@ -91,14 +92,9 @@ def _run(args, argv) -> int:
 
     from analyses._cli import detect_dir, slug
     from analyses.detect import _inputs
-    from rh_lens.ablation import (
-        AblationConfig,
-        compute_ablation,
-        conditions_from_masks,
-        parse_heads,
-        top_heads,
-    )
+    from rh_lens.ablation import AblationConfig, compute_ablation, conditions_from_masks
     from rh_lens.detect import DetectConfig
+    from rh_lens.heads import parse_heads, select_heads
     from rh_lens.models import load_model, model_facts, weights_fingerprint
     from rh_lens.properties import load_head_scores
     from rh_lens.results import RunMetadata
@@ -128,8 +124,9 @@ def _run(args, argv) -> int:
         masks += [f"top:{k}" for k in ks] + [f"random:{k}" for k in ks]
     conditions = conditions_from_masks(model, masks, scores=table, threshold=args.threshold,
                                        exclude=exclude, seed=args.seed, n_draws=args.draws)
-    watch = top_heads(model, table, min(args.watch, n_total)) if table is not None and args.watch \
-        else ()
+    watch = () if table is None or not args.watch else select_heads(
+        f"top:{min(args.watch, n_total)}", n_layers=facts.n_layers, n_heads=facts.n_heads,
+        scores=table)[0]
 
     ns = argparse.Namespace(needles=args.needles, haystack=args.haystack,
                             n_needles=args.n_needles, seed=args.needle_seed)
@@ -217,13 +214,13 @@ def write_outputs(out: Path, result, meta, identity: dict, scores) -> None:
                 f.write(json.dumps(r.to_json()) + "\n")
     name = identity["model"]
     figures = {
-        "k_curve": ablation.plot_k_curve(result, metric="rouge",
+        "k_curve": plotting.plot_k_curve(result, metric="rouge",
                                          title=f"{name}: NIAH vs masked heads"),
-        "k_curve_success": ablation.plot_k_curve(result, metric="success",
+        "k_curve_success": plotting.plot_k_curve(result, metric="success",
                                                  title=f"{name}: NIAH success vs masked heads"),
-        "grids": ablation.plot_grids(result, title=f"{name}: NIAH ROUGE-1 recall per condition"),
-        "errors": ablation.plot_error_types(result, title=f"{name}: output types"),
-        "failure_attention": ablation.plot_failure_attention(result),
+        "grids": plotting.plot_grids(result, title=f"{name}: NIAH ROUGE-1 recall per condition"),
+        "errors": plotting.plot_error_types(result, title=f"{name}: output types"),
+        "failure_attention": plotting.plot_failure_attention(result),
     }
     for fname, fig in figures.items():
         plotting.save_figure(fig, out / f"{fname}.html")

@@ -23,6 +23,7 @@ import argparse
 from pathlib import Path
 
 from analyses import _cli
+from rh_lens.heads import SPEC_HELP, THRESHOLD
 from rh_lens.zoo.tasks import HOP_FORMS
 
 DEFAULT_MODEL = "zoo:llama-s"
@@ -40,14 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=int, nargs="+", help=f"K of top:K and random:K (default "
                    f"{' '.join(map(str, DEFAULT_KS))}, as far as the model has heads)")
     p.add_argument("--mask", action="append", default=[], metavar="SPEC",
-                   help="further masks: top:K | random:K | heads:L.H,... | groups:L.G,...")
+                   help=f"further masks: {SPEC_HELP} (see rh_lens.heads)")
     p.add_argument("--mode", choices=("uniform", "zero"), default="uniform",
                    help="uniform: the paper's zero query; zero: head output 0")
     p.add_argument("--positions", choices=("decode", "all"), default="decode",
                    help="decode: only steps that predict a token (the paper); all: prefill too")
     p.add_argument("--draws", type=int, default=2, help="random draws per K")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-K draws")
-    p.add_argument("--threshold", type=float, default=0.1,
+    p.add_argument("--threshold", type=float, default=THRESHOLD,
                    help="retrieval heads (score > this) are never drawn for random-K")
     p.add_argument("--items", type=Path, help='JSONL of {"question", "answer", "context"?}')
     p.add_argument("--cot-template", default="{context}Question: {question}\nAnswer: Let's "
@@ -147,8 +148,8 @@ def _run(args, argv) -> int:
                 arrays={"accuracy": acc, "group_mean": mean, "group_std": std,
                         "scores": table})
     write_json_atomic(out / "summary.json", to_jsonable(summary), indent=2)
-    plotting.save_figure(cot.plot_cot(result, title=f"{args.model}: accuracy under "
-                                      f"{args.mode} masking"), out / "cot.html")
+    figure = plotting.plot_cot(result, title=f"{args.model}: accuracy under {args.mode} masking")
+    plotting.save_figure(figure, out / "cot.html")
 
     print(f"{args.mode} masking at {args.positions} positions; results in {out}")
     print(f"{'condition':<14} " + " ".join(f"{t:>17}" for t in result.tasks))

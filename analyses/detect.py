@@ -153,6 +153,7 @@ def _inputs(args):
 def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: int) -> None:
     """Save the result, its figures, and print the top heads."""
     from rh_lens import plotting
+    from rh_lens.heads import label
 
     summary = result.save(out, meta=meta, identity=identity, score=score)
     if not result.n_success:
@@ -178,7 +179,7 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
     print(f"{'head':>8}  {score:>6}  {'active':>6}")
     freq = result.activation_frequency()
     for lay, h, s in result.ranked(score)[:top]:
-        print(f"  L{lay}H{h:<3}  {s:6.3f}  {freq[lay, h]:6.2f}")
+        print(f"  {label((lay, h)):<{len(str(lay)) + 5}}  {s:6.3f}  {freq[lay, h]:6.2f}")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from rh_lens.errors import RhLensError
+    from rh_lens.heads import label
     from rh_lens.models import load_model, model_facts
 
     try:
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"generated: {''.join(s.token for s in steps)!r}")
     for step in steps:
-        heads = ", ".join(f"L{lay}H{h}@{pos}" for lay, h, pos in step.copying_heads[:8])
+        heads = ", ".join(f"{label((lay, h))}@{pos}" for lay, h, pos in step.copying_heads[:8])
         print(f"  {step.token!r:>14}  copied by: {heads or '-'}")
     return 0
 

@@ -7,19 +7,21 @@
 Pairs: the zoo's held-out needles (``rh_lens.niah.zoo_inputs``), each answer swapped for another
 answer of the same template with equal token length (``rh_lens.patching.zoo_pairs``).  Metric:
 logit difference of the clean vs corrupted answer token at the last prompt position.  Senders and
-receivers: ``top:K`` (the K best heads of --scores, a detection directory or a reference
-``head_score.json``), ``heads:L.H,...``; receivers also ``all`` (every head).  Writes into --out:
-``result.json`` + ``arrays.npz``, ``activation_patching.html`` (layer x head) and
-``path_patching.html`` (sender x receiver), and prints the strongest heads and paths.
+receivers: head sets of ``rh_lens.heads`` (``top:K``, the K best heads of --scores, a detection
+directory or a reference ``head_score.json``; ``heads:L.H,...``, ...); receivers also ``all``.
+Writes into --out: ``result.json`` + ``arrays.npz``, ``activation_patching.html`` (layer x head)
+and ``path_patching.html`` (sender x receiver), and prints the strongest heads and paths.
 """
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from analyses import _cli
+from rh_lens.heads import SPEC_HELP
 
 DEFAULT_MODEL = "zoo:llama-s"
 COMPONENTS = ("q", "k", "v", "direct")
@@ -40,12 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_backend_args(p)
     p.add_argument("--scores", type=Path, help="detection directory or head_score.json "
                    "(default: analyses.detect's default output for --model, when present) "
-                   "(needed by top:K)")
+                   "(needed by top:K, bottom:K and random:K)")
     p.add_argument("--score", choices=("step", "set"), default="step",
                    help="which score of a detection directory ranks the heads")
-    p.add_argument("--senders", default="top:8", help="top:K or heads:L.H,... (default top:8)")
+    p.add_argument("--senders", default="top:8",
+                   help=f"a head set: {SPEC_HELP} except all (default top:8)")
     p.add_argument("--receivers", default="top:8",
-                   help="top:K, heads:L.H,... or all (default top:8)")
+                   help=f"a head set: {SPEC_HELP} (default top:8)")
     p.add_argument("--components", type=parse_components, default=COMPONENTS,
                    help="receiver inputs: q,k,v,direct (default all four)")
     p.add_argument("--out", type=Path, help="output directory (default runs/path_patch/<model>)")
@@ -75,36 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     return run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
-def parse_heads(text: str, *, scores, n_layers: int, n_heads: int, what: str,
-                allow_all: bool = False) -> list[tuple[int, int]]:
-    """``top:K``, ``heads:L.H,...`` (or ``all``) as a list of heads."""
-    from rh_lens.hooks import validate_heads
-    from rh_lens.properties import ranked_heads
+def select(text: str, *, scores, shape: dict, seed: int, what: str,
+           allow_all: bool = False) -> tuple[tuple[int, int], ...]:
+    """One head set (``rh_lens.heads`` spec; ``all`` only where allowed)."""
+    from rh_lens.heads import parse_spec, select_heads
 
-    if allow_all and text == "all":
-        return [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    kind, _, rest = text.partition(":")
-    if kind == "top":
-        if scores is None:
-            raise ValueError(f"{what} {text}: top:K needs --scores (a detection directory)")
-        if not rest.isdigit() or int(rest) < 1:
-            raise ValueError(f"{what} {text}: K must be a positive integer")
-        return [(layer, head) for layer, head, _ in ranked_heads(scores)[: int(rest)]]
-    if kind == "heads" and rest:
-        try:
-            heads = [tuple(int(x) for x in item.split(".")) for item in rest.split(",")]
-        except ValueError:
-            raise ValueError(f"{what} {text}: write heads as L.H,L.H,...") from None
-        if any(len(h) != 2 for h in heads):
-            raise ValueError(f"{what} {text}: write heads as L.H,L.H,...")
-        return list(validate_heads(heads, n_layers, n_heads))
-    options = "top:K, heads:L.H,... or all" if allow_all else "top:K or heads:L.H,..."
-    raise ValueError(f"{what} must be {options}, got {text!r}")
+    spec = parse_spec(text)
+    if spec.kind == "all" and not allow_all:
+        raise ValueError(f"{what} {text}: 'all' is only for --receivers")
+    if spec.needs_scores and scores is None:
+        raise ValueError(f"{what} {text}: {spec.kind}:K needs --scores (a detection directory)")
+    try:
+        return select_heads(spec, scores=scores, seed=seed, **shape)[0]
+    except ValueError as err:
+        raise ValueError(f"{what} {text}: {err}") from None
 
 
 def _run(args, argv) -> int:
     from rh_lens import patching as P
-    from rh_lens.models import load_model
+    from rh_lens.models import load_model, model_facts
     from rh_lens.properties import load_head_scores
     from rh_lens.results import RunMetadata
 
@@ -112,7 +104,8 @@ def _run(args, argv) -> int:
         raise ValueError(f"--n-pairs must be positive, got {args.n_pairs}")
     model = load_model(args.model, device=args.device, dtype=args.dtype,
                        **_cli.backend_kwargs(args))
-    n_layers, n_heads, n_ctx = model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_ctx
+    facts = model_facts(model)
+    n_layers, n_heads, n_ctx = facts.n_layers, facts.n_heads, facts.n_ctx
     from analyses._cli import detect_dir
 
     scores, scores_path = None, args.scores
@@ -123,10 +116,10 @@ def _run(args, argv) -> int:
         if scores.shape != (n_layers, n_heads):
             raise ValueError(f"--scores {scores_path} has {scores.shape[0]}x{scores.shape[1]} "
                              f"heads, model {args.model} has {n_layers}x{n_heads}")
-    shape = dict(n_layers=n_layers, n_heads=n_heads)
-    senders = parse_heads(args.senders, scores=scores, what="--senders", **shape)
-    receiver_heads = parse_heads(args.receivers, scores=scores, what="--receivers",
-                                 allow_all=True, **shape)
+    shape = dict(n_layers=n_layers, n_heads=n_heads, n_kv_heads=facts.n_kv_heads)
+    senders = select(args.senders, scores=scores, shape=shape, seed=args.seed, what="--senders")
+    receiver_heads = select(args.receivers, scores=scores, shape=shape, seed=args.seed,
+                            what="--receivers", allow_all=True)
     receivers = P.head_receivers(receiver_heads, args.components)
     buffer = args.buffer if args.buffer is not None else min(200, n_ctx // 4)
     context_length = args.context_length or n_ctx * 3 // 4
@@ -153,8 +146,8 @@ def _run(args, argv) -> int:
 
 
 def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: int) -> None:
-    from rh_lens import patching as P
     from rh_lens import plotting
+    from rh_lens.heads import label
     from rh_lens.results import save_result, to_jsonable
 
     clean, corrupted = act.clean_logit_diff, act.corrupted_logit_diff
@@ -170,9 +163,9 @@ def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: i
         "receiver_head": np.array([-1 if r.head is None else r.head for r in receivers]),
         "receiver_component": np.array([r.component for r in receivers], dtype="<U6"),
     }
-    top_heads = _ranked_cells(act.effect, [f"L{i}" for i in range(act.effect.shape[0])],
-                              [f"H{j}" for j in range(act.effect.shape[1])], sep="")
-    top_paths = _ranked_cells(path.effect, path.sender_labels, path.receiver_labels, sep=" -> ")
+    top_heads = _ranked_cells(act.effect, lambda i, j: label((i, j)))
+    top_paths = _ranked_cells(path.effect, lambda i, j: f"{path.sender_labels[i]} -> "
+                              f"{path.receiver_labels[j]}")
     summary = to_jsonable({
         "n_pairs": int(clean.size),
         "clean_logit_diff": float(clean.mean()), "corrupted_logit_diff": float(corrupted.mean()),
@@ -183,10 +176,13 @@ def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: i
                                         strict=True)),
     }, nan_to_none=True, where="summary")
     save_result(out, kind="path_patch", config=config, meta=meta, summary=summary, arrays=arrays)
-    plotting.save_figure(P.plot_activation_patching(act, title=f"{name}: activation patching"),
-                         out / "activation_patching.html")
-    plotting.save_figure(P.plot_path_patching(path, title=f"{name}: path patching"),
-                         out / "path_patching.html")
+    figures = {
+        "activation_patching": plotting.plot_activation_patching(
+            act, title=f"{name}: activation patching"),
+        "path_patching": plotting.plot_path_patching(path, title=f"{name}: path patching"),
+    }
+    for fname, fig in figures.items():
+        plotting.save_figure(fig, out / f"{fname}.html")
     print(f"{clean.size} pairs: clean logit diff {clean.mean():.3f}, corrupted "
           f"{corrupted.mean():.3f} ({summary['pairs_discriminated']:.0%} of pairs "
           f"discriminated); results in {out}")
@@ -195,17 +191,16 @@ def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: i
               file=sys.stderr)
         return
     print("heads by activation-patching effect:")
-    for label, value in top_heads[:top]:
-        print(f"  {label:<10} {value:+.3f}")
+    for head, value in top_heads[:top]:
+        print(f"  {head:<10} {value:+.3f}")
     print("paths by effect (sender -> receiver):")
-    for label, value in top_paths[:top]:
-        print(f"  {label:<22} {value:+.3f}")
+    for edge, value in top_paths[:top]:
+        print(f"  {edge:<22} {value:+.3f}")
 
 
-def _ranked_cells(table: np.ndarray, rows: list[str], cols: list[str], *,
-                  sep: str) -> list[tuple[str, float]]:
-    """Finite cells by decreasing absolute value, labelled ``row + sep + col``."""
-    cells = [(f"{rows[i]}{sep}{cols[j]}", float(table[i, j]))
+def _ranked_cells(table: np.ndarray, name: Callable[[int, int], str]) -> list[tuple[str, float]]:
+    """Finite cells by decreasing absolute value, labelled ``name(row, column)``."""
+    cells = [(name(i, j), float(table[i, j]))
              for i in range(table.shape[0]) for j in range(table.shape[1])
              if np.isfinite(table[i, j])]
     return sorted(cells, key=lambda c: -abs(c[1]))

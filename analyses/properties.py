@@ -91,7 +91,7 @@ def _run(args) -> int:
                                       topk=args.topk, top=args.top,
                                       switch_on_heads=args.switch_on_heads)
     result.save(args.out)
-    figures = plotting.property_figures(result, file_name=_file_name)
+    figures = plotting.plot_property_summary(result, file_name=_file_name)
     for name, fig in figures.items():
         plotting.save_figure(fig, args.out / f"{name}.html")
     print(result.text)

@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float
 
 from rh_lens import scoring
 from rh_lens.decode import decode_greedy
+from rh_lens.heads import THRESHOLD, group_table, ranked_heads
 from rh_lens.models import model_facts
 from rh_lens.niah import Haystack, Needle, build_trial
 from rh_lens.results import (
@@ -35,7 +36,6 @@ from rh_lens.store import Record, StoreError, SweepStore, merge, read_record
 HEAD_SCORE_JSON = "head_score.json"
 TRIALS_JSONL = "trials.jsonl"
 SUMMARY_JSON = "summary.json"
-THRESHOLD = 0.1  # a retrieval head's mean score is above it
 Score = Literal["step", "set"]
 
 
@@ -253,9 +253,7 @@ class DetectResult:
 
     def group_scores(self, kind: str = "step") -> Float[np.ndarray, "n_layers n_kv_heads"]:
         """Mean of the query heads' scores within each key/value group."""
-        table = self.mean_scores(kind)
-        size = self.n_heads // self.n_kv_heads
-        return table.reshape(self.n_layers, self.n_kv_heads, size).mean(axis=-1)
+        return group_table(self.mean_scores(kind), self.n_kv_heads)
 
     def rouge_grid(self) -> Float[np.ndarray, "n_depths n_lengths"]:
         """Mean ROUGE-1 recall per (depth, context length), over needles."""
@@ -274,12 +272,7 @@ class DetectResult:
 
     def ranked(self, score: Score = "step") -> list[tuple[int, int, float]]:
         """Every head as ``(layer, head, score)``, highest first (empty if no trial succeeded)."""
-        if not self.n_success:
-            return []
-        table = self.mean_scores(score)
-        order = np.argsort(-table, axis=None, kind="stable")
-        return [(int(i // table.shape[1]), int(i % table.shape[1]), float(table.flat[i]))
-                for i in order]
+        return ranked_heads(self.mean_scores(score)) if self.n_success else []
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The aggregates as saved in ``arrays.npz``."""

@@ -1,25 +1,23 @@
-"""Hook names and hook factories: the only module of rh_lens that spells a hook name.
+"""Hook names: the only module of rh_lens that spells a hook name.
 
-Factories return lists of ``(hook_name, hook_fn)`` pairs for ``model.hooks(fwd_hooks=...)`` or
-``model.run_with_hooks``; they never attach anything themselves, so a ``with model.hooks(...)``
-block removes them again even when a hook raises.  Hooks never modify the activation they are
-given: they return a modified copy.
+Also :class:`LastQueryArgmax`, the recorder that decoding uses to read where each head's current
+query attends.  The hooks that change a run (masking, patching, capturing) are built by
+:mod:`rh_lens.interventions`; every factory returns a :data:`HookList` of ``(hook_name,
+hook_fn)`` pairs for ``model.hooks(fwd_hooks=...)`` or ``model.run_with_hooks`` and never
+attaches anything itself.
 
-Head indices are *query* heads.  In grouped-query models ``hook_k``/``hook_v`` are
-``[batch, pos, n_kv_heads, d_head]``, and query head ``h`` reads key/value head
-``h // (n_heads // n_kv_heads)``.
+In grouped-query models ``hook_k``/``hook_v`` are ``[batch, pos, n_kv_heads, d_head]``; see
+:func:`rh_lens.heads.kv_group` for which group a query head reads.
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-Head = tuple[int, int]
 HookList = list[tuple[str, Callable]]
-Positions = slice | Sequence[int] | Tensor
 
 
 def pattern(layer: int) -> str:
@@ -64,6 +62,27 @@ def resid_post(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
+def q_input(layer: int) -> str:
+    """Per-head query input ``[batch, pos, head_index, d_model]``; exists only with
+    ``cfg.use_split_qkv_input`` (see :func:`rh_lens.patching.receiver_mode`)."""
+    return f"blocks.{layer}.hook_q_input"
+
+
+def k_input(layer: int) -> str:
+    """Per-head key input; needs ``cfg.use_split_qkv_input``."""
+    return f"blocks.{layer}.hook_k_input"
+
+
+def v_input(layer: int) -> str:
+    """Per-head value input; needs ``cfg.use_split_qkv_input``."""
+    return f"blocks.{layer}.hook_v_input"
+
+
+def mlp_in(layer: int) -> str:
+    """The MLP's input ``[batch, pos, d_model]``; needs ``cfg.use_hook_mlp_in``."""
+    return f"blocks.{layer}.hook_mlp_in"
+
+
 def required_hook_names(n_layers: int) -> list[str]:
     """The hook points rh_lens relies on; :func:`rh_lens.models.load_model` checks them."""
     names = []
@@ -71,91 +90,6 @@ def required_hook_names(n_layers: int) -> list[str]:
         names += [pattern(layer), scores(layer), q(layer), k(layer), v(layer), z(layer)]
         names += [attn_out(layer), resid_pre(layer), resid_post(layer)]
     return names
-
-
-# --------------------------------------------------------------------------------------------
-# Head sets
-
-
-def validate_heads(heads: Iterable, n_layers: int, n_heads: int) -> tuple[Head, ...]:
-    """Check ``(layer, head)`` pairs against a model's shape; duplicates are dropped."""
-    out = []
-    for item in heads:
-        try:
-            layer, head = (int(x) for x in item)
-        except (TypeError, ValueError):
-            raise ValueError(f"a head must be a (layer, head) pair, got {item!r}") from None
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer {layer} of head {item!r} is out of range [0, {n_layers})")
-        if not 0 <= head < n_heads:
-            raise ValueError(f"head {head} of {item!r} is out of range [0, {n_heads})")
-        if (layer, head) not in out:
-            out.append((layer, head))
-    return tuple(out)
-
-
-def heads_by_layer(heads: Iterable[Head]) -> dict[int, list[int]]:
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-    return by_layer
-
-
-# --------------------------------------------------------------------------------------------
-# Ablation and patching hooks on [batch, pos, head_index, d_head] activations
-
-
-def _replace_heads(
-    heads: list[int], positions: Positions, value: Callable[[Tensor, list[int]], Tensor]
-) -> Callable:
-    index = torch.tensor(heads)
-
-    def hook(act: Float[Tensor, "batch pos head_index d_head"], hook) -> Tensor:
-        out = act.clone()
-        idx = index.to(act.device)
-        sub = out[:, positions]
-        sub[:, :, idx] = value(act[:, positions], heads).to(act.dtype)
-        out[:, positions] = sub
-        return out
-
-    return hook
-
-
-def zero_query_hooks(heads: Iterable[Head], *, positions: Positions = slice(None)) -> HookList:
-    """The paper's masking: a zero query makes the head attend uniformly over its keys.
-
-    The head then outputs the mean of its values over the visible keys.  Other heads,
-    including the masked head's key/value-group siblings, are untouched.
-    """
-    zero = lambda act, hs: torch.zeros_like(act[:, :, hs])  # noqa: E731
-    return [(q(layer), _replace_heads(hs, positions, zero))
-            for layer, hs in heads_by_layer(heads).items()]
-
-
-def zero_output_hooks(heads: Iterable[Head], *, positions: Positions = slice(None)) -> HookList:
-    """Zero ablation: the heads' outputs (``hook_z``) are set to 0."""
-    zero = lambda act, hs: torch.zeros_like(act[:, :, hs])  # noqa: E731
-    return [(z(layer), _replace_heads(hs, positions, zero))
-            for layer, hs in heads_by_layer(heads).items()]
-
-
-def replace_output_hooks(
-    heads: Iterable[Head],
-    source: dict[int, Float[Tensor, "batch pos head_index d_head"]],
-    *,
-    positions: Positions = slice(None),
-) -> HookList:
-    """Patch the heads' outputs with ``source[layer]`` (a ``hook_z`` activation of another run
-    or a mean over runs, broadcastable to the patched slice) at ``positions``."""
-    hooks = []
-    for layer, hs in heads_by_layer(heads).items():
-        src = source[layer]
-
-        def take(act, hs, src=src):
-            return src[:, positions][:, :, hs].to(act.device).expand_as(act[:, :, hs])
-
-        hooks.append((z(layer), _replace_heads(hs, positions, take)))
-    return hooks
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,16 +32,24 @@ from typing import Literal
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-from rh_lens.results import ResultFileError, group_heads, import_reference_json, load_result
+from rh_lens.heads import (
+    THRESHOLD,
+    HeadLike,
+    group_size,
+    group_table,
+    label,
+    ranked_heads,
+    score_table,
+)
+from rh_lens.results import ResultFileError, import_reference_json, load_result
+from rh_lens.types import HeadTable
 
-THRESHOLD = 0.1
 ALWAYS_ON_LEVEL = 0.95
 TOPK = (10, 20, 50, 100)
 BIN_LABELS = ("0", "(0, 0.1]", "(0.1, 0.5]", "(0.5, inf)")
 FACTORS = ("needle", "length", "depth")
 
-Head = tuple[int, int]
-Table = Float[np.ndarray, "n_layers n_heads"]
+Table = HeadTable
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,23 +208,6 @@ def _read_contexts(path: Path, success: np.ndarray) -> tuple[TrialContext, ...]:
     return tuple(out)
 
 
-def _table(table, name: str = "scores") -> np.ndarray:
-    table = np.asarray(table, dtype=np.float64)
-    if table.ndim != 2 or 0 in table.shape:
-        raise ValueError(f"{name} must be a non-empty [n_layers, n_heads] table, got {table.shape}")
-    if not np.isfinite(table).all():
-        raise ValueError(f"{name} holds NaN or inf (no successful trial?)")
-    return table
-
-
-def ranked_heads(table: Table) -> list[tuple[int, int, float]]:
-    """All heads as ``(layer, head, score)``, highest first; ties in layer-major order."""
-    table = _table(table)
-    order = np.argsort(-table, axis=None, kind="stable")
-    n_heads = table.shape[1]
-    return [(int(i // n_heads), int(i % n_heads), float(table.flat[i])) for i in order]
-
-
 def retrieval_heads(table: Table, *, threshold: float = THRESHOLD) -> list[tuple[int, int, float]]:
     """Heads whose score is strictly above ``threshold``, highest first."""
     return [h for h in ranked_heads(table) if h[2] > threshold]
@@ -248,7 +239,7 @@ class SparsityResult:
 
 def compute_sparsity(table: Table, *, threshold: float = THRESHOLD) -> SparsityResult:
     """Share of heads with score > ``threshold`` and the bins ``=0, (0,.1], (.1,.5], (.5,inf)``."""
-    table = _table(table)
+    table = score_table(table)
     if (table < 0).any():
         raise ValueError("retrieval scores are never negative")
     flat = table.ravel()
@@ -275,9 +266,9 @@ class ActivationResult:
     n_trials: int
     threshold: float
     level: float
-    always_on: tuple[Head, ...]
-    always_on_at_level: tuple[Head, ...]
-    context_dependent: tuple[Head, ...]
+    always_on: tuple[HeadLike, ...]
+    always_on_at_level: tuple[HeadLike, ...]
+    context_dependent: tuple[HeadLike, ...]
 
 
 def compute_activation(scores: HeadScores, *, threshold: float = THRESHOLD,
@@ -307,7 +298,7 @@ class SwitchOnResult:
     ``grid[head]`` is the rate per (depth, length) over needles, NaN where no trial succeeded.
     """
 
-    heads: tuple[Head, ...]
+    heads: tuple[HeadLike, ...]
     mean: Float[np.ndarray, " head"]
     frequency: Float[np.ndarray, " head"]
     values: tuple[tuple[float, ...], ...]
@@ -334,7 +325,7 @@ class SwitchOnResult:
         return rows
 
 
-def compute_switch_on(scores: HeadScores, *, heads: Sequence[Head] | None = None,
+def compute_switch_on(scores: HeadScores, *, heads: Sequence[HeadLike] | None = None,
                       threshold: float = THRESHOLD, max_heads: int = 10) -> SwitchOnResult:
     """Which contexts switch heads on; default heads: the ``max_heads`` highest-scoring
     context-dependent ones.  Needs per-trial contexts (an rh_lens detection directory)."""
@@ -347,7 +338,7 @@ def compute_switch_on(scores: HeadScores, *, heads: Sequence[Head] | None = None
     heads = tuple((int(a), int(b)) for a, b in heads)
     for layer, head in heads:
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ValueError(f"head L{layer}H{head} is outside {n_layers}x{n_heads}")
+            raise ValueError(f"head {label((layer, head))} is outside {n_layers}x{n_heads}")
     act = np.stack([scores.trial_active[:, a, b] for a, b in heads], axis=1) if heads else \
         np.zeros((scores.n_trials, 0), dtype=bool)
     act = act.astype(np.float64)
@@ -413,7 +404,7 @@ class UniversalityResult:
         for m in self.models:
             sp = m.sparsity
             bins = "|".join(f"{100 * s:.1f}" for s in sp.bins.values())
-            top = " ".join(f"L{a}H{b}({s:.2f})" for a, b, s in m.top_heads)
+            top = " ".join(f"{label((a, b))}({s:.2f})" for a, b, s in m.top_heads)
             lines.append(
                 f"{m.name[:24]:<24} {m.mean.shape[0]:>3}x{m.mean.shape[1]:<3} {m.n_trials:>6} "
                 f"{sp.n_retrieval:>4} ({100 * sp.share_retrieval:4.1f}%) {bins:>25} "
@@ -480,7 +471,8 @@ def compute_intrinsic(a: Float[np.ndarray, "a_layers a_heads"],
                       threshold: float = THRESHOLD) -> IntrinsicResult:
     """Pearson and Spearman of per-head scores, Jaccard of the top-K heads for each K, and of the
     retrieval-head sets; a ``ValueError`` for tables of different shapes."""
-    a, b = _table(a, f"scores of {names[0]!r}"), _table(b, f"scores of {names[1]!r}")
+    a = score_table(a, name=f"scores of {names[0]!r}")
+    b = score_table(b, name=f"scores of {names[1]!r}")
     if a.shape != b.shape:
         raise ValueError(
             f"cannot compare {names[0]!r} ({a.shape[0]}x{a.shape[1]}) with {names[1]!r} "
@@ -537,11 +529,9 @@ def group_scores(scores: HeadScores, *, reduce: Literal["mean", "max"] = "mean")
     query heads' scores, and it is active in a trial when any of its heads is."""
     if scores.n_kv_heads is None:
         raise ValueError(f"{scores.name}: number of KV heads unknown (give n_kv_heads)")
-    n_trials, n_layers, n_heads = scores.trial_scores.shape
-    size = n_heads // scores.n_kv_heads
-    active = scores.trial_active.reshape(n_trials, n_layers, scores.n_kv_heads, size).any(-1)
+    active = group_table(scores.trial_active, scores.n_kv_heads, reduce="any")
     return replace(scores, name=f"{scores.name} (KV groups)", n_kv_heads=None,
-                   trial_scores=group_heads(scores.trial_scores, scores.n_kv_heads, reduce=reduce),
+                   trial_scores=group_table(scores.trial_scores, scores.n_kv_heads, reduce=reduce),
                    trial_active=active)
 
 
@@ -564,10 +554,10 @@ class GroupResult:
 
 def compute_groups(table: Table, n_kv_heads: int, *, threshold: float = THRESHOLD) -> GroupResult:
     """Aggregate a score table per KV group and test the clustering of retrieval heads."""
-    table = _table(table)
-    group_mean = group_heads(table, n_kv_heads, reduce="mean")  # checks the divisibility
-    size = table.shape[1] // n_kv_heads
-    count = (table > threshold).reshape(table.shape[0], n_kv_heads, size).sum(-1).astype(np.int64)
+    table = score_table(table)
+    group_mean = group_table(table, n_kv_heads, reduce="mean")  # checks the divisibility
+    count = group_table(table > threshold, n_kv_heads, reduce="sum").astype(np.int64)
+    size = group_size(table.shape[1], n_kv_heads)
     n_slots, k = table.size, int(count.sum())
     n_groups = count.size
 

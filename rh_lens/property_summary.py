@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rh_lens import properties as P
+from rh_lens.heads import THRESHOLD, label, labels
 from rh_lens.results import ResultFileError, read_json, to_jsonable, write_json_atomic
 
 SUMMARY_JSON = "summary.json"
@@ -68,7 +69,7 @@ class PropertySummary:
 
 
 def compute_property_summary(
-    models: Sequence[P.HeadScores], *, threshold: float = P.THRESHOLD,
+    models: Sequence[P.HeadScores], *, threshold: float = THRESHOLD,
     level: float = P.ALWAYS_ON_LEVEL, topk: Sequence[int] = P.TOPK, top: int = 5,
     switch_on_heads: int = 10,
 ) -> PropertySummary:
@@ -96,7 +97,7 @@ def compute_property_summary(
             "source": m.source, "score": m.score,
             "groups": None, "switch_on": None,
         }
-        on = " ".join(f"L{a}H{b}" for a, b in act.always_on) or "none"
+        on = " ".join(labels(act.always_on)) or "none"
         lines.append(f"{m.name}: always-on (frequency 1): {on}; >= {level}: "
                      f"{len(act.always_on_at_level)} heads; context-dependent retrieval heads: "
                      f"{len(act.context_dependent)}")
@@ -166,7 +167,8 @@ def _switch_on_lines(sw: P.SwitchOnResult) -> list[str]:
         (on_v, on_r), (off_v, off_r) = row["on_when"], row["off_when"]
         eta = row["eta2"][row["factor"]]
         eta_text = "-" if eta is None else f"{eta:.2f}"
-        out.append(f"  L{row['layer']}H{row['head']:<5} {row['mean_score']:5.2f} "
+        name = label((row["layer"], row["head"]))
+        out.append(f"  {name:<{len(str(row['layer'])) + 7}} {row['mean_score']:5.2f} "
                    f"{row['frequency']:5.2f}  {row['factor']:<6} ({eta_text})     "
                    f"{row['factor']} {on_v:g}: {on_r:.2f}   {row['factor']} {off_v:g}: "
                    f"{off_r:.2f}")

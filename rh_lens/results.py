@@ -432,25 +432,3 @@ def import_reference_json(path: str | Path) -> Float[np.ndarray, "n_trials n_lay
         raise ResultFileError(f"{path}: '{layer}-{head}' trial {t} is {out[t, layer, head]}, "
                               "not finite")
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Grouped-query attention
-
-
-def group_heads(
-    table: Float[np.ndarray, "*batch n_layers n_heads"], n_kv_heads: int, *,
-    reduce: Literal["mean", "max"] = "mean",
-) -> Float[np.ndarray, "*batch n_layers n_kv_heads"]:
-    """Aggregate query heads per key/value group: head ``h`` is in group
-    ``h // (n_heads // n_kv_heads)``."""
-    table = np.asarray(table)
-    if table.ndim < 2:
-        raise ValueError(f"table must be [..., n_layers, n_heads], got shape {table.shape}")
-    n_heads = table.shape[-1]
-    if n_kv_heads < 1 or n_heads % n_kv_heads:
-        raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}")
-    if reduce not in ("mean", "max"):
-        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
-    grouped = table.reshape(*table.shape[:-1], n_kv_heads, n_heads // n_kv_heads)
-    return grouped.mean(-1) if reduce == "mean" else grouped.max(-1)

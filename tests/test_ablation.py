@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from rh_lens import ablation, hooks
+from rh_lens import ablation, hooks, interventions
 from rh_lens.ablation import AblationConfig, Condition, compute_ablation, conditions_from_masks
+from rh_lens.ablation import sweep as ablation_sweep
 from rh_lens.decode import decode_greedy
 from rh_lens.detect import DetectConfig, compute_detect
 from rh_lens.errors import RhLensError
+from rh_lens.heads import random_head_draws
 from rh_lens.models import ModelFacts, backend_of, tokenize
 from rh_lens.niah import BASE_TEMPLATE, Needle, TextHaystack, build_trial
 from tests.conftest import BACKENDS, CORPUS
@@ -30,10 +32,10 @@ def attached(model) -> int:
 def mode_kwargs(model, mode, heads, positions, n_prompt):
     """What each mode needs beyond the heads: a mean (over OTHER) or a donor run on OTHER."""
     if mode == "mean":
-        return {"mean_z": ablation.compute_mean_z(model, [tokenize(model, OTHER)])}
+        return {"mean_z": interventions.compute_mean_z(model, [tokenize(model, OTHER)])}
     if mode == "resample":
-        donor = ablation.capture_donor(model, tokenize(model, OTHER), heads, positions=positions,
-                                       max_new_tokens=3)
+        donor = interventions.capture_donor(model, tokenize(model, OTHER), heads,
+                                            positions=positions, max_new_tokens=3)
         return {"donor": donor, "n_prompt": n_prompt}
     return {}
 
@@ -50,7 +52,7 @@ def test_hooks_change_only_the_heads_they_name(tiny_gqa, mode):
     with torch.no_grad():
         _, clean = model.run_with_cache(tokens, names_filter=names)
         extra = mode_kwargs(model, mode, heads, "all", n)
-        prefill, decode = ablation.ablation_hooks(model, mode, heads, positions="all", **extra)
+        prefill, decode = interventions.ablation_hooks(model, mode, heads, positions="all", **extra)
         assert [name for name, _ in prefill] == [hooks.z(1) if mode != "uniform" else hooks.q(1)]
         with model.hooks(fwd_hooks=prefill):
             _, cache = model.run_with_cache(tokens, names_filter=names)
@@ -88,7 +90,7 @@ def test_uniform_mask_gives_exactly_uniform_attention_at_decode_steps(tiny_gqa):
         return rows
 
     clean = rows_of([])
-    prefill, decode = ablation.ablation_hooks(model, "uniform", [(1, 2)])
+    prefill, decode = interventions.ablation_hooks(model, "uniform", [(1, 2)])
     assert prefill == []
     masked = rows_of(decode)
     assert len(masked) == 4
@@ -105,7 +107,7 @@ def test_masking_nothing_is_the_clean_run(tiny_gqa, mode):
     model = tiny_gqa
     tokens = tokenize(model, TEXT)[None]
     extra = mode_kwargs(model, mode, [(0, 0)], "all", tokens.shape[1])
-    assert ablation.ablation_hooks(model, mode, [], positions="all", **extra) == ([], [])
+    assert interventions.ablation_hooks(model, mode, [], positions="all", **extra) == ([], [])
     (clean,) = decode_greedy(model, tokens, max_new_tokens=5)
     (same,) = decode_greedy(model, tokens, max_new_tokens=5, prefill_hooks=[], decode_hooks=[])
     np.testing.assert_array_equal(same.tokens, clean.tokens)
@@ -123,7 +125,7 @@ def test_decode_only_masking_leaves_the_prefilled_cache_clean(tiny_gqa, mode):
         prefill = []
         if positions is not None:
             extra = mode_kwargs(model, mode, heads, positions, tokens.shape[1])
-            prefill, decode = ablation.ablation_hooks(model, mode, heads, positions=positions,
+            prefill, decode = interventions.ablation_hooks(model, mode, heads, positions=positions,
                                                       **extra)
             assert decode  # decode steps are always masked
         decode_greedy(model, tokens, max_new_tokens=2, chunk_size=6,
@@ -142,27 +144,14 @@ FACTS = ModelFacts("facts", n_layers=4, n_heads=8, n_kv_heads=2, d_head=16, d_mo
                    d_vocab=10, n_ctx=64, positional="rotary")
 
 
-def test_random_draws_are_seeded_sized_nested_and_exclude_retrieval_heads():
+def test_random_conditions_are_named_per_draw_and_reproducible():
     scores = np.zeros((4, 8))
     scores[3, [1, 5]] = [0.9, 0.4]
-    scores[2, 0] = 0.1  # not above the threshold: may be drawn
-    draw = lambda k, **kw: ablation.random_head_draws(  # noqa: E731
-        FACTS, k, scores=scores, exclude=[(0, 0)], n_draws=5, **kw)
-    first = draw(6, seed=3)
-    assert first == draw(6, seed=3)
-    assert first != draw(6, seed=4)
-    assert len(first) == 5 and len(set(first)) > 1
-    for heads in first:
-        assert len(heads) == len(set(heads)) == 6
-        assert not {(3, 1), (3, 5), (0, 0)} & set(heads)
-    for small, big in zip(draw(2, seed=3), first, strict=True):  # one permutation per draw
-        assert set(small) <= set(big)
-    assert draw(29, seed=0)  # 32 heads - 2 retrieval - 1 excluded
-    with pytest.raises(ValueError, match="random-30 needs 30 heads but only 29"):
-        draw(30, seed=0)
     conds = conditions_from_masks(FACTS, ["random:3"], scores=scores, seed=1, n_draws=2)
     assert [c.name for c in conds] == ["none", "random-3-d0", "random-3-d1"]
     assert conds == conditions_from_masks(FACTS, ["random:3"], scores=scores, seed=1, n_draws=2)
+    draws = random_head_draws(3, n_layers=4, n_heads=8, scores=scores, seed=1, n_draws=2)
+    assert [c.heads for c in conds[1:]] == list(draws)
 
 
 def test_top_k_explicit_lists_and_kv_groups():
@@ -174,16 +163,21 @@ def test_top_k_explicit_lists_and_kv_groups():
     assert conds[1].heads == ((0, 3), (3, 7))
     assert conds[2].heads == ((0, 7), (1, 2))
     assert conds[3].heads == ((3, 4), (3, 5), (3, 6), (3, 7))
+    conds = conditions_from_masks(FACTS, ["bottom:3", "all", "groups:1.1,0.0"], scores=scores)
+    assert [c.name for c in conds] == ["none", "bottom-3", "all", "groups-L1G1_L0G0"]
+    assert conds[1].heads == ((0, 0), (0, 1), (0, 2)) and conds[1].k == 3
+    assert len(conds[2].heads) == 32
+    assert conds[3].heads == ((1, 4), (1, 5), (1, 6), (1, 7), (0, 0), (0, 1), (0, 2), (0, 3))
 
 
 @pytest.mark.parametrize("mask, message", [
     ("heads:0.8", "head 8 .* out of range"),
     ("heads:4.0", "layer 4 .* out of range"),
     ("heads:1-2", "write LAYER.HEAD"),
-    ("groups:0.2", "head 2 .* out of range"),
+    ("groups:0.2", "group 2 of L0G2 is out of range"),
     ("top:33", "top-33: K must be in"),
     ("random:x", "positive integer"),
-    ("bottom:3", "unknown mask"),
+    ("middle:3", "unknown head set"),
 ])
 def test_bad_head_sets_give_clear_errors(mask, message):
     with pytest.raises(ValueError, match=message):
@@ -192,11 +186,11 @@ def test_bad_head_sets_give_clear_errors(mask, message):
 
 def test_bad_hook_requests_give_clear_errors(tiny_gqa):
     with pytest.raises(ValueError, match="layer 2 .* out of range"):
-        ablation.ablation_hooks(tiny_gqa, "zero", [(2, 0)])
+        interventions.ablation_hooks(tiny_gqa, "zero", [(2, 0)])
     with pytest.raises(ValueError, match="needs mean_z"):
-        ablation.ablation_hooks(tiny_gqa, "mean", [(0, 0)])
+        interventions.ablation_hooks(tiny_gqa, "mean", [(0, 0)])
     with pytest.raises(ValueError, match="needs a donor"):
-        ablation.ablation_hooks(tiny_gqa, "resample", [(0, 0)])
+        interventions.ablation_hooks(tiny_gqa, "resample", [(0, 0)])
     with pytest.raises(ValueError, match="needs retrieval scores"):
         conditions_from_masks(tiny_gqa, ["top:1"])
     with pytest.raises(ValueError, match="another model"):
@@ -301,12 +295,12 @@ def test_no_hook_left_after_a_hook_raises(copy_setup, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ablation, "_donor_rows", boom)  # called inside the resample hook
+    monkeypatch.setattr(interventions, "_donor_rows", boom)  # called inside the resample hook
     cfg = AblationConfig(SWEEP, mode="resample", positions="all")
     with pytest.raises(RuntimeError, match="boom"):
         compute_ablation(model, needles, [HAYSTACK] * 2, [COPY], cfg, progress=False)
     assert attached(model) == 0
-    _, decode = ablation.ablation_hooks(model, "uniform", [(0, 1)])
+    _, decode = interventions.ablation_hooks(model, "uniform", [(0, 1)])
     with pytest.raises(RuntimeError, match="boom"):
         decode_greedy(model, tokenize(model, TEXT)[None], max_new_tokens=2,
                       decode_hooks=[*decode, (hooks.pattern(0), boom)])
@@ -321,7 +315,7 @@ def test_interrupted_sweep_resumes_without_losing_cells(copy_setup, tmp_path, mo
     conds = [NONE, COPY]
     full = compute_ablation(model, needles[:1], [HAYSTACK], conds, cfg, progress=False)
 
-    real, calls = ablation._run_cells, []
+    real, calls = ablation_sweep._run_cells, []
 
     def flaky(model, cond, todo, *args, **kwargs):
         calls.append(len(todo))
@@ -329,7 +323,7 @@ def test_interrupted_sweep_resumes_without_losing_cells(copy_setup, tmp_path, mo
             raise KeyboardInterrupt
         return real(model, cond, todo, *args, **kwargs)
 
-    monkeypatch.setattr(ablation, "_run_cells", flaky)
+    monkeypatch.setattr(ablation_sweep, "_run_cells", flaky)
     out = tmp_path / "sweep"
     with pytest.raises(KeyboardInterrupt):
         compute_ablation(model, needles[:1], [HAYSTACK], conds, cfg, out_dir=out, progress=False)

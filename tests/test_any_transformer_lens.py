@@ -71,14 +71,14 @@ def test_detect_script_records_the_backend(tmp_path):
 
 @pytest.mark.parametrize("mode", ["uniform", "zero"])
 def test_ablation_hooks_change_only_the_named_head_on_the_bridge(hf_dirs, mode):
-    from rh_lens import ablation
+    from rh_lens import interventions
 
     model = load_model(hf_dirs["qwen2"], backend="bridge")
     tokens = tokenize(model, TEXT)[None][:, :40]
     names = [hooks.pattern(1), hooks.z(1), hooks.v(1)]
     with torch.no_grad():
         _, clean = model.run_with_cache(tokens, names_filter=names)
-        prefill, _ = ablation.ablation_hooks(model, mode, [(1, 2)], positions="all")
+        prefill, _ = interventions.ablation_hooks(model, mode, [(1, 2)], positions="all")
         with model.hooks(fwd_hooks=prefill):
             _, masked = model.run_with_cache(tokens, names_filter=names)
     z, ref = masked[hooks.z(1)][0], clean[hooks.z(1)][0]

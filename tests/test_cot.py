@@ -12,6 +12,7 @@ from rh_lens.ablation import Condition, conditions_from_masks
 from rh_lens.decode import decode_greedy
 from rh_lens.errors import ContextTooLongError
 from rh_lens.models import tokenize
+from rh_lens.plotting import plot_cot
 from tests.conftest import BACKENDS
 from tests.known_answer import build_copy_model
 from tests.test_detect import HAYSTACK, single_token_word
@@ -157,7 +158,7 @@ def test_random_draws_are_grouped_with_their_spread(copy_task):
     assert result.group_names() == ["none", "top-1", "random-1"]
     np.testing.assert_array_equal(mean[:, 0], [1.0, 0.0, 1.0])
     np.testing.assert_array_equal(std[:, 0], [0.0, 0.0, 0.0])
-    fig = cot.plot_cot(result)
+    fig = plot_cot(result)
     assert [tr.name for tr in fig.data] == ["copy"] and list(fig.data[0].x) == result.group_names()
 
 

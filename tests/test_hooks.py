@@ -1,4 +1,4 @@
-"""Hook factories change exactly what they name, and never stay attached."""
+"""Hook names and the last-query argmax recorder."""
 
 import pytest
 import torch
@@ -21,65 +21,6 @@ def attached(model) -> int:
     return sum(len(hp._forward_hooks) for hp in model.hook_dict.values())
 
 
-def test_no_hook_left_attached_after_a_hook_raises(tiny_gqa, clean):
-    tokens, _ = clean
-
-    def boom(act, hook):
-        raise RuntimeError("boom")
-
-    fwd = hooks.zero_query_hooks([(0, 1)]) + [(hooks.pattern(1), boom)]
-    with pytest.raises(RuntimeError, match="boom"):
-        with tiny_gqa.hooks(fwd_hooks=fwd):
-            tiny_gqa(tokens)
-    assert attached(tiny_gqa) == 0
-    with pytest.raises(RuntimeError, match="boom"):
-        tiny_gqa.run_with_hooks(tokens, fwd_hooks=fwd)
-    assert attached(tiny_gqa) == 0
-
-
-def test_zero_query_gives_uniform_attention_for_that_head_only(tiny_gqa, clean):
-    tokens, base = clean
-    n = tokens.shape[1]
-    with torch.no_grad(), tiny_gqa.hooks(fwd_hooks=hooks.zero_query_hooks([(1, 2)])):
-        _, cache = tiny_gqa.run_with_cache(tokens)
-    pat = cache[hooks.pattern(1)][0]
-    uniform = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]
-    torch.testing.assert_close(pat[2], uniform)
-    # Every other head, its key/value-group sibling (head 3) included, is untouched.
-    for h in (0, 1, 3):
-        torch.testing.assert_close(pat[h], base[hooks.pattern(1)][0, h])
-    torch.testing.assert_close(cache[hooks.pattern(0)], base[hooks.pattern(0)])
-    assert attached(tiny_gqa) == 0
-
-
-def test_zero_output_only_at_named_positions(tiny_gqa, clean):
-    tokens, base = clean
-    fwd = hooks.zero_output_hooks([(0, 1)], positions=slice(-1, None))
-    with torch.no_grad(), tiny_gqa.hooks(fwd_hooks=fwd):
-        _, cache = tiny_gqa.run_with_cache(tokens)
-    zed, ref = cache[hooks.z(0)][0], base[hooks.z(0)][0]
-    assert torch.count_nonzero(zed[-1, 1]) == 0
-    torch.testing.assert_close(zed[:-1], ref[:-1])
-    torch.testing.assert_close(zed[-1, [0, 2, 3]], ref[-1, [0, 2, 3]])
-    resid, resid_ref = cache[hooks.resid_post(1)][0], base[hooks.resid_post(1)][0]
-    assert not torch.allclose(resid[-1], resid_ref[-1])
-    torch.testing.assert_close(resid[:-1], resid_ref[:-1])
-
-
-def test_replace_output_patches_from_another_run(tiny_gqa, clean):
-    tokens, base = clean
-    other = tokens.clone()
-    other[0, 3:6] = other[0, 8:11]
-    with torch.no_grad():
-        _, donor = tiny_gqa.run_with_cache(other)
-    source = {0: donor[hooks.z(0)]}
-    with torch.no_grad(), tiny_gqa.hooks(fwd_hooks=hooks.replace_output_hooks([(0, 2)], source)):
-        _, cache = tiny_gqa.run_with_cache(tokens)
-    torch.testing.assert_close(cache[hooks.z(0)][0, :, 2], donor[hooks.z(0)][0, :, 2])
-    torch.testing.assert_close(cache[hooks.z(0)][0, :, 0], base[hooks.z(0)][0, :, 0])
-    assert source[0] is donor[hooks.z(0)]  # the donor activation itself was not modified
-
-
 def test_last_query_argmax_equals_full_pattern(tiny_gqa, clean):
     tokens, base = clean
     rec = hooks.LastQueryArgmax(tiny_gqa.cfg.n_layers)
@@ -93,11 +34,10 @@ def test_last_query_argmax_equals_full_pattern(tiny_gqa, clean):
         hooks.LastQueryArgmax(3).table()
 
 
-def test_validate_heads():
-    assert hooks.validate_heads([(1, 2), (1, 2), [0, 0]], 2, 4) == ((1, 2), (0, 0))
-    with pytest.raises(ValueError, match="layer 2 .* out of range"):
-        hooks.validate_heads([(2, 0)], 2, 4)
-    with pytest.raises(ValueError, match="head 4 .* out of range"):
-        hooks.validate_heads([(0, 4)], 2, 4)
-    with pytest.raises(ValueError, match="pair"):
-        hooks.validate_heads([3], 2, 4)
+def test_input_hook_names_are_the_models_inside_receiver_mode(tiny_gqa):
+    from rh_lens.patching import Receiver, receiver_mode
+
+    names = [hooks.q_input(1), hooks.k_input(1), hooks.v_input(1), hooks.mlp_in(0)]
+    with receiver_mode(tiny_gqa, [Receiver("q", 1, 0), Receiver("mlp", 0)]):
+        assert set(names) <= set(tiny_gqa.hook_dict)
+    assert set(hooks.required_hook_names(2)) <= set(tiny_gqa.hook_dict)

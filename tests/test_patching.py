@@ -9,9 +9,12 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from rh_lens import hooks
 from rh_lens import patching as P
 from rh_lens.errors import RhLensError
+from rh_lens.interventions import replace_output_hooks
 from rh_lens.models import backend_of
 from rh_lens.niah import Needle, TextHaystack
 from rh_lens.patching import PatchConfig, PatchPair, Receiver
+from rh_lens.patching.runs import _positions as positions_of
+from rh_lens.plotting import plot_activation_patching, plot_path_patching
 from tests.conftest import BACKENDS, CORPUS, build_tiny_gqa, scaled_on
 from tests.known_answer import build_copy_model
 from tests.known_paths import HEAD_A, HEAD_B, HEAD_C, IDLE, build_path_model, path_pair
@@ -64,8 +67,8 @@ def plain_activation_patch(model, pairs, senders, positions) -> np.ndarray:
         for pair in pairs:
             _, cache = model.run_with_cache(pair.clean[None])
             source = {layer: cache[hooks.z(layer)] for layer in range(model.cfg.n_layers)}
-            pos = P._positions(pair, positions)
-            with model.hooks(fwd_hooks=hooks.replace_output_hooks(senders, source, positions=pos)):
+            pos = positions_of(pair, positions)
+            with model.hooks(fwd_hooks=replace_output_hooks(senders, source, positions=pos)):
                 logits = model(pair.corrupted[None])[0, -1].double()
             out.append(float(logits[pair.clean_answer] - logits[pair.corrupted_answer]))
     return np.array(out)
@@ -287,7 +290,7 @@ def test_copy_head_recovers_the_whole_logit_difference(tokenizer, backend):
     want[0, 1] = 1.0
     assert_close(res.normalized, want, atol=1e-6, rtol=0)
     assert_close(res.effect, want, atol=1e-6, rtol=0)
-    assert P.plot_activation_patching(res).data[0].z.shape == (1, 4)
+    assert plot_activation_patching(res).data[0].z.shape == (1, 4)
 
 
 # ------------------------------------------------------------------ hooks and errors
@@ -355,6 +358,6 @@ def test_path_patching_figure(tiny_gqa):
     res = P.compute_path_patching(tiny_gqa, pairs, [(0, 1), (1, 2)],
                                   P.head_receivers([(1, 0), (1, 2)], ["q", "direct"]))
     assert np.isnan(res.effect[1, :2]).all() and np.isfinite(res.effect[0]).all()
-    fig = P.plot_path_patching(res)
+    fig = plot_path_patching(res)
     assert list(fig.data[0].x) == ["L1H0.q", "L1H2.q", "direct", "all paths"]
     assert list(fig.data[0].y) == ["L0H1", "L1H2"]

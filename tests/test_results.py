@@ -16,7 +16,6 @@ from rh_lens.results import (
     SCHEMA_VERSION,
     RunMetadata,
     export_reference_json,
-    group_heads,
     import_reference_json,
     load_result,
     read_json,
@@ -330,19 +329,3 @@ def test_load_errors(tmp_path):
     (tmp_path / "arrays.npz").unlink()
     with pytest.raises(ValueError, match="no arrays.npz"):
         load_result(tmp_path)
-
-
-# --------------------------------------------------------------------------------------------
-# KV groups
-
-
-def test_group_heads():
-    table = np.array([[0.0, 0.2, 0.4, 0.8, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0, 0.3, 0.3]])
-    np.testing.assert_allclose(group_heads(table, 3), [[0.1, 0.6, 0.5], [1.0, 0.0, 0.3]])
-    np.testing.assert_allclose(group_heads(table, 2, reduce="max"), [[0.4, 1.0], [1.0, 0.3]])
-    assert np.array_equal(group_heads(table, 6), table)
-    stacked = np.stack([table, 2 * table])
-    assert group_heads(stacked, 3).shape == (2, 2, 3)
-    np.testing.assert_allclose(group_heads(stacked, 3)[1], 2 * group_heads(table, 3))
-    with pytest.raises(ValueError, match="n_heads=6 is not divisible by n_kv_heads=4"):
-        group_heads(table, 4)

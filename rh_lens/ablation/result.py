@@ -1,0 +1,120 @@
+"""An ablation sweep's records per condition, and their aggregates (the K-curve, grids, error
+types, where the watched heads look)."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from jaxtyping import Float, Int
+
+from rh_lens.ablation.conditions import Condition
+from rh_lens.ablation.config import AblationConfig
+from rh_lens.ablation.records import AblationRecord
+from rh_lens.ablation.taxonomy import ERROR_TYPES, PLACES
+from rh_lens.heads import HeadLike
+
+
+@dataclass(frozen=True)
+class KCurve:
+    """The paper's Figure 7: a metric vs the number of masked heads K.  ``ks`` starts at 0
+    (no head masked) when the sweep has the ``none`` condition; NaN where a K was not run."""
+
+    metric: str
+    ks: Int[np.ndarray, " n_k"]
+    top: Float[np.ndarray, " n_k"]
+    random: Float[np.ndarray, "n_draws n_k"]
+
+
+@dataclass(frozen=True)
+class AblationResult:
+    """Every condition's records (in cell order) and their aggregates."""
+
+    config: AblationConfig
+    conditions: tuple[Condition, ...]
+    records: tuple[tuple[AblationRecord, ...], ...]
+    watch: tuple[HeadLike, ...]
+    n_layers: int
+    n_heads: int
+    mean_z: Float[np.ndarray, "n_layers n_heads d_head"] | None = None
+
+    def condition(self, name: str) -> tuple[AblationRecord, ...]:
+        for cond, recs in zip(self.conditions, self.records, strict=True):
+            if cond.name == name:
+                return recs
+        raise KeyError(f"no condition {name!r}; have {[c.name for c in self.conditions]}")
+
+    def mean_rouge(self) -> Float[np.ndarray, " n_conditions"]:
+        return np.array([np.mean([r.rouge1_recall for r in recs]) if recs else np.nan
+                         for recs in self.records])
+
+    def success_rate(self) -> Float[np.ndarray, " n_conditions"]:
+        return np.array([np.mean([r.success for r in recs]) if recs else np.nan
+                         for recs in self.records])
+
+    def grids(self, metric: Literal["rouge", "success"] = "rouge"
+              ) -> Float[np.ndarray, "n_conditions n_depths n_lengths"]:
+        """Mean per (depth, context length) over needles, per condition."""
+        sweep = self.config.sweep
+        out = np.full((len(self.conditions), len(sweep.depths), len(sweep.lengths)), np.nan)
+        for c, recs in enumerate(self.records):
+            for i, depth in enumerate(sweep.depths):
+                for j, length in enumerate(sweep.lengths):
+                    vals = [r.rouge1_recall if metric == "rouge" else float(r.success)
+                            for r in recs if r.cell.length == length
+                            and np.isclose(r.cell.depth, depth)]
+                    if vals:
+                        out[c, i, j] = float(np.mean(vals))
+        return out
+
+    def error_counts(self) -> Int[np.ndarray, "n_conditions n_errors"]:
+        return np.array([[sum(r.error == e for r in recs) for e in ERROR_TYPES]
+                         for recs in self.records], dtype=np.int64).reshape(-1, len(ERROR_TYPES))
+
+    def attention_shares(self, *, failed: bool = True
+                         ) -> Float[np.ndarray, "n_conditions n_places"]:
+        """Share of the watched heads' decode steps per place, over failed (ROUGE-1 recall
+        <= 0.5) or successful trials; under ``uniform``, masked heads are left out."""
+        out = np.full((len(self.conditions), len(PLACES)), np.nan)
+        for c, (cond, recs) in enumerate(zip(self.conditions, self.records, strict=True)):
+            keep = [i for i, h in enumerate(self.watch)
+                    if not (self.config.mode == "uniform" and h in cond.heads)]
+            counts = sum((r.watch_places[keep].sum(axis=0) for r in recs
+                          if r.success != failed), np.zeros(len(PLACES)))
+            if counts.sum() > 0:
+                out[c] = counts / counts.sum()
+        return out
+
+    def k_curve(self, metric: Literal["rouge", "success"] = "rouge") -> KCurve:
+        values = self.mean_rouge() if metric == "rouge" else self.success_rate()
+        by_name = dict(zip((c.name for c in self.conditions), values, strict=True))
+        ks = sorted({c.k for c in self.conditions if c.kind in ("top", "random")})
+        has_none = "none" in by_name
+        ks = ([0] if has_none else []) + ks
+        draws = sorted({c.draw for c in self.conditions if c.kind == "random"}) or [0]
+        top = np.full(len(ks), np.nan)
+        random = np.full((len(draws), len(ks)), np.nan)
+        for j, k in enumerate(ks):
+            if k == 0:
+                top[j] = random[:, j] = by_name["none"]
+                continue
+            top[j] = by_name.get(f"top-{k}", np.nan)
+            for d_i, d in enumerate(draws):
+                random[d_i, j] = by_name.get(f"random-{k}-d{d}", np.nan)
+        return KCurve(metric, np.array(ks, dtype=np.int64), top, random)
+
+    def group_names(self) -> list[str]:
+        return list(dict.fromkeys(c.group for c in self.conditions))
+
+    def by_group(self, values: np.ndarray) -> np.ndarray:
+        """Per-condition values (first axis) averaged within each display group, NaN skipped."""
+        groups = [c.group for c in self.conditions]
+        return np.stack([_nanmean(values[[i for i, g in enumerate(groups) if g == name]])
+                         for name in self.group_names()])
+
+
+def _nanmean(rows: np.ndarray) -> np.ndarray:
+    """Mean over the first axis ignoring NaN; NaN (no warning) where a column has no value."""
+    finite = np.isfinite(rows)
+    count = finite.sum(axis=0)
+    total = np.where(finite, rows, 0.0).sum(axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
