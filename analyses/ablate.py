@@ -20,7 +20,6 @@ HTML figures (``k_curve``, ``k_curve_success``, ``grids``, ``errors``, ``failure
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from analyses import _cli
@@ -162,56 +161,10 @@ def _run(args, argv) -> int:
 
 
 def write_outputs(out: Path, result, meta, identity: dict, scores) -> None:
-    import numpy as np
-
+    """Save the result and its figures, and print the table of conditions."""
     from rh_lens import ablation, plotting
-    from rh_lens.results import save_result, to_jsonable, write_json_atomic
 
-    curves = {m: result.k_curve(m) for m in ("rouge", "success")}
-    arrays = {
-        "mean_rouge": result.mean_rouge(),
-        "success_rate": result.success_rate(),
-        "rouge_grids": result.grids("rouge"),
-        "success_grids": result.grids("success"),
-        "error_counts": result.error_counts(),
-        "failure_attention": result.attention_shares(failed=True),
-        "success_attention": result.attention_shares(failed=False),
-        "k": curves["rouge"].ks,
-        "k_top_rouge": curves["rouge"].top,
-        "k_random_rouge": curves["rouge"].random,
-        "k_top_success": curves["success"].top,
-        "k_random_success": curves["success"].random,
-    }
-    if scores is not None:
-        arrays["scores"] = np.asarray(scores)
-    if result.mean_z is not None:
-        arrays["mean_z"] = result.mean_z
-    rows = []
-    for c, cond in enumerate(result.conditions):
-        rows.append({
-            **cond.to_json(), "group": cond.group,
-            "mean_rouge1_recall": arrays["mean_rouge"][c],
-            "success_rate": arrays["success_rate"][c],
-            "errors": dict(zip(ablation.ERROR_TYPES, arrays["error_counts"][c].tolist(),
-                               strict=True)),
-            "failure_attention": dict(zip(ablation.PLACES, arrays["failure_attention"][c],
-                                          strict=True)),
-        })
-    summary = to_jsonable({
-        "mode": result.config.mode, "positions": result.config.positions,
-        "n_cells": len(result.records[0]), "watch": [list(h) for h in result.watch],
-        "conditions": rows,
-        "k_curve": {m: {"k": c.ks, "top": c.top, "random": c.random}
-                    for m, c in curves.items()},
-    }, nan_to_none=True, where="summary")
-    config = {**result.config.to_dict(), **identity,
-              "conditions": [c.to_json() for c in result.conditions]}
-    save_result(out, kind="ablation", config=config, meta=meta, summary=summary, arrays=arrays)
-    write_json_atomic(out / "summary.json", summary, indent=2)
-    with open(out / "trials.jsonl", "w", encoding="utf-8") as f:
-        for recs in result.records:
-            for r in recs:
-                f.write(json.dumps(r.to_json()) + "\n")
+    summary = result.save(out, meta=meta, identity=identity, scores=scores)
     name = identity["model"]
     figures = {
         "k_curve": plotting.plot_k_curve(result, metric="rouge",
@@ -230,7 +183,7 @@ def write_outputs(out: Path, result, meta, identity: dict, scores) -> None:
              "hallucinated": "halluc", "empty": "empty"}
     print(f"{'condition':<24} {'heads':>5} {'ROUGE':>6} {'success':>7}  "
           + " ".join(f"{short[e]:>6}" for e in ablation.ERROR_TYPES))
-    for row, cond in zip(rows, result.conditions, strict=True):
+    for row, cond in zip(summary["conditions"], result.conditions, strict=True):
         print(f"{cond.name:<24} {len(cond.heads):>5} {row['mean_rouge1_recall']:6.3f} "
               f"{row['success_rate']:7.2f}  "
               + " ".join(f"{n:>6}" for n in row["errors"].values()))

@@ -402,12 +402,3 @@ def compute_detect(
 
 
 
-
-def check_sweep_config(directory: Path, identity: dict, *, name: str = "sweep.json") -> None:
-    """Transitional: :meth:`SweepStore.open`."""
-    SweepStore.open(directory, identity, identity_file=name)
-
-
-def finished_cells(directory: Path) -> dict[str, Path]:
-    """Transitional: :meth:`SweepStore.finished`."""
-    return SweepStore(Path(directory)).finished()

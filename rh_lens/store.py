@@ -69,10 +69,10 @@ class SweepStore:
     identity_file: str = IDENTITY
 
     @classmethod
-    def open(cls, root: str | Path, identity: dict, *, identity_file: str = IDENTITY
-             ) -> "SweepStore":
+    def open(cls, root: str | Path, identity: dict, *, identity_file: str = IDENTITY,
+             what: str = "sweep") -> "SweepStore":
         """The store at ``root``, created with ``identity`` if new; a store that holds another
-        sweep is refused with the fields that differ."""
+        sweep (``what`` names it in the message) is refused with the fields that differ."""
         store = cls(Path(root), identity_file)
         path = store.root / identity_file
         wanted = _plain(identity)
@@ -81,7 +81,7 @@ class SweepStore:
             if existing != wanted:
                 diff = sorted(k for k in set(existing) | set(wanted)
                               if existing.get(k) != wanted.get(k))
-                raise StoreError(f"{store.root} holds cells of a different sweep (differs in: "
+                raise StoreError(f"{store.root} holds cells of a different {what} (differs in: "
                                  f"{', '.join(diff)}); use a new output directory")
         else:
             store.root.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,8 @@ class SweepStore:
     def sub(self, name: str, identity: dict, *, identity_file: str) -> "SweepStore":
         """The sub-store ``root/conditions/<name>`` (one head set of an ablation or CoT sweep)."""
         return SweepStore.open(self.root / "conditions" / name, identity,
-                               identity_file=identity_file)
+                               identity_file=identity_file,
+                               what=f"head set named {name!r} (other scores or seed?)")
 
     def _paths(self, key: str) -> tuple[Path, Path]:
         folder = self.root / CELLS

@@ -80,6 +80,12 @@ def test_ablate_gives_the_release_numbers(tmp_path):
     old = RELEASE / "ablate"
     _arrays_equal(out, old)
     assert _json(out / "summary.json") == _json(old / "summary.json")
+    from rh_lens.ablation import AblationResult
+
+    loaded = AblationResult.load(out)
+    assert [c.name for c in loaded.conditions] == ["none", "top-2", "random-2-d0"]
+    for name, value in loaded.arrays().items():
+        np.testing.assert_array_equal(value, load_result(old).arrays[name], err_msg=name)
 
 
 def test_cot_gives_the_release_outputs(tmp_path):

@@ -23,7 +23,7 @@
 
 from rh_lens.ablation.conditions import Condition, Kind, conditions_from_masks, model_shape
 from rh_lens.ablation.config import AblationConfig
-from rh_lens.ablation.records import RECORD_FORMAT, AblationRecord, read_record, write_record
+from rh_lens.ablation.records import AblationRecord
 from rh_lens.ablation.result import AblationResult, KCurve
 from rh_lens.ablation.sweep import compute_ablation, reference_prompts
 from rh_lens.ablation.taxonomy import (
@@ -46,9 +46,9 @@ from rh_lens.interventions import (
 )
 
 __all__ = [
-    "ERROR_TYPES", "MODES", "PLACES", "RECORD_FORMAT", "WHERE", "AblationConfig",
+    "ERROR_TYPES", "MODES", "PLACES", "WHERE", "AblationConfig",
     "AblationRecord", "AblationResult", "Condition", "Donor", "KCurve", "Kind", "Mode", "Regions",
     "Where", "ablation_hooks", "attention_places", "capture_donor", "classify_output",
     "compute_ablation", "compute_mean_z", "conditions_from_masks", "model_shape",
-    "prompt_regions", "read_record", "reference_prompts", "write_record",
+    "prompt_regions", "reference_prompts",
 ]

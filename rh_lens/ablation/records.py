@@ -1,17 +1,13 @@
-"""One record per (condition, cell) of an ablation sweep, and its files."""
+"""One record per (condition, cell) of an ablation sweep, as the sweep store keeps it."""
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from jaxtyping import Float, Int
 
 from rh_lens.detect import Cell
-from rh_lens.errors import RhLensError
-from rh_lens.results import read_json, write_json_atomic, write_npz_atomic
-
-RECORD_FORMAT = 1
+from rh_lens.store import Record, StoreError
 
 
 @dataclass(frozen=True)
@@ -33,37 +29,23 @@ class AblationRecord:
     donor: str | None = None
 
     def to_json(self) -> dict:
-        return {"record_format": RECORD_FORMAT, "condition": self.condition,
+        return {"condition": self.condition,
                 "cell": dataclasses.asdict(self.cell), "n_tokens": self.n_tokens,
                 "generated": self.generated, "rouge1_recall": self.rouge1_recall,
                 "success": self.success, "error": self.error, "donor": self.donor}
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"tokens": self.tokens, "step_score": self.step_score,
+                "watch_positions": self.watch_positions, "watch_places": self.watch_places}
 
-def _record_paths(directory: Path, key: str) -> tuple[Path, Path]:
-    return directory / "cells" / f"{key}.json", directory / "cells" / f"{key}.npz"
-
-
-def write_record(directory: Path, record: AblationRecord) -> None:
-    """Arrays first, then the JSON that marks the cell done (both atomic)."""
-    json_path, npz_path = _record_paths(directory, record.cell.key)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_npz_atomic(npz_path, tokens=record.tokens, step_score=record.step_score,
-                     watch_positions=record.watch_positions, watch_places=record.watch_places)
-    write_json_atomic(json_path, record.to_json())
-
-
-def read_record(json_path: Path) -> AblationRecord:
-    data = read_json(json_path)
-    if not isinstance(data, dict) or data.get("record_format") != RECORD_FORMAT:
-        raise RhLensError(f"{json_path}: not an ablation record of format {RECORD_FORMAT}")
-    try:
-        with np.load(json_path.with_suffix(".npz"), allow_pickle=False) as npz:
-            arr = {k: npz[k] for k in npz.files}
-        return AblationRecord(
-            data["condition"], Cell(**data["cell"]), data["n_tokens"], data["generated"],
-            data["rouge1_recall"], data["success"], data["error"], arr["tokens"],
-            arr["step_score"], arr["watch_positions"], arr["watch_places"], data["donor"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise RhLensError(f"{json_path}: cannot read the ablation record ({err})") from err
-
-
+    @classmethod
+    def from_record(cls, record: Record) -> "AblationRecord":
+        data, arr = record.fields, record.arrays
+        try:
+            return cls(
+                data["condition"], Cell(**data["cell"]), data["n_tokens"], data["generated"],
+                data["rouge1_recall"], data["success"], data["error"], arr["tokens"],
+                arr["step_score"], arr["watch_positions"], arr["watch_places"], data["donor"])
+        except (KeyError, TypeError) as err:
+            raise StoreError(f"cell {record.key}: not an ablation record (missing or bad "
+                             f"{err})") from None

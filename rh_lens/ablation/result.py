@@ -1,7 +1,9 @@
 """An ablation sweep's records per condition, and their aggregates (the K-curve, grids, error
 types, where the watched heads look)."""
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -11,7 +13,18 @@ from rh_lens.ablation.conditions import Condition
 from rh_lens.ablation.config import AblationConfig
 from rh_lens.ablation.records import AblationRecord
 from rh_lens.ablation.taxonomy import ERROR_TYPES, PLACES
+from rh_lens.detect import cells
 from rh_lens.heads import HeadLike
+from rh_lens.results import (
+    ResultFileError,
+    RunMetadata,
+    atomic_open,
+    load_result,
+    save_result,
+    to_jsonable,
+    write_json_atomic,
+)
+from rh_lens.store import SweepStore
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,104 @@ class AblationResult:
         groups = [c.group for c in self.conditions]
         return np.stack([_nanmean(values[[i for i, g in enumerate(groups) if g == name]])
                          for name in self.group_names()])
+
+
+    # ----------------------------------------------------------------------------------------
+    # On disk
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The aggregates as saved in ``arrays.npz``."""
+        curves = {m: self.k_curve(m) for m in ("rouge", "success")}
+        arrays = {
+            "mean_rouge": self.mean_rouge(),
+            "success_rate": self.success_rate(),
+            "rouge_grids": self.grids("rouge"),
+            "success_grids": self.grids("success"),
+            "error_counts": self.error_counts(),
+            "failure_attention": self.attention_shares(failed=True),
+            "success_attention": self.attention_shares(failed=False),
+            "k": curves["rouge"].ks,
+            "k_top_rouge": curves["rouge"].top,
+            "k_random_rouge": curves["rouge"].random,
+            "k_top_success": curves["success"].top,
+            "k_random_success": curves["success"].random,
+        }
+        if self.mean_z is not None:
+            arrays["mean_z"] = self.mean_z
+        return arrays
+
+    def summary(self) -> dict:
+        """Per condition: ROUGE, success rate, output types, where the watched heads looked in
+        failed trials; and the K-curves (NaN as None)."""
+        arrays = self.arrays()
+        rows = [{
+            **cond.to_json(), "group": cond.group,
+            "mean_rouge1_recall": arrays["mean_rouge"][c],
+            "success_rate": arrays["success_rate"][c],
+            "errors": dict(zip(ERROR_TYPES, arrays["error_counts"][c].tolist(), strict=True)),
+            "failure_attention": dict(zip(PLACES, arrays["failure_attention"][c], strict=True)),
+        } for c, cond in enumerate(self.conditions)]
+        curves = {m: self.k_curve(m) for m in ("rouge", "success")}
+        return to_jsonable({
+            "mode": self.config.mode, "positions": self.config.positions,
+            "n_cells": len(self.records[0]), "watch": [list(h) for h in self.watch],
+            "conditions": rows,
+            "k_curve": {m: {"k": c.ks, "top": c.top, "random": c.random}
+                        for m, c in curves.items()},
+        }, nan_to_none=True, where="summary")
+
+    def save(self, directory: str | Path, *, meta: RunMetadata, identity: dict | None = None,
+             scores: Float[np.ndarray, "n_layers n_heads"] | None = None) -> dict:
+        """Write the result beside its cells: ``result.json`` + ``arrays.npz`` (config with the
+        conditions, provenance, aggregates, and the ranking ``scores`` when given),
+        ``summary.json`` and ``trials.jsonl`` (one line per condition and cell).  Returns the
+        summary."""
+        directory = Path(directory)
+        arrays = self.arrays()
+        if scores is not None:
+            arrays["scores"] = np.asarray(scores)
+        summary = self.summary()
+        config = {**self.config.to_dict(), **(identity or {}),
+                  "conditions": [c.to_json() for c in self.conditions]}
+        save_result(directory, kind="ablation", config=config, meta=meta, summary=summary,
+                    arrays=arrays)
+        write_json_atomic(directory / "summary.json", summary, indent=2)
+        lines = [json.dumps(r.to_json()) for recs in self.records for r in recs]
+        with atomic_open(directory / "trials.jsonl", "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+        return summary
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "AblationResult":
+        """The saved result in ``directory``, its records read back from the sweep store."""
+        directory = Path(directory)
+        saved = load_result(directory)
+        if saved.kind != "ablation":
+            raise ResultFileError(f"{directory}: a {saved.kind!r} result, not an ablation")
+        store = SweepStore(directory)
+        identity = store.identity()
+        cfg = AblationConfig.from_dict(identity["config"])
+        conditions = tuple(Condition.from_json(c) for c in saved.config["conditions"])
+        n_needles = len(identity.get("needles") or saved.config.get("needles") or [])
+        if not n_needles:
+            raise ResultFileError(f"{directory}: the sweep does not list its needles")
+        todo = cells(n_needles, cfg.sweep)
+        records = []
+        for cond in conditions:
+            sub = SweepStore(directory / "conditions" / cond.name, "condition.json")
+            done = sub.finished()
+            missing = [c.key for c in todo if c.key not in done]
+            if missing:
+                raise ResultFileError(f"{sub.root}: {len(missing)} of {len(todo)} cells are "
+                                      f"missing (first: {missing[0]})")
+            records.append(tuple(AblationRecord.from_record(sub.read(c.key)) for c in todo))
+        shape = identity.get("shape") or {}
+        n_layers, n_heads = (shape.get("n_layers"), shape.get("n_heads"))
+        if n_layers is None:
+            n_layers, n_heads = records[0][0].step_score.shape
+        return cls(cfg, conditions, tuple(records),
+                   tuple(tuple(h) for h in identity.get("watch", [])), n_layers, n_heads,
+                   saved.arrays.get("mean_z"))
 
 
 def _nanmean(rows: np.ndarray) -> np.ndarray:

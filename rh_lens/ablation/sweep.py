@@ -17,17 +17,19 @@ from torch import Tensor
 
 from rh_lens.ablation.conditions import Condition, model_shape
 from rh_lens.ablation.config import AblationConfig
-from rh_lens.ablation.records import AblationRecord, read_record, write_record
+from rh_lens.ablation.records import AblationRecord
 from rh_lens.ablation.result import AblationResult
 from rh_lens.ablation.taxonomy import Regions, attention_places, classify_output, prompt_regions
 from rh_lens.decode import decode_greedy
-from rh_lens.detect import Cell, cells, check_sweep_config, finished_cells, score_trial
+from rh_lens.detect import Cell, cells, score_trial
 from rh_lens.errors import RhLensError
 from rh_lens.heads import HeadLike, validate_heads
 from rh_lens.interventions import ablation_hooks, capture_donor, compute_mean_z
 from rh_lens.models import tokenize
 from rh_lens.niah import Haystack, Needle, Trial, build_trial
-from rh_lens.results import read_json, write_json_atomic
+from rh_lens.store import SweepStore
+
+CONDITION_JSON = "condition.json"
 
 
 @dataclass(frozen=True)
@@ -76,17 +78,6 @@ def _run_cells(model, cond: Condition, todo: Sequence[Cell], prepared: dict[str,
     return records
 
 
-def _check_condition_dir(directory: Path, cond: Condition) -> None:
-    path = directory / "condition.json"
-    if path.is_file():
-        if read_json(path) != cond.to_json():
-            raise RhLensError(f"{directory} holds cells of a different head set named "
-                              f"{cond.name!r} (other scores or seed?); use a new output directory")
-    else:
-        directory.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, cond.to_json())
-
-
 def compute_ablation(
     model, needles: Sequence[Needle], haystacks: Sequence[Haystack],
     conditions: Sequence[Condition], cfg: AblationConfig, *, watch: Sequence[HeadLike] = (),
@@ -117,10 +108,10 @@ def compute_ablation(
                          "the same cell built with the next needle")
     sweep = cfg.sweep
     todo = cells(len(needles), sweep)
-    root = Path(out_dir) if out_dir is not None else None
-    if root is not None:
-        check_sweep_config(root, {"config": cfg.to_dict(), "watch": [list(h) for h in watch],
-                                  **(identity or {})})
+    root = None
+    if out_dir is not None:
+        root = SweepStore.open(out_dir, {"config": cfg.to_dict(),
+                                         "watch": [list(h) for h in watch], **(identity or {})})
     mean_z = None
     if cfg.mode == "mean":
         length = min(cfg.reference_length, model.cfg.n_ctx)
@@ -145,12 +136,12 @@ def compute_ablation(
               disable=not progress) as bar:
         for cond in conditions:
             by_key: dict[str, AblationRecord] = {}
-            directory = None
+            store = None
             if root is not None:
-                directory = root / "conditions" / cond.name
-                _check_condition_dir(directory, cond)
-                done = finished_cells(directory)
-                by_key = {c.key: read_record(done[c.key]) for c in todo if c.key in done}
+                store = root.sub(cond.name, cond.to_json(), identity_file=CONDITION_JSON)
+                done = store.finished()
+                by_key = {c.key: AblationRecord.from_record(store.read(c.key))
+                          for c in todo if c.key in done}
             bar.update(len(by_key))
             pending = [c for c in todo if c.key not in by_key]
             step = max(sweep.batch_size, 1) * 4
@@ -160,8 +151,8 @@ def compute_ablation(
                     prepare(cell)
                 for record in _run_cells(model, cond, chunk, prepared, cfg, watch=watch,
                                          mean_z=mean_z, donor_of=donor_of):
-                    if directory is not None:
-                        write_record(directory, record)
+                    if store is not None:
+                        store.write(record.cell.key, record.to_json(), record.arrays())
                     by_key[record.cell.key] = record
                     bar.update(1)
             results.append(tuple(by_key[c.key] for c in todo))
