@@ -15,7 +15,6 @@ and ``path_patching.html`` (sender x receiver), and prints the strongest heads a
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -146,36 +145,12 @@ def _run(args, argv) -> int:
 
 
 def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: int) -> None:
+    """Save the result and its figures, and print the strongest heads and paths."""
     from rh_lens import plotting
-    from rh_lens.heads import label
-    from rh_lens.results import save_result, to_jsonable
+    from rh_lens.patching import PatchingResult
 
-    clean, corrupted = act.clean_logit_diff, act.corrupted_logit_diff
-    receivers = path.receivers
-    arrays = {
-        "act_logit_diff": act.logit_diff, "act_effect": act.effect,
-        "act_normalized": act.normalized,
-        "path_logit_diff": path.logit_diff, "path_effect": path.effect,
-        "path_total": path.total, "path_total_effect": path.total_effect,
-        "clean_logit_diff": clean, "corrupted_logit_diff": corrupted,
-        "senders": np.array(path.senders, dtype=np.int64).reshape(-1, 2),
-        "receiver_layer": np.array([-1 if r.layer is None else r.layer for r in receivers]),
-        "receiver_head": np.array([-1 if r.head is None else r.head for r in receivers]),
-        "receiver_component": np.array([r.component for r in receivers], dtype="<U6"),
-    }
-    top_heads = _ranked_cells(act.effect, lambda i, j: label((i, j)))
-    top_paths = _ranked_cells(path.effect, lambda i, j: f"{path.sender_labels[i]} -> "
-                              f"{path.receiver_labels[j]}")
-    summary = to_jsonable({
-        "n_pairs": int(clean.size),
-        "clean_logit_diff": float(clean.mean()), "corrupted_logit_diff": float(corrupted.mean()),
-        "pairs_discriminated": float(((clean > 0) & (corrupted < 0)).mean()),
-        "senders": path.sender_labels, "receivers": path.receiver_labels,
-        "top_heads": top_heads[:top], "top_paths": top_paths[:top],
-        "sender_total_effect": dict(zip(path.sender_labels, path.total_effect.tolist(),
-                                        strict=True)),
-    }, nan_to_none=True, where="summary")
-    save_result(out, kind="path_patch", config=config, meta=meta, summary=summary, arrays=arrays)
+    result = PatchingResult(act, path)
+    summary = result.save(out, meta=meta, config=config, top=top)
     figures = {
         "activation_patching": plotting.plot_activation_patching(
             act, title=f"{name}: activation patching"),
@@ -183,6 +158,7 @@ def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: i
     }
     for fname, fig in figures.items():
         plotting.save_figure(fig, out / f"{fname}.html")
+    clean, corrupted = act.clean_logit_diff, act.corrupted_logit_diff
     print(f"{clean.size} pairs: clean logit diff {clean.mean():.3f}, corrupted "
           f"{corrupted.mean():.3f} ({summary['pairs_discriminated']:.0%} of pairs "
           f"discriminated); results in {out}")
@@ -191,19 +167,11 @@ def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: i
               file=sys.stderr)
         return
     print("heads by activation-patching effect:")
-    for head, value in top_heads[:top]:
+    for head, value in result.top_heads()[:top]:
         print(f"  {head:<10} {value:+.3f}")
     print("paths by effect (sender -> receiver):")
-    for edge, value in top_paths[:top]:
+    for edge, value in result.top_paths()[:top]:
         print(f"  {edge:<22} {value:+.3f}")
-
-
-def _ranked_cells(table: np.ndarray, name: Callable[[int, int], str]) -> list[tuple[str, float]]:
-    """Finite cells by decreasing absolute value, labelled ``name(row, column)``."""
-    cells = [(name(i, j), float(table[i, j]))
-             for i in range(table.shape[0]) for j in range(table.shape[1])
-             if np.isfinite(table[i, j])]
-    return sorted(cells, key=lambda c: -abs(c[1]))
 
 
 if __name__ == "__main__":

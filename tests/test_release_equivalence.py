@@ -127,6 +127,11 @@ def test_path_patch_gives_the_release_numbers(tmp_path):
                             "--receivers", "top:2", "--n-pairs", "2", "--out", str(out),
                             "--quiet"]) == 0
     _arrays_equal(out, RELEASE / "path_patch")
+    from rh_lens.patching import PatchingResult
+
+    for name, value in PatchingResult.load(out).arrays().items():
+        np.testing.assert_array_equal(value, load_result(RELEASE / "path_patch").arrays[name],
+                                      err_msg=name)
 
 
 def test_properties_give_the_release_summary(tmp_path):

@@ -36,7 +36,8 @@ patching, so the head's siblings keep theirs), a layer's MLP input, or ``direct`
 TransformerLens's split q/k/v inputs and restores the model's settings afterwards.
 
 Modules: :mod:`~rh_lens.patching.pairs`, :mod:`~rh_lens.patching.runs` (configuration, batches,
-metric), :mod:`~rh_lens.patching.activation`, :mod:`~rh_lens.patching.paths`; figures in
+metric), :mod:`~rh_lens.patching.activation`, :mod:`~rh_lens.patching.paths`, both saved as one
+:class:`~rh_lens.patching.result.PatchingResult`; figures in
 :mod:`rh_lens.plotting.patching`.
 """
 
@@ -54,11 +55,13 @@ from rh_lens.patching.paths import (
     path_patching_hooks,
     receiver_mode,
 )
+from rh_lens.patching.result import PatchingResult
 from rh_lens.patching.runs import Direction, PatchConfig, PositionSpec
 
 __all__ = [
     "HEAD_COMPONENTS", "ActivationPatchingResult", "Component", "Direction", "PairError",
-    "PatchConfig", "PatchPair", "PathPatchingResult", "PositionSpec", "Receiver", "all_receivers",
-    "compute_activation_patching", "compute_path_patching", "head_receivers", "make_pair",
-    "path_patch", "path_patching_hooks", "receiver_mode", "zoo_pairs",
+    "PatchConfig", "PatchPair", "PatchingResult", "PathPatchingResult", "PositionSpec",
+    "Receiver", "all_receivers", "compute_activation_patching", "compute_path_patching",
+    "head_receivers", "make_pair", "path_patch", "path_patching_hooks", "receiver_mode",
+    "zoo_pairs",
 ]
