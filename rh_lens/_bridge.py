@@ -1,9 +1,10 @@
 """The TransformerBridge backend: Hugging Face's own model, with TransformerLens's hook names.
 
-Private to :mod:`rh_lens.models`.  ``TransformerBridge`` (in transformer-lens 3.9 and the only
-engine of 4.x) wraps a Hugging Face model and recomputes attention eagerly inside it, so
-``hook_pattern`` & co. have HookedTransformer's names and shapes while the weights, rotary
-embeddings and key/value cache are Hugging Face's.  Three things live here:
+Private to :mod:`rh_lens.models` and :mod:`rh_lens.engine`.  ``TransformerBridge`` (in
+transformer-lens 3.9 and the only engine of 4.x) wraps a Hugging Face model and recomputes
+attention eagerly inside it, so ``hook_pattern`` & co. have HookedTransformer's names and
+shapes while the weights, rotary embeddings and key/value cache are Hugging Face's.  Three things
+live here:
 
 - loading: a local Hugging Face directory, a Hub name (from the local cache), or a
   HookedTransformer-format model (the zoo, llama2.c) converted in memory to the equivalent Hugging
@@ -27,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
+from rh_lens._loading import quiet_loading, require_rotary
 from rh_lens.errors import ModelLoadError
 
 TWIN_ATTR = "_rh_lens_sdpa_twin"
@@ -121,9 +123,7 @@ def load_hf_directory(path, *, device, dtype, n_ctx, fast_prefill) -> Transforme
     """A local Hugging Face checkpoint, read offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rh_lens.models import _quiet_loading
-
-    with _quiet_loading():
+    with quiet_loading():
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         try:
             hf_model = AutoModelForCausalLM.from_pretrained(
@@ -139,9 +139,7 @@ def load_named(name: str, *, device, dtype, n_ctx, fast_prefill) -> TransformerB
     """A Hub model (the caller has checked that it is cached or reachable)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rh_lens.models import _quiet_loading
-
-    with _quiet_loading():
+    with quiet_loading():
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             hf_model = AutoModelForCausalLM.from_pretrained(
@@ -167,8 +165,6 @@ def load_hooked_format(
 
 
 def boot(hf_model, tokenizer, *, name, source, device, dtype, n_ctx, fast_prefill):
-    from rh_lens.models import _quiet_loading, _require_rotary
-
     twin = None
     if fast_prefill is not False:
         try:
@@ -177,7 +173,7 @@ def boot(hf_model, tokenizer, *, name, source, device, dtype, n_ctx, fast_prefil
             if fast_prefill:
                 raise ModelLoadError(f"{source}: no SDPA fast prefill: {err}") from err
     tokenizer.init_kwargs.setdefault("name_or_path", tokenizer.name_or_path)
-    with _quiet_loading(), _quiet_tl_warnings():
+    with quiet_loading(), _quiet_tl_warnings():
         try:
             bridge = TransformerBridge.boot_transformers(
                 source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
@@ -187,7 +183,7 @@ def boot(hf_model, tokenizer, *, name, source, device, dtype, n_ctx, fast_prefil
                 from err
     bridge.cfg.model_name = name
     if n_ctx is not None:
-        _require_rotary(bridge.cfg.positional_embedding_type, bridge.cfg.n_ctx, n_ctx, source)
+        require_rotary(bridge.cfg.positional_embedding_type, bridge.cfg.n_ctx, n_ctx, source)
         bridge.cfg.n_ctx = n_ctx
     object.__setattr__(bridge, TWIN_ATTR, twin)  # not a submodule: no state_dict, no .to()
     _pass_cache_to_attention(bridge)

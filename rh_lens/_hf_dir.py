@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from rh_lens._loading import SUPPORTED_ARCHITECTURES, build_model, quiet_loading, require_rotary
 from rh_lens.errors import ModelLoadError
 
 TOKENIZER_FILES = (
@@ -32,8 +33,6 @@ def load(
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from rh_lens.models import SUPPORTED_ARCHITECTURES, _quiet_loading, _require_rotary, build_model
-
     architecture = (config.get("architectures") or [None])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
@@ -43,7 +42,7 @@ def load(
     _require_files(path)
     hf_config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     trained_ctx = _trained_context(hf_config)
-    with _quiet_loading(), _neutral_alias(path, _legacy_fields(config)) as alias:
+    with quiet_loading(), _neutral_alias(path, _legacy_fields(config)) as alias:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         cfg = loading.get_pretrained_model_config(
             str(alias),
@@ -54,7 +53,7 @@ def load(
             local_files_only=True,
         )
         if n_ctx is not None:
-            _require_rotary(cfg.positional_embedding_type, trained_ctx or cfg.n_ctx, n_ctx, path)
+            require_rotary(cfg.positional_embedding_type, trained_ctx or cfg.n_ctx, n_ctx, path)
             cfg.n_ctx = n_ctx
         _check_rotary(cfg, hf_config, path)
         hf_model = AutoModelForCausalLM.from_pretrained(

@@ -26,6 +26,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
+from rh_lens._loading import quiet_loading
 from rh_lens.errors import ModelLoadError
 
 __all__ = ["Llama2cCheckpoint", "hooked_config", "hooked_state_dict", "load", "load_tokenizer",
@@ -346,8 +347,6 @@ def load(
     Weights are loaded unprocessed (no LayerNorm folding or centring) and every parameter must
     be provided by the checkpoint; only buffers TL builds itself (rotary tables, masks) are not.
     """
-    from rh_lens.models import _quiet_loading
-
     model_path = Path(model_path)
     ckpt = read_checkpoint(model_path)
     if tokenizer_path is None:
@@ -355,7 +354,7 @@ def load(
     tok = load_tokenizer(tokenizer_path, vocab_size=ckpt.vocab_size)
     cfg = hooked_config(ckpt, n_ctx=n_ctx, device=device, dtype=dtype)
     state_dict = hooked_state_dict(ckpt, cfg)
-    with _quiet_loading():
+    with quiet_loading():
         model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state_dict))
@@ -368,6 +367,6 @@ def load(
         )
     missing_buffers, _ = model.load_state_dict(state_dict, strict=False)
     assert set(missing_buffers) <= set(dict(model.named_buffers())), missing_buffers
-    with _quiet_loading():
+    with quiet_loading():
         model = model.to(cfg.device)
     return model.eval()

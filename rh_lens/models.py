@@ -12,56 +12,61 @@ tokenizer, from any of:
 - a TransformerLens model name (``gpt2``, ``meta-llama/Llama-2-7b-hf``, ...), through
   ``HookedTransformer.from_pretrained`` where the weights are cached or the Hub is reachable.
 
-The rest of the package reaches a model only through the narrow surface defined here (model
-facts, tokenization without truncation, a forward of one chunk against a key/value cache) plus the
-model's own ``hooks()`` and ``run_with_cache`` and the hook names of :mod:`rh_lens.hooks`;
-both backends offer all of it (:mod:`rh_lens._bridge` holds the Bridge's side).
-Weights are never folded or centred: attention patterns do not depend on that processing, logits
-then equal the original model's, and processing costs 7-9x the model size in host memory.
+Once loaded, the rest of the package reaches a model only through the narrow surface of
+:mod:`rh_lens.engine` (model facts, tokenization without truncation, a forward of one chunk against
+a key/value cache), re-exported here.  The loaders are private: :mod:`rh_lens._bridge`,
+:mod:`rh_lens._hf_dir` and :mod:`rh_lens._llama2c`, over what they share in
+:mod:`rh_lens._loading`.  Weights are never folded or centred: attention patterns do not
+depend on that processing, logits then equal the original model's, and processing costs 7-9x the
+model size in host memory.
 """
 
-import contextlib
 import dataclasses
 import difflib
-import hashlib
 import json
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 from urllib.parse import urlparse
 
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens.model_bridge import TransformerBridge
 
 from rh_lens import _bridge
-from rh_lens.errors import ContextTooLongError, ModelLoadError, RhLensError
-
-try:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    HAS_HOOKED = True
-except ImportError:  # transformer-lens 4.x: the Bridge is the only engine
-
-    class HookedTransformer:  # type: ignore[no-redef]
-        """Placeholder: this transformer-lens has no HookedTransformer."""
-
-    class HookedTransformerConfig:  # type: ignore[no-redef]
-        """Placeholder: this transformer-lens has no HookedTransformerConfig."""
-
-    HAS_HOOKED = False
-
-Backend = Literal["hooked", "bridge"]
-BACKENDS = ("hooked", "bridge")
-DEFAULT_BACKEND: Backend = "hooked" if HAS_HOOKED else "bridge"
-Model = HookedTransformer | TransformerBridge
+from rh_lens._loading import (
+    HAS_HOOKED,
+    HookedTransformer,
+    HookedTransformerConfig,
+    build_model,
+    is_rebuilt_buffer,
+    quiet_loading,
+    require_rotary,
+)
+from rh_lens.engine import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    Backend,
+    KVState,
+    Model,
+    ModelFacts,
+    backend_of,
+    check_context,
+    forward_chunk,
+    model_facts,
+    new_kv_state,
+    require_hooked,
+    set_hook_flags,
+    tokenize,
+    tokenize_with_offsets,
+    weights_fingerprint,
+)
+from rh_lens.errors import ContextTooLongError, ModelLoadError
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_BACKEND",
+    "HAS_HOOKED",
     "ContextTooLongError",
     "KVState",
     "ModelFacts",
@@ -85,210 +90,7 @@ __all__ = [
 FORMAT_VERSION = 1
 ZOO_DIR = Path(__file__).resolve().parent / "zoo" / "models"
 
-# Causal-LM architectures whose Hugging Face weights TransformerLens 3.x converts.
-SUPPORTED_ARCHITECTURES = (
-    "GPT2LMHeadModel",
-    "GPTNeoForCausalLM",
-    "GPTNeoXForCausalLM",
-    "GPTJForCausalLM",
-    "OPTForCausalLM",
-    "BloomForCausalLM",
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "MixtralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "PhiForCausalLM",
-    "Phi3ForCausalLM",
-)
-
 DTypeSpec = torch.dtype | str | None  # "float32", "float16", "bfloat16", "float64"
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What an analysis needs to know about a model's shape, read from ``model.cfg``."""
-
-    name: str
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    d_head: int
-    d_model: int
-    d_vocab: int
-    n_ctx: int
-    positional: str
-
-    @property
-    def group_size(self) -> int:
-        """Query heads per key/value head (1 for multi-head attention)."""
-        return self.n_heads // self.n_kv_heads
-
-
-def backend_of(model: Any) -> Backend | None:
-    """``"bridge"`` for a TransformerBridge, ``"hooked"`` for a HookedTransformer, else None."""
-    if _bridge.is_bridge(model):
-        return "bridge"
-    return "hooked" if HAS_HOOKED and isinstance(model, HookedTransformer) else None
-
-
-def weights_fingerprint(model: Any) -> str:
-    """A short digest of the loaded parameters (each one's name, shape, and float64 sum, sum of
-    squares, first and last element), stored with resumable sweeps so that a rerun never mixes
-    the results of two weight sets saved under one name (a retrained zoo model, an updated
-    checkpoint).  One reduction per parameter, on the model's device.  The parameters are the
-    loaded ones, so the backend and TransformerLens's weight processing are part of it."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-            flat = param.detach().reshape(-1).double()
-            stats = torch.stack([flat.sum(), (flat * flat).sum(), flat[0], flat[-1]]).tolist()
-            digest.update(f"{name}{tuple(param.shape)}".encode())
-            digest.update(" ".join(f"{v:.9g}" for v in stats).encode())
-    return digest.hexdigest()[:16]
-
-
-def model_facts(model: Model) -> ModelFacts:
-    cfg = model.cfg
-    return ModelFacts(
-        name=cfg.model_name,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        n_kv_heads=cfg.n_key_value_heads or cfg.n_heads,
-        d_head=cfg.d_head,
-        d_model=cfg.d_model,
-        d_vocab=cfg.d_vocab,
-        n_ctx=cfg.n_ctx,
-        positional=cfg.positional_embedding_type,
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenization and the forward step
-
-
-def tokenize(
-    model: Model, text: str, *, prepend_bos: bool | None = None
-) -> Int[Tensor, " pos"]:
-    """Token ids of ``text``, never truncated (TransformerLens truncates to ``n_ctx`` silently)."""
-    return tokenize_with_offsets(model, text, prepend_bos=prepend_bos)[0]
-
-
-def tokenize_with_offsets(
-    model: Model, text: str, *, prepend_bos: bool | None = None
-) -> tuple[Int[Tensor, " pos"], list[tuple[int, int]]]:
-    """Token ids and the ``(start, end)`` character span of each token in ``text``.
-
-    A prepended BOS token gets the empty span ``(0, 0)``.  ``prepend_bos`` defaults to the
-    model's ``cfg.default_prepend_bos``.
-    """
-    tok = model.tokenizer
-    if tok is None:
-        raise ModelLoadError(f"model {model.cfg.model_name!r} has no tokenizer")
-    if prepend_bos is None:
-        prepend_bos = model.cfg.default_prepend_bos
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
-    ids = list(enc["input_ids"])
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    if prepend_bos:
-        ids = [tok.bos_token_id, *ids]
-        offsets = [(0, 0), *offsets]
-    return torch.tensor(ids, dtype=torch.long), offsets
-
-
-_BRIDGE_FLAG_SETTERS = {
-    "use_split_qkv_input": "set_use_split_qkv_input",
-    "use_hook_mlp_in": "set_use_hook_mlp_in",
-    "use_attn_result": "set_use_attn_result",
-}
-
-
-def set_hook_flags(model: Model, flags: dict[str, bool]) -> dict[str, bool]:
-    """Switch TransformerLens's optional hook points (``use_split_qkv_input``,
-    ``use_hook_mlp_in``, ``use_attn_result``, ``ungroup_grouped_query_attention``) and return
-    their previous values, for a second call that restores them.
-
-    A Bridge switches them through its own setters (they reach every attention component); it
-    has no ungrouped keys/values, so asking for those there is an error, not a silent no-op.
-    """
-    cfg = model.cfg
-    saved = {name: bool(getattr(cfg, name, False)) for name in flags}
-    bridge = _bridge.is_bridge(model)
-    for name, value in flags.items():  # refuse before changing anything
-        if bridge and name not in _BRIDGE_FLAG_SETTERS and bool(value) != saved[name]:
-            raise RhLensError(
-                f"{name} is not available on backend='bridge': the Bridge runs Hugging Face's "
-                "attention, which reads keys and values per KV head; per-query-head key/value "
-                "receivers of a grouped-query model need backend='hooked' (query, MLP and direct "
-                "receivers work on both)"
-            )
-    for name, value in flags.items():
-        if not bridge:
-            setattr(cfg, name, value)
-        elif name in _BRIDGE_FLAG_SETTERS:
-            getattr(model, _BRIDGE_FLAG_SETTERS[name])(value)
-    return saved
-
-
-def require_hooked(what: str, *, alternative: str = "") -> None:
-    """Raise :class:`ModelLoadError` naming ``what`` when this transformer-lens (4.x) has no
-    HookedTransformer."""
-    if not HAS_HOOKED:
-        raise ModelLoadError(
-            f"{what} needs transformer-lens 3.x (this one has no HookedTransformer); "
-            f"{alternative}install 'transformer-lens>=3.9,<4'"
-        )
-
-
-def check_context(model: Model, n_tokens: int, *, what: str = "prompt") -> None:
-    """Raise :class:`ContextTooLongError` when ``n_tokens`` exceeds the model's ``n_ctx``."""
-    n_ctx = model.cfg.n_ctx
-    if n_tokens > n_ctx:
-        raise ContextTooLongError(
-            f"{what} has {n_tokens} tokens but model {model.cfg.model_name!r} has n_ctx={n_ctx}; "
-            f"use shorter contexts or load the model with load_model(..., n_ctx={n_tokens}) "
-            "(rotary models only; quality beyond the trained length is not guaranteed)"
-        )
-
-
-@dataclass
-class KVState:
-    """Keys and values of everything forwarded so far, for one batch of sequences."""
-
-    cache: Any
-    n_tokens: int = 0
-
-
-def new_kv_state(model: Model, batch: int = 1) -> KVState:
-    if _bridge.is_bridge(model):
-        return KVState(_bridge.new_cache(model, batch))
-    from transformer_lens import TransformerLensKeyValueCache
-
-    return KVState(TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch))
-
-
-def forward_chunk(
-    model: Model, tokens: Int[Tensor, "batch pos"], state: KVState
-) -> Float[Tensor, "batch pos d_vocab"]:
-    """Forward ``tokens`` after everything already in ``state`` and append their keys/values.
-
-    An all-ones attention mask is passed explicitly: with a cache, TransformerLens otherwise
-    builds the mask from ``tokenizer.pad_token_id`` and silently masks real tokens with that id.
-    A Bridge with the fast prefill forwards a multi-token chunk with Hugging Face's SDPA
-    kernels when no hook is attached (see :mod:`rh_lens._bridge`).
-    """
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
-    check_context(model, state.n_tokens + tokens.shape[1], what="sequence")
-    tokens = tokens.to(model.cfg.device)
-    if _bridge.is_bridge(model):
-        logits = _bridge.forward_chunk(model, tokens, state.cache, state.n_tokens)
-    else:
-        logits = model(
-            tokens, past_kv_cache=state.cache, attention_mask=torch.ones_like(tokens)
-        )
-    state.n_tokens += tokens.shape[1]
-    return logits
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,7 +218,7 @@ def _load_llama2c(rest: str, device, dtype, n_ctx, how: _How) -> Model:
     )
     if not how.bridge:
         return model
-    state_dict = {k: v for k, v in model.state_dict().items() if not _is_rebuilt_buffer(k)}
+    state_dict = {k: v for k, v in model.state_dict().items() if not is_rebuilt_buffer(k)}
     return _bridge.load_hooked_format(
         _config_to_json(model.cfg), state_dict, model.tokenizer, device=device, dtype=dtype,
         fast_prefill=how.fast_prefill, source=model_path,
@@ -475,7 +277,7 @@ def _load_named(name: str, device, dtype, n_ctx, how: _How) -> Model:
     if how.bridge:
         return _bridge.load_named(official, device=device, dtype=dtype, n_ctx=n_ctx,
                                   fast_prefill=how.fast_prefill)
-    with _quiet_loading():
+    with quiet_loading():
         try:
             return HookedTransformer.from_pretrained_no_processing(
                 official, device=device, dtype=dtype, n_ctx=n_ctx
@@ -509,61 +311,6 @@ def _require_weights_reachable(official: str) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def _quiet_loading():
-    """Silence TransformerLens's per-load banner and deprecation notes; errors still raise."""
-    import logging
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", message=".*deprecated.*")
-            with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
-                yield
-    finally:
-        logger.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def build_model(
-    cfg: HookedTransformerConfig, state_dict: dict[str, Tensor], tokenizer
-) -> HookedTransformer:
-    """A HookedTransformer from a config and an unprocessed TransformerLens state dict."""
-    from transformer_lens.loading_from_pretrained import fill_missing_keys
-
-    # TL's set_tokenizer reads init_kwargs["name_or_path"], absent from in-memory tokenizers.
-    tokenizer.init_kwargs.setdefault("name_or_path", tokenizer.name_or_path)
-    with _quiet_loading():
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        # Converters omit biases the architecture does not have (GPT-2's unembed bias): TL
-        # fills those with zeros, and the remaining check below still catches real gaps.
-        state_dict = fill_missing_keys(model, state_dict)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    # Rotary tables, masks and IGNORE constants are buffers TL rebuilds itself.
-    missing = [k for k in missing if not _is_rebuilt_buffer(k)]
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"weights do not fit the model config: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}"
-        )
-    with _quiet_loading():
-        return model.to(cfg.device)
-
-
-def _is_rebuilt_buffer(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in {"mask", "IGNORE", "rotary_sin", "rotary_cos"}
-
-
 # --------------------------------------------------------------------------------------------
 # rh_lens's own directory format (used by the zoo)
 
@@ -587,7 +334,7 @@ def save_model_dir(
     weights = {
         k: v.detach().to("cpu").contiguous()
         for k, v in state_dict.items()
-        if not _is_rebuilt_buffer(k)
+        if not is_rebuilt_buffer(k)
     }
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = {"rh_lens_format": FORMAT_VERSION, "hooked_config": _config_to_json(cfg)}
@@ -627,7 +374,7 @@ def _load_rh_lens_dir(path: Path, device, dtype, n_ctx, how: _How) -> Model:
         )
     fields = dict(config["hooked_config"])
     if n_ctx is not None:
-        _require_rotary(fields.get("positional_embedding_type"), fields["n_ctx"], n_ctx, path)
+        require_rotary(fields.get("positional_embedding_type"), fields["n_ctx"], n_ctx, path)
         fields["n_ctx"] = n_ctx
     if not how.bridge:
         try:
@@ -650,14 +397,6 @@ def _load_rh_lens_dir(path: Path, device, dtype, n_ctx, how: _How) -> Model:
                                           source=str(path))
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     return build_model(cfg, state_dict, tokenizer)
-
-
-def _require_rotary(positional: str | None, trained: int, wanted: int, source) -> None:
-    if wanted > trained and positional != "rotary":
-        raise ModelLoadError(
-            f"{source}: n_ctx={wanted} exceeds the trained context {trained}, and only rotary "
-            f"models can be extended (this one uses {positional!r} positions)"
-        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,6 +3,12 @@
 The backend matrix: ``backend`` runs a test once per engine that this transformer-lens has
 (``hooked`` and ``bridge`` on 3.x, ``bridge`` alone on 4.x), and ``tiny_gqa`` is built once per
 engine, so every test that takes it runs on both.
+
+The markers (registered in pyproject.toml): ``slow`` (more than about 5 s; every notebook is
+marked here), ``tl4`` (must also pass under transformer-lens 4.x, where CI runs ``pytest -m tl4``;
+there only the test modules that mark some test ``tl4`` are collected, since the others need the
+HookedTransformer and may not even import) and ``needs_shared`` (reads ``../shared``; skipped here,
+with the reason, when it is absent).
 """
 
 from pathlib import Path
@@ -23,12 +29,40 @@ CORPUS = [
 ] * 25
 
 
+_RUNNING = []  # the test item being set up or run, for shared_path's check of its marker
+
+
 def shared_path(*parts: str) -> Path:
-    """A path inside ``../shared``; the calling test is skipped when it is absent."""
+    """A path inside ``../shared`` for a test marked ``needs_shared``; the test is skipped when
+    the path is absent."""
+    if _RUNNING and not _RUNNING[0].get_closest_marker("needs_shared"):
+        raise AssertionError(f"{_RUNNING[0].nodeid} reads ../shared: mark it needs_shared")
     path = SHARED.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"{path} is not available")
     return path
+
+
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    """Without the HookedTransformer (transformer-lens 4.x), collect only the test modules that
+    mark some test ``tl4``: the others are not meant to run there and may not import."""
+    if HAS_HOOKED or not (collection_path.name.startswith("test_")
+                          and collection_path.suffix == ".py"):
+        return None
+    return "pytest.mark.tl4" not in collection_path.read_text(encoding="utf-8")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    _RUNNING[:] = [item]
+    if item.get_closest_marker("needs_shared") and not SHARED.is_dir():
+        pytest.skip(f"needs_shared: {SHARED} is not available")
 
 
 def train_tokenizer(vocab_size: int = 320):

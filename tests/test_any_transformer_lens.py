@@ -16,6 +16,8 @@ from rh_lens.models import DEFAULT_BACKEND, HAS_HOOKED, load_model, tokenize
 from rh_lens.niah import Needle, TextHaystack
 from rh_lens.zoo.prose import Prose
 
+pytestmark = pytest.mark.tl4
+
 TEXT = "Once upon a time there was a girl named Mara who lived in Tolbrook by the sea. " * 3
 
 

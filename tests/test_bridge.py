@@ -131,6 +131,7 @@ def test_zoo_format_loads_on_the_bridge_as_an_hf_model(zoo_dirs, family):
     assert longer.cfg.n_ctx == 300
 
 
+@pytest.mark.needs_shared
 def test_llama2c_adjacent_pair_rotary_converts_exactly():
     path = shared_path("models", "llama2c", "stories260K.bin")
     hooked = load_model(f"llama2c:{path}")

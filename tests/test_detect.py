@@ -203,6 +203,7 @@ def test_bad_sweep_settings():
         detect.cells(1, SWEEP, shard=(2, 2))
 
 
+@pytest.mark.needs_shared
 def test_fast_engine_equals_slow_on_real_pretrained_weights():
     """stories260K, a real model nobody here trained: same tokens and argmax positions."""
     from rh_lens.models import load_model

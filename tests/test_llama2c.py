@@ -16,8 +16,11 @@ import torch
 
 from rh_lens import _llama2c
 from rh_lens.errors import ModelLoadError
+from tests.conftest import SHARED
 
-LLAMA2C = Path(__file__).resolve().parents[2] / "shared" / "models" / "llama2c"
+pytestmark = pytest.mark.needs_shared
+
+LLAMA2C = SHARED / "models" / "llama2c"
 MODEL = LLAMA2C / "stories260K.bin"
 TOKENIZER = LLAMA2C / "tok512.bin"
 

@@ -16,6 +16,8 @@ from rh_lens.niah import (
 )
 from tests.conftest import CORPUS, shared_path
 
+pytestmark = pytest.mark.tl4
+
 NEEDLE = Needle(
     "The secret ingredient of Mara's soup is purple ginger and sea salt.",
     "What is the secret ingredient of Mara's soup?",
@@ -111,6 +113,7 @@ def test_malformed_needles_file(tmp_path):
         read_needles(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.needs_shared
 def test_reference_inputs_load_and_build(model):
     root = shared_path("data", "official_niah")
     needles, haystacks = reference_inputs(root)

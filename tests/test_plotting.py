@@ -14,6 +14,8 @@ from rh_lens.plotting import (
     save_figure,
 )
 
+pytestmark = pytest.mark.tl4
+
 # 3 layers x 5 heads: not square, so a transposed table cannot pass.
 TABLE = np.arange(15, dtype=np.float64).reshape(3, 5) / 15
 

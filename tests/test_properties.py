@@ -14,6 +14,8 @@ from rh_lens import properties as P
 from rh_lens.results import RunMetadata, export_reference_json, save_result
 from tests.conftest import shared_path
 
+pytestmark = pytest.mark.tl4
+
 # ------------------------------------------------------------------------------ helpers
 
 
@@ -354,6 +356,7 @@ def test_script_reports_bad_arguments(tmp_path, capsys):
     assert "--topk values must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.needs_shared
 def test_released_llama_2_7b_scores_match_the_paper():
     scores = P.load_head_scores(
         shared_path("data", "official_head_scores", "llama-2-7b-80k.json"))

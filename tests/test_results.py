@@ -24,11 +24,9 @@ from rh_lens.results import (
     write_json_atomic,
     write_npz_atomic,
 )
+from tests.conftest import shared_path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SCORES = SHARED / "data" / "official_head_scores"
-
-# Figures from docs/retrieval-heads.md section 4: (layers, heads, trials, heads with mean > 0.1).
+# The released score files' figures: (layers, heads, trials, heads with mean > 0.1).
 OFFICIAL = {
     "llama-2-7b-80k": (32, 32, 586, 33),
     "llama-2-13b-64k": (40, 40, 367, 33),
@@ -41,9 +39,7 @@ OFFICIAL = {
 
 
 def official(name: str) -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"{SHARED} is not available")
-    return SCORES / f"{name}.json"
+    return shared_path("data", "official_head_scores") / f"{name}.json"
 
 
 def files(directory: Path) -> list[str]:
@@ -54,6 +50,7 @@ def files(directory: Path) -> list[str]:
 # The released reference score files (known answers)
 
 
+@pytest.mark.needs_shared
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_official_scores_known_answers(name):
     n_layers, n_heads, n_trials, n_retrieval = OFFICIAL[name]
@@ -63,6 +60,7 @@ def test_official_scores_known_answers(name):
     assert int((scores.mean(axis=0) > 0.1).sum()) == n_retrieval
 
 
+@pytest.mark.needs_shared
 def test_official_llama_top_heads():
     mean = import_reference_json(official("llama-2-7b-80k")).mean(axis=0)
     flat = np.argsort(-mean, axis=None)[:3]
@@ -71,6 +69,7 @@ def test_official_llama_top_heads():
     np.testing.assert_allclose([mean[t] for t in top], [0.94, 0.92, 0.80], atol=0.005)
 
 
+@pytest.mark.needs_shared
 def test_export_reproduces_official_file(tmp_path):
     src = official("Mistral-7B-v0.2-hf")
     out = export_reference_json(tmp_path / "m.json", import_reference_json(src))

@@ -7,6 +7,8 @@ import torch
 
 from rh_lens import scoring
 
+pytestmark = pytest.mark.tl4
+
 # prompt:      0    1    2    3    4    5    6     answer span [3, 6) holds ids 7, 8, 7
 SEQUENCE = torch.tensor([1, 20, 21, 7, 8, 7, 22])
 SPAN = (3, 6)

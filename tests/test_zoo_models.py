@@ -11,6 +11,8 @@ from rh_lens.zoo import tasks
 from rh_lens.zoo.recipes import ZOO_NAMES, get_recipe
 from rh_lens.zoo.train import PACKAGE_MODELS
 
+pytestmark = pytest.mark.tl4
+
 # llama-s is the embedded default: it must be present.  The others are checked when built.
 REQUIRED = ("llama-s",)
 

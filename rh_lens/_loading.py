@@ -1,0 +1,110 @@
+"""What every model loader shares: which engines this transformer-lens has, quiet loading,
+building a HookedTransformer from a state dict, and the check on extending a context window.
+
+Private to :mod:`rh_lens.models` and its loaders (:mod:`rh_lens._bridge`, :mod:`rh_lens._hf_dir`,
+:mod:`rh_lens._llama2c`); it imports none of them, so the loaders and the module that picks among
+them never import each other.
+"""
+
+import contextlib
+import os
+
+from torch import Tensor
+
+from rh_lens.errors import ModelLoadError
+
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    HAS_HOOKED = True
+except ImportError:  # transformer-lens 4.x: the Bridge is the only engine
+
+    class HookedTransformer:  # type: ignore[no-redef]
+        """Placeholder: this transformer-lens has no HookedTransformer."""
+
+    class HookedTransformerConfig:  # type: ignore[no-redef]
+        """Placeholder: this transformer-lens has no HookedTransformerConfig."""
+
+    HAS_HOOKED = False
+
+# Causal-LM architectures whose Hugging Face weights TransformerLens 3.x converts.
+SUPPORTED_ARCHITECTURES = (
+    "GPT2LMHeadModel",
+    "GPTNeoForCausalLM",
+    "GPTNeoXForCausalLM",
+    "GPTJForCausalLM",
+    "OPTForCausalLM",
+    "BloomForCausalLM",
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "PhiForCausalLM",
+    "Phi3ForCausalLM",
+)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Silence TransformerLens's per-load banner and deprecation notes; errors still raise."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*deprecated.*")
+            with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+                yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def build_model(
+    cfg: HookedTransformerConfig, state_dict: dict[str, Tensor], tokenizer
+) -> HookedTransformer:
+    """A HookedTransformer from a config and an unprocessed TransformerLens state dict."""
+    from transformer_lens.loading_from_pretrained import fill_missing_keys
+
+    # TL's set_tokenizer reads init_kwargs["name_or_path"], absent from in-memory tokenizers.
+    tokenizer.init_kwargs.setdefault("name_or_path", tokenizer.name_or_path)
+    with quiet_loading():
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        # Converters omit biases the architecture does not have (GPT-2's unembed bias): TL
+        # fills those with zeros, and the remaining check below still catches real gaps.
+        state_dict = fill_missing_keys(model, state_dict)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    # Rotary tables, masks and IGNORE constants are buffers TL rebuilds itself.
+    missing = [k for k in missing if not is_rebuilt_buffer(k)]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"weights do not fit the model config: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}"
+        )
+    with quiet_loading():
+        return model.to(cfg.device)
+
+
+def is_rebuilt_buffer(key: str) -> bool:
+    """Whether ``key`` names a buffer TransformerLens rebuilds itself (never stored)."""
+    return key.rsplit(".", 1)[-1] in {"mask", "IGNORE", "rotary_sin", "rotary_cos"}
+
+
+def require_rotary(positional: str | None, trained: int, wanted: int, source) -> None:
+    """Refuse to extend a context window past ``trained`` unless positions are rotary."""
+    if wanted > trained and positional != "rotary":
+        raise ModelLoadError(
+            f"{source}: n_ctx={wanted} exceeds the trained context {trained}, and only rotary "
+            f"models can be extended (this one uses {positional!r} positions)"
+        )
