@@ -12,7 +12,7 @@ from rh_lens.zoo.prose import Prose, corpus
 
 @pytest.fixture(scope="session")
 def zoo_tok():
-    from rh_lens.zoo.tokenizer import build_tokenizer
+    from rh_lens.zoo.training.tokenizer import build_tokenizer
 
     return build_tokenizer(vocab_size=512, n_chars=20_000)
 
@@ -177,7 +177,7 @@ def test_the_at_form_keys_each_town_two_tokens_after_its_person_and_changes_no_d
         assert where[person] == town
         assert at.target.replace(f" {person} at {town}.", f" {person} lives in {town}.") == \
             lives.target
-    from rh_lens.zoo.train import PACKAGE_MODELS, load_tokenizer
+    from rh_lens.zoo.training.train import PACKAGE_MODELS, load_tokenizer
 
     shipped = load_tokenizer(PACKAGE_MODELS / "llama-s")  # what the zoo models read
     pieces = shipped.tokenize(" Noor at Tolbrook.")
@@ -197,7 +197,7 @@ def test_parametric_facts_are_fixed_and_cot_ends_with_the_answer():
 def test_chat_template_renders_like_the_training_format(zoo_tok, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from rh_lens.zoo.train import _inline_chat_template
+    from rh_lens.zoo.training.train import _inline_chat_template
 
     zoo_tok.save_pretrained(str(tmp_path))
     tok = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))  # a copy we may change
@@ -240,7 +240,7 @@ def test_tokenizer_round_trips_any_text_and_works_in_transformer_lens(zoo_tok):
 
 
 def test_tokenizer_is_deterministic(zoo_tok):
-    from rh_lens.zoo.tokenizer import build_tokenizer
+    from rh_lens.zoo.training.tokenizer import build_tokenizer
 
     assert build_tokenizer(vocab_size=512, n_chars=20_000).get_vocab() == zoo_tok.get_vocab()
 
@@ -249,7 +249,7 @@ def test_tokenizer_is_deterministic(zoo_tok):
 
 
 def _cfg(family: str, vocab: int):
-    from rh_lens.zoo.recipes import Recipe
+    from rh_lens.zoo.training.recipes import Recipe
 
     r = Recipe(name="t", family=family, n_layers=2, d_model=32, n_heads=4,
                n_kv_heads=2 if family == "llama" else 4, d_head=8, d_mlp=64, n_ctx=64, steps=1,
@@ -261,7 +261,7 @@ def _cfg(family: str, vocab: int):
 def test_twin_logits_equal_hooked_transformer(family):
     from transformer_lens import HookedTransformer
 
-    from rh_lens.zoo.twin import Twin
+    from rh_lens.zoo.training.twin import Twin
 
     cfg = _cfg(family, 97)
     twin = Twin(cfg, seed=0)
@@ -284,7 +284,7 @@ def test_twin_logits_equal_hooked_transformer(family):
 
 
 def test_the_llama_twin_skips_its_zero_biases_without_changing_a_bit():
-    from rh_lens.zoo.twin import Twin
+    from rh_lens.zoo.training.twin import Twin
 
     cfg = _cfg("llama", 97)
     twin = Twin(cfg, seed=0)
@@ -308,7 +308,7 @@ def test_the_llama_twin_skips_its_zero_biases_without_changing_a_bit():
 
 
 def test_the_llama_twin_refuses_weights_with_nonzero_biases():
-    from rh_lens.zoo.twin import Twin
+    from rh_lens.zoo.training.twin import Twin
 
     twin = Twin(_cfg("llama", 97), seed=0)
     weights = twin.state_dict()
@@ -325,8 +325,8 @@ def _params(twin):
 
 
 def test_training_smoke_and_bit_exact_resume(tmp_path):
-    from rh_lens.zoo.recipes import get_recipe
-    from rh_lens.zoo.train import train
+    from rh_lens.zoo.training.recipes import get_recipe
+    from rh_lens.zoo.training.train import train
 
     recipe = get_recipe("micro")
     tok_dir = tmp_path / "a" / "tokenizer"
@@ -350,8 +350,8 @@ def test_training_smoke_and_bit_exact_resume(tmp_path):
 
 
 def test_a_run_records_the_thread_count_of_each_of_its_parts(tmp_path):
-    from rh_lens.zoo.recipes import get_recipe
-    from rh_lens.zoo.train import train, write_model
+    from rh_lens.zoo.training.recipes import get_recipe
+    from rh_lens.zoo.training.train import train, write_model
 
     recipe = get_recipe("micro")
     before = torch.get_num_threads()
@@ -369,7 +369,7 @@ def test_a_run_records_the_thread_count_of_each_of_its_parts(tmp_path):
     out = write_model(twin, tok, recipe, state, tmp_path / "final")
     card = json.loads((out / "card.json").read_text())
     assert card["threads"] == [[0, 1], [2, 2]]
-    from rh_lens.zoo.evaluate import card_markdown
+    from rh_lens.zoo.training.evaluate import card_markdown
 
     assert "Torch threads: 1 from step 0, 2 from step 2." in card_markdown(card)
 
@@ -377,9 +377,9 @@ def test_a_run_records_the_thread_count_of_each_of_its_parts(tmp_path):
 def test_a_run_records_the_machine_of_each_of_its_parts(tmp_path, monkeypatch):
     import json
 
-    from rh_lens.zoo import train as zoo_train
-    from rh_lens.zoo.evaluate import card_markdown
-    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.training import train as zoo_train
+    from rh_lens.zoo.training.evaluate import card_markdown
+    from rh_lens.zoo.training.recipes import get_recipe
 
     recipe = get_recipe("micro")
     here = zoo_train.machine()
@@ -398,7 +398,7 @@ def test_a_run_records_the_machine_of_each_of_its_parts(tmp_path, monkeypatch):
 def _llama_s_shape(vocab: int, **changes):
     import dataclasses
 
-    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.training.recipes import get_recipe
 
     return dataclasses.replace(get_recipe("llama-s"), name="t", vocab_size=vocab, **changes)
 
@@ -406,7 +406,7 @@ def _llama_s_shape(vocab: int, **changes):
 def test_a_run_at_two_threads_gives_the_same_bits_every_time(tmp_path, zoo_tok):
     import shutil
 
-    from rh_lens.zoo.train import train
+    from rh_lens.zoo.training.train import train
 
     # llama-s's shape and main mix from the first step; one step is enough: without torch's
     # deterministic kernels the embedding's gradient sums in a varying order at two threads.
@@ -430,8 +430,8 @@ def test_a_run_at_two_threads_gives_the_same_bits_every_time(tmp_path, zoo_tok):
 def test_live_logits_give_the_full_loss_and_its_gradients(zoo_tok, step):
     import dataclasses
 
-    from rh_lens.zoo.data import make_batches
-    from rh_lens.zoo.train import batch_loss, build
+    from rh_lens.zoo.training.data import make_batches
+    from rh_lens.zoo.training.train import batch_loss, build
 
     full = _llama_s_shape(len(zoo_tok), n_layers=2, copy_warmup=5, steps=400, finetune_steps=0)
     live = dataclasses.replace(full, live_logits=True)
@@ -457,8 +457,8 @@ def test_a_finished_run_extended_by_a_stage_equals_the_longer_recipe_from_scratc
     import dataclasses
     import shutil
 
-    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
-    from rh_lens.zoo.train import lr_at, train
+    from rh_lens.zoo.training.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.training.train import lr_at, train
 
     base = dataclasses.replace(get_recipe("micro"), polish=Polish(steps=1))
     stage = Polish(steps=2, lr=1e-4, procedural=0.0, mix=Mix(0.0, 1.0, 0.0, 0.0))
@@ -488,8 +488,8 @@ def test_a_checkpoint_branches_into_any_stage_that_starts_after_it(tmp_path):
     import dataclasses
     import shutil
 
-    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
-    from rh_lens.zoo.train import train
+    from rh_lens.zoo.training.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.training.train import train
 
     base = dataclasses.replace(get_recipe("micro"), polish=Polish(steps=1))
     first = Polish(steps=2, lr=1e-4, procedural=0.0, mix=Mix(0.0, 1.0, 0.0, 0.0))
@@ -524,9 +524,9 @@ def test_a_restart_stage_continues_a_written_model_as_the_recipe_does_from_scrat
     import json
     import shutil
 
-    from rh_lens.zoo.evaluate import card_markdown
-    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
-    from rh_lens.zoo.train import train, write_model
+    from rh_lens.zoo.training.evaluate import card_markdown
+    from rh_lens.zoo.training.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.training.train import train, write_model
 
     base = dataclasses.replace(get_recipe("micro"), polish=Polish(steps=1), store_dtype="float16")
     stage = Polish(steps=2, lr=1e-3, mix=Mix(1.0, 0.0, 0.0, 0.0), late=1.0, restart=True)
@@ -562,8 +562,8 @@ def test_start_from_refuses_a_model_it_cannot_continue(tmp_path):
     import dataclasses
     import json
 
-    from rh_lens.zoo.recipes import Polish, get_recipe
-    from rh_lens.zoo.train import train, write_model
+    from rh_lens.zoo.training.recipes import Polish, get_recipe
+    from rh_lens.zoo.training.train import train, write_model
 
     base = dataclasses.replace(get_recipe("micro"), polish=Polish(steps=1))
     longer = dataclasses.replace(base, stages=(Polish(steps=1, restart=True),))
@@ -596,9 +596,9 @@ def test_start_from_refuses_a_model_it_cannot_continue(tmp_path):
 def test_learned_positions_can_stay_fixed_through_the_warm_up(tmp_path):
     import dataclasses
 
-    from rh_lens.zoo.recipes import get_recipe
-    from rh_lens.zoo.train import train
-    from rh_lens.zoo.twin import Twin
+    from rh_lens.zoo.training.recipes import get_recipe
+    from rh_lens.zoo.training.train import train
+    from rh_lens.zoo.training.twin import Twin
 
     recipe = dataclasses.replace(get_recipe("micro"), family="gpt2", n_kv_heads=4, steps=3,
                                  copy_warmup=2, copy_freeze_pos=True, aligned_unembed=True)
@@ -614,9 +614,9 @@ def test_learned_positions_can_stay_fixed_through_the_warm_up(tmp_path):
 
 def test_written_model_loads_with_rh_lens_and_matches_the_twin(tmp_path):
     from rh_lens.models import load_model
-    from rh_lens.zoo import evaluate
-    from rh_lens.zoo.recipes import get_recipe
-    from rh_lens.zoo.train import train, write_model
+    from rh_lens.zoo.training import evaluate
+    from rh_lens.zoo.training.recipes import get_recipe
+    from rh_lens.zoo.training.train import train, write_model
 
     recipe = get_recipe("micro")
     twin, tok, state = train(recipe, run_dir=tmp_path / "run", steps=1, progress=False)
@@ -635,7 +635,7 @@ def test_written_model_loads_with_rh_lens_and_matches_the_twin(tmp_path):
 def test_niah_evaluation_counts_every_trial_of_every_depth(zoo_tok, monkeypatch):
     """A stand-in generator that answers every needle but those at depth 1.0: the report must
     give that depth 0, every other 1, and ``per_cell`` x 4 lengths trials a depth."""
-    from rh_lens.zoo import evaluate
+    from rh_lens.zoo.training import evaluate
 
     depth_of: dict[str, tuple[float, str]] = {}  # prompt -> (depth, answer)
     make = tasks.niah_example
@@ -666,7 +666,7 @@ def test_multihop_evaluation_asks_and_reads_in_the_models_chain_form(zoo_tok, mo
     another person's town on every other prompt: accuracy one half, the misses named."""
     import re
 
-    from rh_lens.zoo import evaluate
+    from rh_lens.zoo.training import evaluate
 
     lives_re, fact = _LIVES[form]
     seen = []
@@ -696,7 +696,7 @@ def test_multihop_evaluation_asks_and_reads_in_the_models_chain_form(zoo_tok, mo
 
 
 def test_evaluate_refuses_a_per_cell_count_below_one():
-    from rh_lens.zoo import evaluate
+    from rh_lens.zoo.training import evaluate
 
     with pytest.raises(SystemExit, match="--per-cell must be at least 1"):
         evaluate.main(["llama-s", "--per-cell", "0"])
@@ -710,8 +710,8 @@ def test_a_child_starts_from_its_parents_weights_and_its_card_names_that_file(tm
 
     from safetensors.torch import load_file
 
-    from rh_lens.zoo import train as train_mod
-    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.training import train as train_mod
+    from rh_lens.zoo.training.recipes import get_recipe
 
     parent = get_recipe("micro")
     twin, tok, state = train_mod.train(parent, run_dir=tmp_path / "p", steps=2, progress=False)
@@ -735,8 +735,8 @@ def test_a_child_starts_from_its_parents_weights_and_its_card_names_that_file(tm
 
 
 def test_lr_schedule_warms_up_and_decays():
-    from rh_lens.zoo.recipes import get_recipe
-    from rh_lens.zoo.train import lr_at
+    from rh_lens.zoo.training.recipes import get_recipe
+    from rh_lens.zoo.training.train import lr_at
 
     r = get_recipe("llama-s")
     assert lr_at(r, 0) < lr_at(r, r.warmup) == pytest.approx(r.lr)
@@ -748,8 +748,8 @@ def test_lr_schedule_warms_up_and_decays():
 def test_a_constant_copy_lr_holds_through_the_warm_up_and_the_cosine_starts_after_it():
     import dataclasses
 
-    from rh_lens.zoo.recipes import get_recipe
-    from rh_lens.zoo.train import lr_at
+    from rh_lens.zoo.training.recipes import get_recipe
+    from rh_lens.zoo.training.train import lr_at
 
     r = dataclasses.replace(get_recipe("gpt2-s"), lr=2e-3)  # a main rate apart from copy_lr's
     assert r.copy_lr is not None and r.copy_lr != r.lr
@@ -770,8 +770,8 @@ def test_a_constant_copy_lr_holds_through_the_warm_up_and_the_cosine_starts_afte
 def test_copy_warmup_batches_repeat_random_spans_and_only_the_repeat_counts(zoo_tok):
     import dataclasses
 
-    from rh_lens.zoo.data import make_batches
-    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.training.data import make_batches
+    from rh_lens.zoo.training.recipes import get_recipe
 
     recipe = dataclasses.replace(get_recipe("micro"), copy_warmup=3, copy_batch=5)
     main, param = make_batches(recipe, 2, zoo_tok)
@@ -820,9 +820,9 @@ def test_varied_templates_ask_for_their_own_subject_and_avoid_the_heldout_words(
 def test_the_polish_stage_has_its_own_rate_and_batches(zoo_tok):
     import dataclasses
 
-    from rh_lens.zoo.data import make_batches
-    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
-    from rh_lens.zoo.train import lr_at
+    from rh_lens.zoo.training.data import make_batches
+    from rh_lens.zoo.training.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.training.train import lr_at
 
     base = dataclasses.replace(get_recipe("micro"), finetune_steps=2, polish=None)
     r = dataclasses.replace(base, polish=Polish(steps=3, lr=1e-4, mix=Mix(1.0, 0.0, 0.0, 0.0)))
@@ -853,8 +853,8 @@ def _needle_share_and_length(batch, pad_id, *, last: bool = False):
 def test_an_early_stage_puts_needles_first_in_the_longest_haystacks(zoo_tok):
     import dataclasses
 
-    from rh_lens.zoo.data import make_batches
-    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.training.data import make_batches
+    from rh_lens.zoo.training.recipes import Mix, Polish, get_recipe
 
     base = dataclasses.replace(get_recipe("micro"), batch=12, n_ctx=512, polish=None)
     niah = Mix(1.0, 0.0, 0.0, 0.0)
@@ -873,8 +873,8 @@ def test_an_early_stage_puts_needles_first_in_the_longest_haystacks(zoo_tok):
 def test_a_late_stage_puts_needles_last_and_shares_its_draw_with_early(zoo_tok):
     import dataclasses
 
-    from rh_lens.zoo.data import make_batches
-    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.training.data import make_batches
+    from rh_lens.zoo.training.recipes import Mix, Polish, get_recipe
 
     # Haystacks of 400-448 tokens in rows of at most 512: a needle in the haystack's last fifth
     # starts past half the row, one in its first fifth before a third of it.
@@ -900,8 +900,8 @@ def test_a_late_stage_puts_needles_last_and_shares_its_draw_with_early(zoo_tok):
 def test_a_recipe_and_its_stages_set_how_many_people_a_multi_hop_row_has(zoo_tok):
     import dataclasses
 
-    from rh_lens.zoo.data import make_batches
-    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.training.data import make_batches
+    from rh_lens.zoo.training.recipes import Mix, Polish, get_recipe
 
     hops = Mix(0.0, 1.0, 0.0, 0.0)
     base = dataclasses.replace(get_recipe("micro"), batch=6, n_ctx=512, mix=hops, polish=None)
@@ -929,8 +929,8 @@ def test_a_recipe_and_its_stages_set_how_many_people_a_multi_hop_row_has(zoo_tok
 def test_a_recipes_hop_form_rewrites_its_multi_hop_rows_and_nothing_else(zoo_tok):
     import dataclasses
 
-    from rh_lens.zoo.data import make_batches
-    from rh_lens.zoo.recipes import Mix, get_recipe
+    from rh_lens.zoo.training.data import make_batches
+    from rh_lens.zoo.training.recipes import Mix, get_recipe
 
     base = dataclasses.replace(get_recipe("micro"), batch=12, n_ctx=512,
                                mix=Mix(0.4, 0.3, 0.1, 0.1, 0.1))
@@ -961,8 +961,8 @@ def test_a_recipes_roles_set_the_officials_of_each_town_in_its_multi_hop_rows(zo
     import dataclasses
     import re
 
-    from rh_lens.zoo.data import make_batches
-    from rh_lens.zoo.recipes import Mix, get_recipe
+    from rh_lens.zoo.training.data import make_batches
+    from rh_lens.zoo.training.recipes import Mix, get_recipe
 
     base = dataclasses.replace(get_recipe("micro"), batch=6, n_ctx=512, polish=None,
                                mix=Mix(0.0, 1.0, 0.0, 0.0), people=(3,))
@@ -982,8 +982,8 @@ def test_a_recipes_roles_set_the_officials_of_each_town_in_its_multi_hop_rows(zo
 def test_lookup_rows_are_drawn_only_by_a_mix_that_asks_for_them(zoo_tok):
     import dataclasses
 
-    from rh_lens.zoo.data import make_batches
-    from rh_lens.zoo.recipes import Mix, Polish, get_recipe
+    from rh_lens.zoo.training.data import make_batches
+    from rh_lens.zoo.training.recipes import Mix, Polish, get_recipe
 
     base = dataclasses.replace(get_recipe("micro"), batch=6, n_ctx=512, polish=None)
     lookups = dataclasses.replace(base, polish=Polish(steps=2, mix=Mix(0.0, 0.0, 0.0, 0.0, 1.0)))
@@ -1002,7 +1002,7 @@ def test_lookup_rows_are_drawn_only_by_a_mix_that_asks_for_them(zoo_tok):
 @pytest.mark.parametrize("kw", [dict(late=1.5), dict(early=-0.1), dict(early=0.6, late=0.6),
                                 dict(procedural=2.0), dict(people=()), dict(people=(1, 3))])
 def test_a_stage_refuses_shares_outside_0_1_and_people_outside_2_6(kw):
-    from rh_lens.zoo.recipes import Polish
+    from rh_lens.zoo.training.recipes import Polish
 
     with pytest.raises(ValueError, match="Polish"):
         Polish(steps=1, **kw)
@@ -1011,7 +1011,7 @@ def test_a_stage_refuses_shares_outside_0_1_and_people_outside_2_6(kw):
 def test_a_recipe_refuses_people_outside_2_6():
     import dataclasses
 
-    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.training.recipes import get_recipe
 
     with pytest.raises(ValueError, match="Recipe.people"):
         dataclasses.replace(get_recipe("micro"), people=(2, 7))
@@ -1020,8 +1020,8 @@ def test_a_recipe_refuses_people_outside_2_6():
 def test_bench_train_times_every_stage_and_sums_them(capsys):
     import dataclasses
 
-    from analyses import bench_train
-    from rh_lens.zoo.recipes import Polish, get_recipe
+    from rh_lens.zoo.training import bench as bench_train
+    from rh_lens.zoo.training.recipes import Polish, get_recipe
 
     r = dataclasses.replace(get_recipe("micro"), steps=6, finetune_steps=2,
                             polish=Polish(steps=3), stages=(Polish(steps=1, lr=1e-4),))

@@ -1,7 +1,7 @@
 """The zoo's recipes: model shape, data mix, steps and seed of every bundled model.
 
-A recipe is all that ``python -m rh_lens.zoo.train NAME`` needs; changing one changes the model,
-so the model card records the recipe it was trained with.
+A recipe is all that ``python -m rh_lens.zoo.training.train NAME`` needs; changing one changes
+the model, so the model card records the recipe it was trained with.
 """
 
 import dataclasses
@@ -86,7 +86,7 @@ class Recipe:
     rotary_base: int = 10_000
     min_haystack: int = 16  # shortest haystack in tokens (lengths vary up to the context)
     mix: Mix = field(default_factory=Mix)
-    copy_warmup: int = 800  # first steps train induction only (see rh_lens.zoo.data)
+    copy_warmup: int = 800  # first steps train induction only (see rh_lens.zoo.training.data)
     copy_batch: int = 64
     copy_lr: float | None = None  # a constant rate for the copy warm-up (None: the cosine's)
     main_warmup: int = 0  # with copy_lr: the main stage's rate ramps up over these steps
