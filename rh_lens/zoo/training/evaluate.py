@@ -26,24 +26,18 @@ NIAH_PER_CELL = 20
 
 
 def load_dir(path: Path):
-    """(twin, tokenizer, card) from a directory written by ``save_model_dir``."""
-    from safetensors.torch import load_file
-    from transformer_lens import HookedTransformerConfig
-    from transformers import PreTrainedTokenizerFast
-
+    """(twin, tokenizer, card) of a model directory, read by the library's loader
+    (:func:`rh_lens.models.load_model`): the twin holds the loaded model's weights."""
+    from rh_lens.models import load_model
     from rh_lens.zoo.training.twin import Twin
 
-    config = json.loads((path / "config.json").read_text())
-    cfg = HookedTransformerConfig(**config["hooked_config"])
-    twin = Twin(cfg)
-    missing, unexpected = twin.load_state_dict(load_file(str(path / "model.safetensors")),
-                                               strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit: {missing[:4]} {unexpected[:4]}")
-    tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-    card_path = path / "card.json"
+    model = load_model(path, backend="hooked")
+    twin = Twin(model.cfg)
+    keys = twin.state_dict().keys()  # the model's own, without the buffers TL rebuilds
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if k in keys})
+    card_path = Path(path) / "card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    return twin.eval(), tok, card
+    return twin.eval(), model.tokenizer, card
 
 
 def generate(twin, tokenizer, prompts: list[str], *, max_new_tokens: int = 24,
