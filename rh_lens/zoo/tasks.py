@@ -270,10 +270,10 @@ ROLES = ("mayor", "baker", "doctor", "teacher", "judge", "librarian", "painter",
 
 # How a multi-hop context says where a person lives, and how its chain of thought's first hop
 # restates it: {name: (fact, regex of the fact with the person and the town as its groups)}.
-# In "Noor lives in Tolbrook." the town's key, the person, is three tokens before it; on one
-# machine the copy keyed that far back never formed (its models copied the town after any
-# "lives in"), while the second hop's, keyed two tokens back ("of Tolbrook is"), always did.
-# "Noor at Tolbrook." keys the town two tokens back, in a form no official's fact shares.
+# In "Noor lives in Tolbrook." the town's key, the person, is three tokens before it, a copy
+# small models often fail to learn (they copy the town after any "lives in"); "Noor at
+# Tolbrook." keys the town two tokens back, as the second hop's ("of Tolbrook is"), in a form
+# no official's fact shares.
 HOP_FORMS = {
     "lives": ("{person} lives in {town}.", r"(\w+) lives in (\w+)\."),
     "at": ("{person} at {town}.", r"(\w+) at ([A-Z]\w+)\."),

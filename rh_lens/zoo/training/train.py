@@ -220,9 +220,8 @@ def _start_from_model(twin, model_dir: Path, card: dict, recipe) -> dict:
 
 def machine() -> dict:
     """What a run's float results depend on besides the thread count: torch's build and the CPU
-    and kernel set it runs on.  A rerun of a ``llama-s`` recipe on another day, on an AMD EPYC
-    with AVX2 kernels, gave other weights than the run it repeated, although a ``llama-s`` step
-    gives the same bits at one and two threads."""
+    and kernel set it runs on (the same recipe on another CPU, with other kernels, gives other
+    weights, even where one and two threads give the same bits)."""
     import platform
 
     import torch
