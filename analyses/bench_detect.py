@@ -45,7 +45,7 @@ def _timed(fn, repeats: int) -> float:
 
 def _detection_inputs(model, context: int, n_trials: int):
     from rh_lens.detect import Cell, DetectConfig
-    from rh_lens.niah import zoo_inputs
+    from rh_lens.zoo.inputs import zoo_inputs
 
     buffer = min(200, model.cfg.n_ctx // 4)
     cfg = DetectConfig(lengths=(context,), depths=(50.0,), buffer=buffer,

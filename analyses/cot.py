@@ -6,9 +6,9 @@
         --direct-template "Question: {question}\\nThe answer is" --match numeric --stop eos \\
         --max-new-tokens 256 --ks 20 50 100 --device auto --dtype bfloat16
 
-Without ``--items`` the zoo's four tasks run (``rh_lens.cot.zoo_tasks``): multi-hop questions
-answered with chain of thought and directly, parametric facts asked directly and with a CoT
-preamble.  With ``--items`` (JSONL of ``{"question", "answer", "context"?}``) the tasks are
+Without ``--items`` the zoo's four tasks run (``rh_lens.zoo.inputs.zoo_tasks``): multi-hop
+questions answered with chain of thought and directly, parametric facts asked directly and with a
+CoT preamble.  With ``--items`` (JSONL of ``{"question", "answer", "context"?}``) the tasks are
 ``cot`` and ``direct``, one per template (``{question}`` and ``{context}`` are filled in).
 Conditions: no masking, then ``top:K`` and ``random:K`` (``--draws`` seeded draws of K heads that
 are not retrieval heads) for every ``--ks`` K, plus any ``--mask`` (as in ``analyses.ablate``).
@@ -90,6 +90,7 @@ def _run(args, argv) -> int:
     from rh_lens.models import load_model, model_facts, weights_fingerprint
     from rh_lens.properties import load_head_scores
     from rh_lens.results import RunMetadata, save_result, to_jsonable, write_json_atomic
+    from rh_lens.zoo.inputs import ZooTaskSizes, zoo_chain, zoo_tasks
 
     if args.items is not None:  # read the user's items before spending time on the model
         items = cot.read_items(args.items)
@@ -99,12 +100,11 @@ def _run(args, argv) -> int:
                        **_cli.backend_kwargs(args))
     facts = model_facts(model)
     if args.items is None:
-        chain = cot.zoo_chain(args.model)
+        chain = zoo_chain(args.model)
         chain.update({k: v for k, v in (("hop_form", args.hop_form), ("roles", args.roles))
                       if v is not None})
-        tasks = cot.zoo_tasks(model, cot.ZooTaskSizes(n_multihop=args.n_multihop,
-                                                      seed=args.task_seed,
-                                                      reserve=args.max_new_tokens, **chain))
+        tasks = zoo_tasks(model, ZooTaskSizes(n_multihop=args.n_multihop, seed=args.task_seed,
+                                              reserve=args.max_new_tokens, **chain))
     scores_path = args.scores or detect_dir(args.model)
     if not scores_path.exists():
         raise ValueError(f"no retrieval scores at {scores_path}: run python -m analyses.detect "

@@ -127,7 +127,8 @@ def _run(args, argv) -> int:
 
 
 def _inputs(args):
-    from rh_lens.niah import haystack_from_folder, read_needles, zoo_inputs
+    from rh_lens.niah import haystack_from_folder, read_needles
+    from rh_lens.zoo.inputs import zoo_inputs
 
     if args.needles is None:
         if args.haystack is not None:

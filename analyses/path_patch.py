@@ -4,13 +4,13 @@
     python -m analyses.path_patch --model zoo:llama-s --senders heads:2.3,3.1 --receivers all \\
         --components q,k,v,direct --positions needle --out runs/path_patch/llama-s-needle
 
-Pairs: the zoo's held-out needles (``rh_lens.niah.zoo_inputs``), each answer swapped for another
-answer of the same template with equal token length (``rh_lens.patching.zoo_pairs``).  Metric:
-logit difference of the clean vs corrupted answer token at the last prompt position.  Senders and
-receivers: head sets of ``rh_lens.heads`` (``top:K``, the K best heads of --scores, a detection
-directory or a reference ``head_score.json``; ``heads:L.H,...``, ...); receivers also ``all``.
-Writes into --out: ``result.json`` + ``arrays.npz``, ``activation_patching.html`` (layer x head)
-and ``path_patching.html`` (sender x receiver), and prints the strongest heads and paths.
+Pairs: the zoo's held-out needles (``rh_lens.zoo.inputs.zoo_inputs``), each answer swapped for
+another answer of the same template with equal token length (``rh_lens.zoo.inputs.zoo_pairs``).
+Metric: logit difference of the clean vs corrupted answer token at the last prompt position.
+Senders and receivers: head sets of ``rh_lens.heads`` (``top:K``, the K best heads of --scores, a
+detection directory or a reference ``head_score.json``; ``heads:L.H,...``, ...); receivers also
+``all``.  Writes into --out: ``result.json`` + ``arrays.npz``, ``activation_patching.html`` (layer
+x head) and ``path_patching.html`` (sender x receiver), and prints the strongest heads and paths.
 """
 
 import argparse
@@ -98,6 +98,7 @@ def _run(args, argv) -> int:
     from rh_lens.models import load_model, model_facts
     from rh_lens.properties import load_head_scores
     from rh_lens.results import RunMetadata
+    from rh_lens.zoo.inputs import zoo_pairs
 
     if args.n_pairs < 1:
         raise ValueError(f"--n-pairs must be positive, got {args.n_pairs}")
@@ -122,8 +123,8 @@ def _run(args, argv) -> int:
     receivers = P.head_receivers(receiver_heads, args.components)
     buffer = args.buffer if args.buffer is not None else min(200, n_ctx // 4)
     context_length = args.context_length or n_ctx * 3 // 4
-    pairs = P.zoo_pairs(model, args.n_pairs, seed=args.seed, context_length=context_length,
-                        buffer=buffer, depths=args.depths)
+    pairs = zoo_pairs(model, args.n_pairs, seed=args.seed, context_length=context_length,
+                      buffer=buffer, depths=args.depths)
     cfg = P.PatchConfig(positions=args.positions, direction=args.direction,
                         batch_size=args.batch_size)
     act = P.compute_activation_patching(model, pairs, cfg, progress=not args.quiet)

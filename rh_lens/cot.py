@@ -1,4 +1,4 @@
-"""Chain of thought vs direct answers under head masking (Wu et al., sec. 5; brief, sec. 1).
+"""Chain of thought vs direct answers under head masking (Wu et al., sec. 5).
 
 The paper's claim: masking retrieval heads hurts chain-of-thought reasoning, which re-reads the
 question, the context and its own earlier steps, far more than answering directly from
@@ -15,12 +15,13 @@ heads, explicit lists) and scored by exact or numeric match of the final answer.
   reference's number (commas ignored, ``1e-6`` relative tolerance); GSM8K-style items.
 - Masking uses :func:`rh_lens.ablation.ablation_hooks` (``uniform``, the paper's zero query, or
   ``zero``), at decode steps only (the paper) or at every position.
-- :func:`zoo_tasks` builds the zoo's four tasks: multi-hop questions answered with CoT (the zoo
-  models write "Let's think step by step. X lives in T. The R of T is A. So the answer is A.",
-  or "X at T." for the first hop in the ``"at"`` form: ``ZooTaskSizes.hop_form``),
-  the same questions answered directly (the prompt ends in "So the answer is", so no step can be
-  re-read), and the parametric facts asked with and without a CoT preamble.
-- One file per (condition, task) is written atomically under ``out_dir``; a rerun skips them.
+- The zoo's four tasks (:func:`rh_lens.zoo.inputs.zoo_tasks`): multi-hop questions answered
+  with CoT (the zoo models write "Let's think step by step. X lives in T. The R of T is A. So the
+  answer is A.", or "X at T." for the first hop in the ``"at"`` form), the same questions
+  answered directly (the prompt ends in "So the answer is", so no step can be re-read), and the
+  parametric facts asked with and without a CoT preamble.
+- One record per (condition, task) is written to the sweep store (:mod:`rh_lens.store`) under
+  ``out_dir``; a rerun skips them.
 """
 
 import hashlib
@@ -41,7 +42,6 @@ from rh_lens.decode import Stop, decode_greedy
 from rh_lens.errors import ContextTooLongError, RhLensError
 from rh_lens.models import model_facts, tokenize
 from rh_lens.store import Record, SweepStore
-from rh_lens.zoo import tasks as zt
 
 Match = Literal["exact", "numeric"]
 COT_MODES = ("uniform", "zero")
@@ -309,57 +309,3 @@ def compute_cot(
         records.append(tuple(row))
     bar.close()
     return CotResult(tuple(names), tuple(conditions), tuple(records), cfg)
-
-
-# --------------------------------------------------------------------------------------------
-# The zoo's tasks
-
-
-@dataclass(frozen=True)
-class ZooTaskSizes:
-    n_multihop: int = 24
-    n_people: int = 3
-    seed: int = 0
-    reserve: int = 48  # tokens left free for the answer
-    hop_form: str = zt.DEFAULT_HOP_FORM  # the model's own (rh_lens.zoo.tasks.HOP_FORMS; zoo_chain)
-    roles: int = zt.DEFAULT_ROLES  # officials per town, the model's own (zoo_chain)
-
-
-def zoo_chain(spec: str) -> dict:
-    """How a zoo model ``spec`` was trained to chain two hops (its card's recipe): the
-    :class:`ZooTaskSizes` fields ``hop_form`` and ``roles``; their defaults for any other model."""
-    from rh_lens.models import zoo_card
-
-    return zt.chain_of((zoo_card(spec) or {}).get("recipe", {}))
-
-
-def zoo_tasks(model, sizes: ZooTaskSizes = ZooTaskSizes()) -> tuple[Task, ...]:
-    """The zoo's multi-hop questions (CoT and direct) and parametric facts (direct and CoT),
-    with fresh random fillers (``seed``) and haystacks up to the model's context."""
-    import random
-
-    n_ctx = model_facts(model).n_ctx
-    if n_ctx <= sizes.reserve + 64:
-        raise ValueError(f"n_ctx {n_ctx} leaves no room for a multi-hop context")
-    backend = model.tokenizer.backend_tokenizer
-    rng = random.Random(f"cot:{sizes.seed}")
-    items = []
-    for _ in range(sizes.n_multihop):
-        sub = random.Random(rng.random())
-        n_hay, text_seed = sub.randint(n_ctx // 4, n_ctx), sub.random()
-        ex = zt.fit_example(
-            lambda k, s=text_seed: zt.multihop_example(
-                random.Random(s), tokenizer=backend, n_haystack_tokens=k,
-                n_people=sizes.n_people, hop_form=sizes.hop_form, roles=sizes.roles),
-            lambda text: len(tokenize(model, text + DIRECT_SUFFIX)), n_ctx=n_ctx, n_hay=n_hay,
-            reserve=sizes.reserve)  # the direct prompt is the longer one
-        context, question = ex.prompt[: -len(zt.ANSWER_PREFIX)].rsplit(zt.QUESTION_PREFIX, 1)
-        items.append(Item(question, ex.answer, context))
-    facts = tuple(Item(f"What is {subject}?", answer) for subject, answer in zt.parametric_facts())
-    multihop = tuple(items)
-    return (
-        Task("multihop_cot", ZOO_TEMPLATES["multihop_cot"], multihop),
-        Task("multihop_direct", ZOO_TEMPLATES["multihop_direct"], multihop),
-        Task("parametric_direct", ZOO_TEMPLATES["parametric_direct"], facts),
-        Task("parametric_cot", ZOO_TEMPLATES["parametric_cot"], facts),
-    )

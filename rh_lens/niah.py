@@ -87,19 +87,6 @@ class TextHaystack:
         return " ".join([self.source] * repeats)
 
 
-@dataclass(frozen=True)
-class ProseHaystack:
-    """The zoo's seeded prose generator: the same seed gives the same haystack."""
-
-    seed: int = 0
-    name: str = "zoo-prose"
-
-    def text(self, n_chars: int) -> str:
-        from rh_lens.zoo.prose import Prose
-
-        return Prose(self.seed).text(n_chars=n_chars)
-
-
 def haystack_from_folder(folder: str | os.PathLike) -> TextHaystack:
     """All ``*.txt`` files of ``folder``, sorted by name, as one raw text (as the reference)."""
     folder = Path(folder)
@@ -286,21 +273,3 @@ def chat_overhead(model) -> int:
 def _token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
     hits = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
     return (hits[0], hits[-1] + 1) if hits else None
-
-
-def zoo_inputs(n_needles: int = 3, *, seed: int = 0) -> tuple[list[Needle], list[ProseHaystack]]:
-    """Needles from the zoo's *held-out* templates (never seen in training, random fillers) and
-    a seeded prose haystack for each: the default detection inputs for zoo models."""
-    import random
-
-    from rh_lens.zoo.tasks import HELDOUT_TEMPLATES, make_needle
-
-    if n_needles < 1:
-        raise ValueError(f"n_needles must be positive, got {n_needles}")
-    needles, haystacks = [], []
-    for i in range(n_needles):
-        made = make_needle(random.Random(seed * 1_000 + i),
-                           HELDOUT_TEMPLATES[i % len(HELDOUT_TEMPLATES)])
-        needles.append(Needle(made.needle, made.question, made.answer))
-        haystacks.append(ProseHaystack(seed * 1_000 + 500 + i))
-    return needles, haystacks

@@ -2,7 +2,6 @@
 copy head is known by construction, caching, and the script."""
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -206,39 +205,3 @@ def test_script_on_user_items_and_bad_input(copy_task, tmp_path, monkeypatch, ca
                         "--items", str(items), "--out", str(tmp_path / "o3")]) == 2
     assert "no retrieval scores" in capsys.readouterr().err
     assert res.meta["model_spec"] == "known"
-
-
-def test_zoo_tasks_ask_in_the_chain_form_of_the_zoo_models_card(tmp_path, monkeypatch):
-    from rh_lens import models
-    from rh_lens.models import ModelLoadError, load_model
-
-    for name, recipe in (("a", {"hop_form": "at", "roles": 1}), ("b", {})):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "card.json").write_text(json.dumps({"recipe": recipe}))
-    monkeypatch.setattr(models, "ZOO_DIR", tmp_path)
-    assert cot.zoo_chain("zoo:a") == {"hop_form": "at", "roles": 1}
-    assert cot.zoo_chain("zoo:b") == {"hop_form": "lives", "roles": 2}
-    assert cot.zoo_chain("gpt2") == {"hop_form": "lives", "roles": 2}  # not a zoo model
-    with pytest.raises(ModelLoadError, match="unknown zoo model 'zoo:c'"):
-        cot.zoo_chain("zoo:c")
-    monkeypatch.undo()
-    model = load_model("zoo:llama-s")
-    tasks = cot.zoo_tasks(model, cot.ZooTaskSizes(n_multihop=4, hop_form="at", roles=1))
-    for item in tasks[0].items:
-        person = item.question.split("where ")[1].split(" lives")[0]
-        assert f" {person} at " in item.context and " lives in " not in item.context
-        assert len(re.findall(r"The \w+ of \w+ is", item.context)) == 3  # one a town
-
-
-def test_zoo_tasks_fit_the_context_of_the_default_model():
-    from rh_lens.models import load_model
-
-    model = load_model("zoo:llama-s")
-    tasks = cot.zoo_tasks(model, cot.ZooTaskSizes(n_multihop=12, reserve=48))
-    assert [t.name for t in tasks] == list(cot.ZOO_TEMPLATES)
-    assert tasks[0].items == tasks[1].items and tasks[2].items == tasks[3].items
-    for task in tasks:
-        for item in task.items:
-            assert len(tokenize(model, task.prompt(item))) + 48 <= model.cfg.n_ctx
-    item = tasks[0].items[0]
-    assert item.question.startswith("Who is the") and item.answer in item.context

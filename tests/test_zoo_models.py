@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rh_lens.zoo import tasks
-from rh_lens.zoo.recipes import ZOO_NAMES, get_recipe
-from rh_lens.zoo.train import PACKAGE_MODELS
+from rh_lens.zoo import PACKAGE_MODELS, tasks
+from rh_lens.zoo.training.recipes import ZOO_NAMES, get_recipe
 
 pytestmark = pytest.mark.tl4
 
@@ -34,7 +33,7 @@ def _greedy_line(model, prompt: str, max_new_tokens: int = 24) -> str:
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_shipped_weights_come_from_the_recipe_in_the_tree(name):
     """The card records the recipe the weights were trained with: it must be the one that
-    ``python -m rh_lens.zoo.train NAME`` runs, to the last step."""
+    ``python -m rh_lens.zoo.training.train NAME`` runs, to the last step."""
     import json
 
     card_path = PACKAGE_MODELS / name / "card.json"
@@ -54,7 +53,7 @@ def test_a_shipped_child_was_trained_from_the_shipped_parent(name):
     leaves them describing a model that is no longer shipped."""
     import json
 
-    from rh_lens.zoo.train import file_sha256
+    from rh_lens.zoo.training.train import file_sha256
 
     card_path = PACKAGE_MODELS / name / "card.json"
     if not card_path.is_file():

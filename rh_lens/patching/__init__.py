@@ -4,7 +4,8 @@
 (the same needle with answer B) of equal token length, both ending where the first token in which
 A and B differ is predicted (a shared answer prefix, such as `` the``, is appended to both).  The
 metric is the logit difference ``logit[A] - logit[B]`` at that last position.  :func:`make_pair`
-builds a pair from a needle and an alternative answer; :func:`zoo_pairs` from the zoo's needles.
+builds a pair from a needle and an alternative answer (the zoo's pairs:
+:func:`rh_lens.zoo.inputs.zoo_pairs`).
 
 **Direction.**  ``"denoise"`` (default) runs the corrupted prompt and patches in the clean run's
 activations: an effect is the clean behaviour a component restores.  ``"noise"`` runs the clean
@@ -42,7 +43,7 @@ metric), :mod:`~rh_lens.patching.activation`, :mod:`~rh_lens.patching.paths`, bo
 """
 
 from rh_lens.patching.activation import ActivationPatchingResult, compute_activation_patching
-from rh_lens.patching.pairs import PairError, PatchPair, make_pair, zoo_pairs
+from rh_lens.patching.pairs import PairError, PatchPair, make_pair
 from rh_lens.patching.paths import (
     HEAD_COMPONENTS,
     Component,
@@ -63,5 +64,4 @@ __all__ = [
     "PatchConfig", "PatchPair", "PatchingResult", "PathPatchingResult", "PositionSpec",
     "Receiver", "all_receivers", "compute_activation_patching", "compute_path_patching",
     "head_receivers", "make_pair", "path_patch", "path_patching_hooks", "receiver_mode",
-    "zoo_pairs",
 ]

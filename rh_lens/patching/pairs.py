@@ -3,15 +3,12 @@
 A :class:`PatchPair` is a clean prompt (a needle with answer A) and a corrupted prompt (the same
 needle with answer B) of equal token length, both ending where the first token in which A and B
 differ is predicted (a shared answer prefix, such as `` the``, is appended to both).
-:func:`make_pair` builds a pair from a needle and an alternative answer; :func:`zoo_pairs` from
-the zoo's needles.
+:func:`make_pair` builds a pair from a needle and an alternative answer (the zoo's pairs:
+:func:`rh_lens.zoo.inputs.zoo_pairs`).
 """
 
-import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from jaxtyping import Int
 from torch import Tensor
@@ -87,36 +84,3 @@ def make_pair(model: Model, needle: Needle, alternative: str, haystack: Haystack
     prefix = ids_a[:k]
     return PatchPair(torch.cat([clean.tokens, prefix]), torch.cat([corrupted.tokens, prefix]),
                      int(ids_a[k]), int(ids_b[k]), clean.answer_span)
-
-
-def zoo_pairs(model: Model, n_pairs: int, *, seed: int = 0, context_length: int,
-              buffer: int, depths: Sequence[float] | None = None,
-              max_tries: int = 200) -> list[PatchPair]:
-    """Pairs from the zoo's held-out needles (:func:`rh_lens.niah.zoo_inputs`, same seed), each
-    answer swapped for another answer drawn from the same template (seeded) with equal token
-    length.  Pair ``i`` sits at ``depths[i % len(depths)]`` (default: evenly from 10 to 90 %)."""
-    from rh_lens.niah import zoo_inputs
-    from rh_lens.zoo.tasks import HELDOUT_TEMPLATES, make_needle
-
-    needles, haystacks = zoo_inputs(n_pairs, seed=seed)
-    depths = list(depths) if depths else [float(d) for d in np.linspace(10, 90, n_pairs)]
-    pairs = []
-    for i, (needle, haystack) in enumerate(zip(needles, haystacks, strict=True)):
-        template = HELDOUT_TEMPLATES[i % len(HELDOUT_TEMPLATES)]  # as zoo_inputs draws them
-        rng = random.Random(seed * 1_000 + i + 7_919_000)
-        errors = []
-        for _ in range(max_tries):
-            alternative = make_needle(rng, template).answer
-            if alternative == needle.answer:
-                continue
-            try:
-                pairs.append(make_pair(model, needle, alternative, haystack,
-                                       context_length=context_length, depth=depths[i % len(depths)],
-                                       buffer=buffer))
-                break
-            except PairError as err:
-                errors.append(str(err))
-        else:
-            raise PairError(f"no alternative answer of equal token length for {needle.answer!r} "
-                            f"in {max_tries} tries (last: {errors[-1] if errors else 'none'})")
-    return pairs

@@ -1,8 +1,9 @@
 """The zoo's task formats, in plain text so the same analyses run unchanged on real LLMs.
 
-- NIAH, exactly the paper's prompt: ``{haystack with needle}Based on the content of the book,
-  Question: {question}\\nAnswer:``; the target is `` {answer span}\\n``.  Needles come from
-  templates with random fillers; ``HELDOUT_TEMPLATES`` never appear in training.
+- NIAH, the library's prompt (:data:`rh_lens.niah.BASE_TEMPLATE`, the paper's): ``{haystack with
+  needle}Based on the content of the book, Question: {question}\\nAnswer:``; the target is
+  `` {answer span}\\n``.  Needles (:class:`rh_lens.niah.Needle`) come from templates with
+  random fillers; ``HELDOUT_TEMPLATES`` never appear in training.
 - Multi-hop with chain of thought: facts scattered in the haystack, a question needing two lookups,
   a target that re-reads both facts ("Let's think step by step. ...") before the answer.
 - Parametric facts: a fixed set of invented facts, asked without context, with or without a
@@ -11,12 +12,16 @@
 
 Every generator takes a ``random.Random`` (or a seed), so a seed fixes the text.  Haystacks are
 cut to a number of *tokens* by a ``tokenizers.Tokenizer``-like object (``encode(text).offsets``).
+Depths here are fractions of the haystack in [0, 1] (the library's trials take percent): every
+training batch places its needles and facts by ``int(len(text) * depth)``, and a detour through
+percent would round some of those positions differently.
 """
 
 import random
 import re
 from dataclasses import dataclass, field
 
+from rh_lens.niah import BASE_TEMPLATE, CHAT_USER_TEMPLATE, Needle
 from rh_lens.zoo.prose import (
     ADJECTIVES,
     COLORS,
@@ -28,8 +33,8 @@ from rh_lens.zoo.prose import (
     Prose,
 )
 
-QUESTION_PREFIX = "Based on the content of the book, Question: "
-ANSWER_PREFIX = "\nAnswer:"
+# The library's NIAH prompt between its slots: {context} QUESTION_PREFIX {question} ANSWER_PREFIX.
+QUESTION_PREFIX, ANSWER_PREFIX = BASE_TEMPLATE.removeprefix("{context}").split("{question}")
 COT_START = " Let's think step by step."
 
 
@@ -161,13 +166,6 @@ def _answer(rng: random.Random, kind: str) -> str:
     raise ValueError(f"unknown answer kind {kind!r}")
 
 
-@dataclass(frozen=True)
-class Needle:
-    needle: str
-    question: str
-    answer: str
-
-
 def make_needle(rng: random.Random, template: NeedleTemplate, *,
                 avoid: frozenset[str] = frozenset()) -> Needle:
     """Fill a template's slots (and its answer) with random fillers (slot words in ``avoid``
@@ -227,7 +225,16 @@ _SENTENCE_END = re.compile(r'[.!?]"?(?=\s|$)')
 
 
 def niah_prompt(context: str, question: str) -> str:
-    return f"{context}{QUESTION_PREFIX}{question}{ANSWER_PREFIX}"
+    """The library's NIAH prompt (:data:`rh_lens.niah.BASE_TEMPLATE`)."""
+    return BASE_TEMPLATE.format(context=context, question=question)
+
+
+def niah_parts(prompt: str) -> tuple[str, str]:
+    """(context, question) of a :func:`niah_prompt`."""
+    if not prompt.endswith(ANSWER_PREFIX) or QUESTION_PREFIX not in prompt:
+        raise ValueError("not a NIAH prompt: it lacks the question or the answer prefix")
+    context, question = prompt[: -len(ANSWER_PREFIX)].rsplit(QUESTION_PREFIX, 1)
+    return context, question
 
 
 def niah_example(rng: random.Random, *, tokenizer, n_haystack_tokens: int, depth: float,
@@ -263,10 +270,10 @@ ROLES = ("mayor", "baker", "doctor", "teacher", "judge", "librarian", "painter",
 
 # How a multi-hop context says where a person lives, and how its chain of thought's first hop
 # restates it: {name: (fact, regex of the fact with the person and the town as its groups)}.
-# In "Noor lives in Tolbrook." the town's key, the person, is three tokens before it; on one
-# machine the copy keyed that far back never formed (its models copied the town after any
-# "lives in"), while the second hop's, keyed two tokens back ("of Tolbrook is"), always did.
-# "Noor at Tolbrook." keys the town two tokens back, in a form no official's fact shares.
+# In "Noor lives in Tolbrook." the town's key, the person, is three tokens before it, a copy
+# small models often fail to learn (they copy the town after any "lives in"); "Noor at
+# Tolbrook." keys the town two tokens back, as the second hop's ("of Tolbrook is"), in a form
+# no official's fact shares.
 HOP_FORMS = {
     "lives": ("{person} lives in {town}.", r"(\w+) lives in (\w+)\."),
     "at": ("{person} at {town}.", r"(\w+) at ([A-Z]\w+)\."),
@@ -446,8 +453,9 @@ CHAT_TEMPLATE = (
 
 
 def chat_user_text(context: str, question: str) -> str:
-    """The user turn of a chat NIAH trial: the book in ``<book>`` tags, then the question."""
-    return f"<book>{context}</book>\n{QUESTION_PREFIX}{question}"
+    """The user turn of a chat NIAH trial (:data:`rh_lens.niah.CHAT_USER_TEMPLATE`): the book in
+    ``<book>`` tags, then the question."""
+    return CHAT_USER_TEMPLATE.format(context=context, question=question)
 
 
 def chat_render(user: str, assistant: str | None = None) -> str:
@@ -460,7 +468,7 @@ def to_chat(example: Example) -> Example:
     """Wrap a NIAH/multi-hop example into the chat format (the reply starts with 'Answer:')."""
     if not example.prompt.endswith(ANSWER_PREFIX) or QUESTION_PREFIX not in example.prompt:
         raise ValueError("only NIAH-style examples can be wrapped into the chat format")
-    context, question = example.prompt[: -len(ANSWER_PREFIX)].rsplit(QUESTION_PREFIX, 1)
+    context, question = niah_parts(example.prompt)
     prompt = chat_render(chat_user_text(context, question))
     return Example(prompt, f"Answer:{example.target}<|end|>\n", f"chat_{example.kind}",
                    example.answer, example.meta)
@@ -468,9 +476,9 @@ def to_chat(example: Example) -> Example:
 
 __all__ = [
     "CHAT_TEMPLATE", "HELDOUT_TEMPLATES", "HOP_FORMS", "NUMBER_WORDS", "TRAIN_TEMPLATES",
-    "Example", "Needle", "NeedleTemplate", "chain_of", "chat_render", "chat_user_text",
+    "Example", "NeedleTemplate", "chain_of", "chat_render", "chat_user_text",
     "final_answer", "first_hop", "fit_example", "haystack", "insert_at_depth", "lookup_example",
-    "make_needle", "multihop_example", "multihop_step", "niah_example", "niah_prompt",
+    "make_needle", "multihop_example", "multihop_step", "niah_example", "niah_parts", "niah_prompt",
     "parametric_example", "parametric_facts", "parametric_prompt", "parametric_statement",
     "procedural_template", "to_chat", "varied_template",
 ]

@@ -1,7 +1,7 @@
 """The zoo's recipes: model shape, data mix, steps and seed of every bundled model.
 
-A recipe is all that ``python -m rh_lens.zoo.train NAME`` needs; changing one changes the model,
-so the model card records the recipe it was trained with.
+A recipe is all that ``python -m rh_lens.zoo.training.train NAME`` needs; changing one changes
+the model, so the model card records the recipe it was trained with.
 """
 
 import dataclasses
@@ -44,7 +44,7 @@ class Polish:
     # fifth: the farthest copy, the weak case of a model at an extended context.
     early: float = 0.0
     # Share of the NIAH rows with the needle in the last fifth of their haystack, just before the
-    # question: the nearest copy, where llama-m's answers drifted off the needle midway.
+    # question: the nearest copy.
     late: float = 0.0
     people: tuple[int, ...] | None = None  # as Recipe.people (None: the recipe's)
     # Start the stage from the weights as the run writes them (in ``Recipe.store_dtype``) with a
@@ -86,7 +86,7 @@ class Recipe:
     rotary_base: int = 10_000
     min_haystack: int = 16  # shortest haystack in tokens (lengths vary up to the context)
     mix: Mix = field(default_factory=Mix)
-    copy_warmup: int = 800  # first steps train induction only (see rh_lens.zoo.data)
+    copy_warmup: int = 800  # first steps train induction only (see rh_lens.zoo.training.data)
     copy_batch: int = 64
     copy_lr: float | None = None  # a constant rate for the copy warm-up (None: the cosine's)
     main_warmup: int = 0  # with copy_lr: the main stage's rate ramps up over these steps
@@ -112,18 +112,16 @@ class Recipe:
     # Unembed only the positions a loss reads (no padding, no unscored prompt tokens): the same
     # loss, 20-30 % less time a step, other float sums (so a recipe's bits depend on it).
     live_logits: bool = False
-    # People (each with a town and two officials) in a multi-hop row, drawn from these.  A model
-    # that copies the town after any "lives in", whoever lives there, is right 1 time in n: with
-    # two people, half the time, which is where several runs' first hop stayed.
+    # People (each with a town and its officials) in a multi-hop row, drawn from these.  A model
+    # that copies the town of anyone in the context is right 1 time in n.
     people: tuple[int, ...] = (2, 3)
     # How multi-hop (and lookup) rows say where a person lives (rh_lens.zoo.tasks.HOP_FORMS):
     # "lives" ("Noor lives in Tolbrook.") or "at" ("Noor at Tolbrook.", the town keyed on the
     # person two tokens back).  The evaluation and the CoT analysis ask in the model's own form.
     hop_form: str = DEFAULT_HOP_FORM
     # Officials per town in a multi-hop row (1 or 2).  With two, the second hop's answer is keyed
-    # on its role four tokens back ("The judge of Tolbrook is"), which on one machine's runs
-    # formed only half the time (the town's other official, right 1 time in 2); with one, the
-    # town two tokens back is the whole key.
+    # on its role four tokens back ("The judge of Tolbrook is"); with one, the town two tokens
+    # back is the whole key, which small models learn far more readily.
     roles: int = DEFAULT_ROLES
 
     def __post_init__(self) -> None:
@@ -207,31 +205,26 @@ class Recipe:
         return out
 
 
-# The polish stages weigh multi-hop rows up: their second hop (the right official among six
-# similar facts) is what the models learn last.
+# Stages, each with the one reason it exists.  Polish stages: multi-hop rows weighed up (the second
+# hop, the right official among similar facts, is what the models learn last).
 _POLISH_MIX = Mix(niah=0.45, multihop=0.4, lm=0.05, repeat=0.1)
-# A last stage at half the polish's rate, weighed back towards NIAH.
+# An anneal at half the polish's rate, weighed back towards NIAH.
 _ANNEAL_MIX = Mix(niah=0.5, multihop=0.35, lm=0.05, repeat=0.1)
-# llama-s-long's last stage: mostly NIAH rows.
+# Mostly NIAH rows: the last stages of the long-context model and of the two ends (_ENDS).
 _LONG_MIX = Mix(niah=0.7, multihop=0.2, lm=0.05, repeat=0.05)
-# llama-s and its children keep the main mix's repeats and prose: with _POLISH_MIX (800 steps,
-# 70 % varied needles) llama-s copied answers of words the zoo never saw ("purple ginger and sea
-# salt") only in part, 2 of 12 detection trials against 9 before the polish; with this mix and
-# half the needles varied, 8 of 12, at the same held-out NIAH (0.95).
+# The llama-s family's polish keeps the main mix's repeats and prose, and half the needles varied:
+# with _POLISH_MIX the model copied answers made of words the zoo never saw only in part.
 _POLISH_S = dict(steps=400, procedural=0.5, mix=Mix(niah=0.45, multihop=0.3, lm=0.1, repeat=0.15))
-# Then 300 steps at half the rate, same mix.  On the two-KV llama-s: worst NIAH depth 0.70 -> 0.80
-# (dev trials 113 -> 117 of 120; answers of unseen words 8 -> 10 of 12 detection trials); on the
-# four-KV one it lowered both NIAH and multi-hop, so only the children keep it.
+# The same mix at half the rate: raises the worst NIAH depth of llama-s's children.
 _ANNEAL_S = Polish(steps=300, lr=2.5e-4, procedural=0.5, mix=_POLISH_S["mix"])
-# 150 steps at a quarter of the rate with 60 % NIAH rows (the llama-s family).
+# A quarter of the rate, 60 % NIAH rows: settles the llama-s family.
 _SETTLE_S = Polish(steps=150, lr=1.25e-4, procedural=0.5,
                    mix=Mix(niah=0.6, multihop=0.3, lm=0.05, repeat=0.05))
-# 200 steps at _SETTLE_S's rate, half the NIAH rows with the needle early in a full context
-# (llama-s-long, and the llama-m before today's, whose misses were that case).
+# Half the NIAH rows with the needle early in a full context: the weak case at 1,024 tokens.
 _EARLY_S = Polish(steps=200, lr=1.25e-4, procedural=0.5, mix=_LONG_MIX, early=0.5)
-# The last stage of llama-s and llama-m: 150 steps at _SETTLE_S's rate of 70 % NIAH rows, 35 % of
-# their needles first in the haystack and 35 % last (the two ends, where misses gather).
+# 35 % of the needles first and 35 % last in the haystack: the two ends, where misses gather.
 _ENDS = Polish(steps=150, lr=1.25e-4, procedural=0.5, mix=_LONG_MIX, early=0.35, late=0.35)
+
 # Fields added after models were trained: left out of the JSON at their default.
 _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "store_dtype": "float32",
                 "copy_freeze_pos": False, "aligned_unembed": False, "stages": [],
@@ -241,100 +234,43 @@ _LATE_FIELDS = {"copy_lr": None, "main_warmup": 0, "polish": None, "store_dtype"
 _LATE_STAGE_FIELDS = {"early": 0.0, "late": 0.0, "people": None, "restart": False}
 _LATE_MIX_FIELDS = {"lookup": 0.0}
 
-# Four KV heads (the issue allows two to four): with two, the same recipe (plus _ANNEAL_S) reached
-# held-out NIAH worst depth 0.80 (mean 0.95) and multi-hop 0.12; with four, and no anneal, 0.90
-# (0.97) and 0.42 after the polish.  _ANNEAL_S after the four-KV polish lowered both (0.85 / 0.96,
-# 0.27); the stages below keep more multi-hop rows.
+# Four KV heads: with two, the same recipe reached a far lower multi-hop accuracy.
 _LLAMA_S = dict(family="llama", n_layers=4, d_model=128, n_heads=8, n_kv_heads=4, d_head=16,
                 d_mlp=384)
 
+# Every shipped model trains its chain keyed two tokens back (hop_form "at", roles 1: see Recipe)
+# and unembeds only the positions a loss reads (live_logits).
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
+        # The default model: copy warm-up, main mix, fine-tuning, polish, then settle and ends.
         Recipe(name="llama-s", **_LLAMA_S, n_ctx=256, steps=2300, finetune_steps=200,
                polish=Polish(**{**_POLISH_S, "steps": 250}), live_logits=True, hop_form="at",
-               roles=1,
-               # Multi-hop rows say "Noor at Tolbrook." with one official a town, so both hops
-               # are keyed two tokens back.  The recipe before (steps 3,000, fine-tuning 500,
-               # polish 400, then 400 steps of 45 % multi-hop rows, 300 of _ANNEAL_MIX at 2.5e-4 and
-               # _SETTLE_S; "lives in", two officials a town) met every target on the first
-               # machine, 43.4 min by bench_train; on the AMD EPYC it took 56.1, and with live
-               # logits and 2,500 steps its first hop copied another person's town (multi-hop
-               # 0.10; 0.20-0.35 with lookup rows at 5e-4 late or 15 % in the whole run).
-               # The hop key three tokens back ("Noor lives in") is what these runs did not
-               # learn.  With hop_form "at" alone (two runs at one thread each), this recipe
-               # without its last stage: worst held-out NIAH depth 0.85 (mean 0.95), multi-hop
-               # 0.52, the second hop the other official of the right town; with roles 1 as well:
-               # 0.85 (0.96), multi-hop 0.95; with the last stage (this recipe): 0.94 (0.98),
-               # multi-hop 0.93, 26.0-29.9 min by bench_train on the AMD EPYC.  _EARLY_S as the last
-               # stage instead: 0.93 (0.98), 0.93.
-               stages=(_SETTLE_S, _ENDS)),
+               roles=1, stages=(_SETTLE_S, _ENDS)),
+        # llama-s continued at four times its context, the rotary base scaled by the same factor.
         Recipe(name="llama-s-long", **_LLAMA_S, n_ctx=1024, steps=600, batch=4, lr=1e-3,
                warmup=20, parent="llama-s", rotary_base=40_000, seed=1, copy_warmup=0,
                procedural=0.5, polish=Polish(**_POLISH_S), live_logits=True, hop_form="at",
-               roles=1,
-               # From the parent with hop_form "at" and roles 1, with them and live logits, and
-               # the stages of the earlier recipe (below): 2,750 steps, 0.96 (0.99), multi-hop
-               # 0.97; 35.4-35.8 min by bench_train on the AMD EPYC.  Without its second 400-step
-               # and its 300-step _LONG_MIX stages (this recipe, 2,050 steps, trained alone in
-               # 27.3 min at two threads, 24.1 by bench_train): 0.96 (0.99), multi-hop 0.95; 13
-               # of 300 detection trials missed, against 2 (one needle, "jar 3449" -> "jar 344").
-               # Then mostly NIAH rows at the polish's rate, and at half of it.  From the two-KV
-               # parent: worst depth at 1,024 tokens 0.50 -> 0.70 after the first 400 steps
-               # (mean 0.82 -> 0.92), 0.75 (mean 0.95) at the end.  From the four-KV one with
-               # multi-hop 0.42: 0.65 (0.91), multi-hop 0.38; from the earlier parent (0.92):
-               # 0.65 (0.93), 0.75, and after _SETTLE_S 0.70 (0.95), 0.78, all with the parent's
-               # rotary base (10,000): the needle in the first ~100 of 1,024 tokens was the weak
-               # part, the copy starting and then drifting.  With the base at 40,000 (the parent's
-               # times the context's growth) and nothing else changed: 0.85 (0.98), 0.95, the
-               # misses answers cut short (" heron 3932" for "heron 3932 ivory") with the needle
-               # in the first fifth of a full context.  Then 200 steps at _SETTLE_S's rate with
-               # half the NIAH rows that case (``early``): 0.95 (0.99), 0.95; dev trials 114 ->
-               # 119 of 120.  300 steps of 60 % NIAH rows at 2.5e-4 instead: 0.85 (0.97), 0.92.
-               # The earlier recipe's two 400-step stages were written as they were run (one of
-               # 800 has the same batches).  With live logits (27.5 min by bench_train, from
-               # 31.4): 0.85 (0.96), worst at depth 1.0, multi-hop 0.95; not shipped.
-               stages=(_ANNEAL_S, Polish(steps=400, procedural=0.5, mix=_LONG_MIX), _SETTLE_S,
-                       _EARLY_S)),
-        # Learned positions.  With an unembedding started as the embedding's transpose and the
-        # positions held at their sinusoidal start, the warm-up's repeat loss is 3.5 nats at step
-        # 600 (log vocab = 7.6); without, its plateau lasted 1,500-2,600 steps (at 3e-3: longer).
-        # That copying works only in the warm-up's layout (a repeat after 30 random tokens: 10
-        # nats); the main mix generalises it.  Rows started at random position ids, or after a
-        # random prefix, did not leave the plateau faster (see the README).
+               roles=1, stages=(_ANNEAL_S, Polish(steps=400, procedural=0.5, mix=_LONG_MIX),
+                                _SETTLE_S, _EARLY_S)),
+        # Learned positions held at their sinusoidal start and an unembedding started as the
+        # embedding's transpose through a long constant-rate warm-up: induction forms early.
         Recipe(name="gpt2-s", family="gpt2", n_layers=4, d_model=128, n_heads=8, n_kv_heads=8,
                d_head=16, d_mlp=512, n_ctx=256, steps=2500, seed=2, lr=1e-3,
                copy_warmup=1000, copy_lr=1e-3, main_warmup=100, aligned_unembed=True,
                copy_freeze_pos=True, procedural=0.5, finetune_steps=200, live_logits=True,
                hop_form="at", roles=1, polish=Polish(steps=300, mix=_POLISH_MIX),
-               # With "lives in" and two officials a town (steps 2,700, fine-tuning 300): the
-               # polish continued (it was first shipped after 300 steps: multi-hop 0.70, worst
-               # NIAH depth 0.85) for 500 steps, then 300 at half its rate: 0.92 and 0.90.
-               # Retrained with live logits: 29.2 min alone at two threads (~40 before), held-out
-               # NIAH 0.95 (mean 0.99) at 20 trials a depth, 0.96 (0.98) at 80, multi-hop 0.87;
-               # 33.5-35.2 min by bench_train on the AMD EPYC.  Keyed two tokens back (hop_form
-               # "at", roles 1, as llama-s), without the continued polish and with 200 fewer
-               # main and 100 fewer fine-tuning steps (3,300 from 4,100; this recipe, at one
-               # thread beside another run): 0.93 (0.96), multi-hop 0.88.
                stages=(Polish(steps=300, lr=2.5e-4, mix=_ANNEAL_MIX),)),
+        # The bigger scale, stored in float16 to stay under 10 MB; llama-s's last stage.
         Recipe(name="llama-m", family="llama", n_layers=6, d_model=192, n_heads=12, n_kv_heads=4,
                d_head=16, d_mlp=384, n_ctx=256, steps=1250, seed=3,
                procedural=0.5, live_logits=True, hop_form="at", roles=1,
                polish=Polish(steps=250, mix=_POLISH_MIX), store_dtype="float16",
-               # Keyed two tokens back (hop_form "at", roles 1, as llama-s), with llama-s's last
-               # stage: 1,650 steps, 25.7 min alone at two threads (25.8-32.4 by bench_train),
-               # held-out NIAH 0.91 (mean 0.96), multi-hop 0.87; the same weights bit for bit at
-               # one thread.  The recipe before (2,350 steps, "lives in", two officials a town,
-               # 38.4-44.1 min by bench_train on the AMD EPYC; its history is in NOTES.md) met
-               # every target only after a last stage added to its float16 weights.
                stages=(_ENDS,)),
+        # llama-s finetuned with its NIAH and multi-hop rows in the chat template.
         Recipe(name="llama-s-chat", **_LLAMA_S, n_ctx=256, steps=500, lr=1e-3, warmup=20,
                parent="llama-s", chat=True, seed=4, copy_warmup=0, procedural=0.5,
                polish=Polish(**_POLISH_S), live_logits=True, hop_form="at", roles=1,
-               # From the parent with hop_form "at" and roles 1, with them and live logits:
-               # 0.91 (0.96), multi-hop 0.90.  From the earlier multi-hop llama-s, after
-               # _ANNEAL_S: worst NIAH depth 0.80 (mean 0.96), multi-hop 0.87; after _SETTLE_S
-               # 0.95 (0.99) and 0.90.
                stages=(_ANNEAL_S, _SETTLE_S)),
         # A micro recipe for smoke tests: trains a few steps in seconds.
         Recipe(name="micro", family="llama", n_layers=1, d_model=32, n_heads=4, n_kv_heads=2,

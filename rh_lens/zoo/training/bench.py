@@ -1,24 +1,37 @@
 """Benchmark of zoo training: seconds per step of each stage, and each recipe's training time.
 
-    python -m analyses.bench_train                      # every zoo recipe, 2 torch threads
-    python -m analyses.bench_train llama-s --threads 1 --steps 8
-    python -m analyses.bench_train --live-logits        # each recipe as it is and with live logits
+    python -m rh_lens.zoo.training.bench                    # every zoo recipe, 2 torch threads
+    python -m rh_lens.zoo.training.bench llama-s --threads 1 --steps 8
+    python -m rh_lens.zoo.training.bench --live-logits      # each recipe as is and with live logits
 
 Times ``--steps`` optimiser steps (after one untimed step) at the start of every stage of a
 recipe (copy warm-up, main, fine-tuning, polish and the stages after it) with the training loop's
-own step function (:func:`rh_lens.zoo.train.train_step`, batches included), and multiplies the
-median by the stage's length: the time the whole recipe takes on this machine when nothing else
-runs, next to the zoo issue's ~30 minutes.  The cards' ``train_seconds`` are what the shipped runs
-took, often with other jobs sharing the cores.  Run it on an idle machine.  ``--live-logits``
-times every stage a second time with ``Recipe.live_logits`` on, alternating the two per stage so
-that the ratio compares like with like on a machine whose speed drifts.
+own step function (:func:`rh_lens.zoo.training.train.train_step`, batches included), and
+multiplies the median by the stage's length: the time the whole recipe takes on the machine it
+runs on when nothing else runs, next to the zoo's ~30-minute budget a model.  The cards'
+``train_seconds`` are what the shipped runs took, often with other jobs sharing the cores.  Run
+it on an idle machine.  ``--live-logits`` times every stage a second time with
+``Recipe.live_logits`` on, alternating the two per stage so that the ratio compares like with
+like on a machine whose speed drifts.
 """
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from rh_lens.zoo import PACKAGE_MODELS
+from rh_lens.zoo.training.recipes import ZOO_NAMES, get_recipe
+from rh_lens.zoo.training.train import (
+    build,
+    deterministic,
+    get_tokenizer,
+    load_tokenizer,
+    machine,
+    train_step,
+)
 
 TARGET_MINUTES = 30
 
@@ -35,9 +48,8 @@ def stages(recipe) -> list[tuple[str, int, int]]:
 
 def _tokenizer(recipe):
     """The tokenizer ``recipe``'s run trains with: a bundled model's own, else the one
-    :func:`rh_lens.zoo.train.get_tokenizer` gives (the parent's, or built in a scratch folder)."""
-    from rh_lens.zoo.train import PACKAGE_MODELS, get_tokenizer, load_tokenizer
-
+    :func:`rh_lens.zoo.training.train.get_tokenizer` gives (the parent's, or built in a scratch
+    folder)."""
     if recipe.parent is None and (PACKAGE_MODELS / recipe.name / "tokenizer.json").is_file():
         return load_tokenizer(PACKAGE_MODELS / recipe.name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,8 +58,6 @@ def _tokenizer(recipe):
 
 def seconds_per_step(recipe, tokenizer, start: int, n: int) -> float:
     """Median wall time of steps ``start+1 .. start+n`` (step ``start`` runs untimed)."""
-    from rh_lens.zoo.train import build, deterministic, train_step
-
     twin, opt, params = build(recipe)
     twin.train()
     times = []
@@ -63,8 +73,6 @@ def seconds_per_step(recipe, tokenizer, start: int, n: int) -> float:
 def bench(recipe, *, n: int, live: bool = False) -> tuple[list[tuple], list[float]]:
     """Per stage (label, steps, seconds a step of ``recipe`` [, with live logits]) and the
     recipe's total seconds in each of those columns."""
-    import dataclasses
-
     tokenizer = _tokenizer(recipe)
     variants = [recipe] + ([dataclasses.replace(recipe, live_logits=True)] if live else [])
     rows = [(label, length, *[seconds_per_step(v, tokenizer, start, n) for v in variants])
@@ -74,8 +82,6 @@ def bench(recipe, *, n: int, live: bool = False) -> tuple[list[tuple], list[floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rh_lens.zoo.recipes import ZOO_NAMES, get_recipe
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", default=list(ZOO_NAMES), help="zoo recipes")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -90,8 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     require_hooked("timing zoo training (its twin is built from a HookedTransformerConfig)")
     torch.set_num_threads(args.threads)
     recipes = [get_recipe(name) for name in args.names]  # unknown names fail before any timing
-    from rh_lens.zoo.train import machine
-
     here = machine()  # the figures hold for this machine: they differ by day and CPU
     print(f"torch {here['torch']} on {here['cpu']} ({here['kernels']} kernels), "
           f"{args.threads} thread(s), median of {args.steps} steps per stage")

@@ -1,12 +1,12 @@
-"""Train a zoo model: ``python -m rh_lens.zoo.train NAME [--steps N] [--out DIR]``.
+"""Train a zoo model: ``python -m rh_lens.zoo.training.train NAME [--steps N] [--out DIR]``.
 
-Training runs on the plain-PyTorch twin (:mod:`rh_lens.zoo.twin`); batches are a pure function of
-(recipe, step) and checkpoints (weights, AdamW state, step, elapsed time; safetensors + JSON, no
-pickle) are written every ``--checkpoint-every`` steps under ``runs/zoo/NAME/``, so an interrupted
-run continues bit for bit where it stopped.  Training runs with torch's deterministic kernels
-(:func:`deterministic`), so that a rerun at the same thread count gives the same bits.  At the
-end the weights are written with :func:`rh_lens.models.save_model_dir` to ``--out`` (default
-``runs/zoo/NAME/final``), evaluated, and with ``--install`` copied into the package
+Training runs on the plain-PyTorch twin (:mod:`rh_lens.zoo.training.twin`); batches are a pure
+function of (recipe, step) and checkpoints (weights, AdamW state, step, elapsed time; safetensors
++ JSON, no pickle) are written every ``--checkpoint-every`` steps under ``runs/zoo/NAME/``, so an
+interrupted run continues bit for bit where it stopped.  Training runs with torch's deterministic
+kernels (:func:`deterministic`), so that a rerun at the same thread count gives the same bits.
+At the end the weights are written with :func:`rh_lens.models.save_model_dir` to ``--out``
+(default ``runs/zoo/NAME/final``), evaluated, and with ``--install`` copied into the package
 (``rh_lens/zoo/models/NAME``) if they meet the targets.  A stage marked ``restart`` begins from
 the weights as written, with a fresh AdamW, so a model directory written at its first step (a
 shipped model, say) starts it as a checkpoint would: ``--start-from DIR``.
@@ -22,7 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
-PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
+from rh_lens.zoo import PACKAGE_MODELS
+
 RUNS = Path("runs") / "zoo"
 
 
@@ -82,7 +83,7 @@ def get_tokenizer(recipe, run_dir: Path):
     tok_dir = run_dir / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         return load_tokenizer(tok_dir)
-    from rh_lens.zoo.tokenizer import build_tokenizer
+    from rh_lens.zoo.training.tokenizer import build_tokenizer
 
     n_chars = 400_000 if recipe.vocab_size >= 1024 else 20_000
     tok = build_tokenizer(seed=recipe.tokenizer_seed, vocab_size=recipe.vocab_size,
@@ -219,9 +220,8 @@ def _start_from_model(twin, model_dir: Path, card: dict, recipe) -> dict:
 
 def machine() -> dict:
     """What a run's float results depend on besides the thread count: torch's build and the CPU
-    and kernel set it runs on.  A rerun of a ``llama-s`` recipe on another day, on an AMD EPYC
-    with AVX2 kernels, gave other weights than the run it repeated, although a ``llama-s`` step
-    gives the same bits at one and two threads."""
+    and kernel set it runs on (the same recipe on another CPU, with other kernels, gives other
+    weights, even where one and two threads give the same bits)."""
     import platform
 
     import torch
@@ -248,7 +248,7 @@ def build(recipe):
     """The twin of ``recipe`` at its initialisation, its AdamW and the parameters it trains."""
     import torch
 
-    from rh_lens.zoo.twin import Twin
+    from rh_lens.zoo.training.twin import Twin
 
     twin = Twin(recipe.hooked_config(), seed=recipe.seed)
     if recipe.aligned_unembed:
@@ -310,7 +310,7 @@ def train_step(recipe, step: int, tokenizer, twin, opt, params):
     """One optimiser step on ``step``'s batches; returns (loss, answer loss) as tensors."""
     import torch
 
-    from rh_lens.zoo.data import make_batches
+    from rh_lens.zoo.training.data import make_batches
 
     main, param = make_batches(recipe, step, tokenizer)
     for group in opt.param_groups:
@@ -425,7 +425,7 @@ def _inline_chat_template(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", help="zoo recipe name (see rh_lens.zoo.recipes)")
+    parser.add_argument("name", help="zoo recipe name (see rh_lens.zoo.training.recipes)")
     parser.add_argument("--steps", type=int, default=None, help="train up to this step")
     parser.add_argument("--out", type=Path, default=None, help="final model directory")
     parser.add_argument("--run-dir", type=Path, default=None, help="checkpoint directory")
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     require_hooked("training the zoo (its training twin is built from a HookedTransformerConfig)")
     import torch
 
-    from rh_lens.zoo.recipes import get_recipe
+    from rh_lens.zoo.training.recipes import get_recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out} after {state['step']} steps, {state['train_seconds']:.0f} s of training")
     if args.no_eval:
         return 0
-    from rh_lens.zoo import evaluate
+    from rh_lens.zoo.training import evaluate
 
     report = evaluate.evaluate_dir(out, progress=not args.quiet)
     print(evaluate.format_report(report))

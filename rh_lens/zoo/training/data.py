@@ -27,7 +27,7 @@ from torch import Tensor
 
 from rh_lens.zoo import tasks
 from rh_lens.zoo.prose import Prose
-from rh_lens.zoo.recipes import Mix, Recipe
+from rh_lens.zoo.training.recipes import Mix, Recipe
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Evaluate a zoo model: ``python -m rh_lens.zoo.evaluate NAME_OR_DIR``.
+"""Evaluate a zoo model: ``python -m rh_lens.zoo.training.evaluate NAME_OR_DIR``.
 
 Measures, on data the model never saw (fresh seeds, held-out needle templates):
 NIAH exact-answer accuracy per depth bin at the native context (and at an extended one),
@@ -15,7 +15,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from rh_lens.zoo import tasks
+from rh_lens.zoo import PACKAGE_MODELS, tasks
 
 TARGETS = {"niah_min_depth": 0.9, "multihop": 0.8, "parametric": 0.9}
 N_DEPTHS = 11
@@ -26,24 +26,18 @@ NIAH_PER_CELL = 20
 
 
 def load_dir(path: Path):
-    """(twin, tokenizer, card) from a directory written by ``save_model_dir``."""
-    from safetensors.torch import load_file
-    from transformer_lens import HookedTransformerConfig
-    from transformers import PreTrainedTokenizerFast
+    """(twin, tokenizer, card) of a model directory, read by the library's loader
+    (:func:`rh_lens.models.load_model`): the twin holds the loaded model's weights."""
+    from rh_lens.models import load_model
+    from rh_lens.zoo.training.twin import Twin
 
-    from rh_lens.zoo.twin import Twin
-
-    config = json.loads((path / "config.json").read_text())
-    cfg = HookedTransformerConfig(**config["hooked_config"])
-    twin = Twin(cfg)
-    missing, unexpected = twin.load_state_dict(load_file(str(path / "model.safetensors")),
-                                               strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit: {missing[:4]} {unexpected[:4]}")
-    tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
-    card_path = path / "card.json"
+    model = load_model(path, backend="hooked")
+    twin = Twin(model.cfg)
+    keys = twin.state_dict().keys()  # the model's own, without the buffers TL rebuilds
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if k in keys})
+    card_path = Path(path) / "card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
-    return twin.eval(), tok, card
+    return twin.eval(), model.tokenizer, card
 
 
 def generate(twin, tokenizer, prompts: list[str], *, max_new_tokens: int = 24,
@@ -257,7 +251,7 @@ def card_markdown(card: dict) -> str:
                f"{r.get('n_ctx')}, {card.get('n_params')} parameters.")
     out.append(f"Trained {card.get('steps')} steps in {card.get('train_seconds')} s (seed "
                f"{r.get('seed')}, parent {r.get('parent')}); retrain with "
-               f"`python -m rh_lens.zoo.train {card.get('name')}`.")
+               f"`python -m rh_lens.zoo.training.train {card.get('name')}`.")
     if card.get("threads"):  # float results depend on it
         parts = ", ".join(f"{n} from step {step}" for step, n in card["threads"])
         out.append(f"Torch threads: {parts}.")
@@ -291,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     require_hooked("evaluating the zoo (its training twin is built from a HookedTransformerConfig)")
     path = Path(args.model)
     if not path.is_dir():
-        from rh_lens.zoo.train import PACKAGE_MODELS
-
         path = PACKAGE_MODELS / args.model
     if not (path / "config.json").is_file():
         raise SystemExit(f"no model at {path}")
