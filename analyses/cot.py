@@ -89,7 +89,7 @@ def _run(args, argv) -> int:
     from rh_lens.ablation import conditions_from_masks
     from rh_lens.models import load_model, model_facts, weights_fingerprint
     from rh_lens.properties import load_head_scores
-    from rh_lens.results import RunMetadata, save_result, to_jsonable, write_json_atomic
+    from rh_lens.results import RunMetadata
     from rh_lens.zoo.inputs import ZooTaskSizes, zoo_chain, zoo_tasks
 
     if args.items is not None:  # read the user's items before spending time on the model
@@ -124,32 +124,17 @@ def _run(args, argv) -> int:
     result = cot.compute_cot(model, tasks, conditions, cfg, out_dir=out, identity=identity,
                              progress=not args.quiet)
 
-    acc = result.accuracy()
+    config = {"model": args.model, "scores": str(scores_path), "score": args.score,
+              "seed": args.seed, "draws": args.draws, "threshold": args.threshold,
+              "items": None if args.items is None else str(args.items),
+              "templates": {t.name: t.template for t in tasks},
+              "match": {t.name: t.match for t in tasks}, "shape": [facts.n_layers, facts.n_heads]}
+    result.save(out, meta=meta, config=config, scores=table,
+                n_items={t.name: len(t.items) for t in tasks})
+    plotting.save_figure(plotting.plot_cot(result, title=f"{args.model}: accuracy under "
+                                           f"{args.mode} masking"), out / "cot.html")
     mean, std = result.by_group()
     groups = result.group_names()
-    summary = {
-        "tasks": list(result.tasks),
-        "n_items": {t.name: len(t.items) for t in tasks},
-        "conditions": [{**c.to_json(), "group": c.group,
-                        "accuracy": dict(zip(result.tasks, acc[i].tolist(), strict=True))}
-                       for i, c in enumerate(result.conditions)],
-        "groups": {g: {"mean": dict(zip(result.tasks, mean[i].tolist(), strict=True)),
-                       "std": dict(zip(result.tasks, std[i].tolist(), strict=True))}
-                   for i, g in enumerate(groups)},
-    }
-    config = {**cfg.to_dict(), "model": args.model, "scores": str(scores_path),
-              "score": args.score, "seed": args.seed, "draws": args.draws,
-              "threshold": args.threshold, "items": None if args.items is None
-              else str(args.items), "templates": {t.name: t.template for t in tasks},
-              "match": {t.name: t.match for t in tasks},
-              "shape": [facts.n_layers, facts.n_heads],
-              "conditions": [c.to_json() for c in result.conditions]}
-    save_result(out, kind="cot", config=config, meta=meta, summary=to_jsonable(summary),
-                arrays={"accuracy": acc, "group_mean": mean, "group_std": std,
-                        "scores": table})
-    write_json_atomic(out / "summary.json", to_jsonable(summary), indent=2)
-    figure = plotting.plot_cot(result, title=f"{args.model}: accuracy under {args.mode} masking")
-    plotting.save_figure(figure, out / "cot.html")
 
     print(f"{args.mode} masking at {args.positions} positions; results in {out}")
     print(f"{'condition':<14} " + " ".join(f"{t:>17}" for t in result.tasks))

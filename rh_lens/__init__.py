@@ -1,50 +1,67 @@
 """rh_lens: retrieval heads, measured with TransformerLens.
 
-The public API is re-exported here and imported lazily, so that ``import rh_lens`` (and the
-torch-free modules such as :mod:`rh_lens.properties`) start without loading torch and
-TransformerLens.  Submodules whose names start with ``_`` are private.
+Everything a notebook or script needs is here, ``import rh_lens as rl``:
+
+- models: :func:`load_model` and the narrow surface the analyses use (:func:`model_facts`,
+  :func:`tokenize`, :func:`new_kv_state`, :func:`forward_chunk`, :func:`decode_greedy`);
+- heads: :class:`Head`, :func:`label`, :func:`select_heads` (``top:K``, ``random:K``, ...),
+  :data:`THRESHOLD`; hook names in :mod:`rl.hooks`, interventions in :mod:`rl.interventions`;
+- inputs: :class:`Needle`, :func:`build_trial`, :func:`read_needles`,
+  :func:`haystack_from_folder`, and the zoo's (:func:`zoo_inputs`, :func:`zoo_pairs`,
+  :func:`zoo_tasks`);
+- analyses, each a ``compute_*`` returning a result that saves and loads itself: detection
+  (:func:`compute_detect`), properties (:class:`HeadScores`, :func:`compute_property_summary`),
+  ablation (:func:`compute_ablation`), patching (:func:`compute_activation_patching`,
+  :func:`compute_path_patching`), chain of thought (:func:`compute_cot`);
+- figures: :mod:`rl.plotting` (every ``plot_*`` returns a plotly figure).
+
+Names are imported on first use, so ``import rh_lens`` (and the torch-free modules such as
+:mod:`rh_lens.properties`) start without loading torch and TransformerLens.  Submodules whose
+names start with ``_`` are private.
 """
 
 import importlib
 
-_EXPORTS = {
-    "ContextTooLongError": "rh_lens.errors",
-    "ModelLoadError": "rh_lens.errors",
-    "RhLensError": "rh_lens.errors",
-    "KVState": "rh_lens.models",
-    "ModelFacts": "rh_lens.models",
-    "check_context": "rh_lens.models",
-    "forward_chunk": "rh_lens.models",
-    "load_model": "rh_lens.models",
-    "model_facts": "rh_lens.models",
-    "new_kv_state": "rh_lens.models",
-    "save_model_dir": "rh_lens.models",
-    "tokenize": "rh_lens.models",
-    "tokenize_with_offsets": "rh_lens.models",
-    "zoo_names": "rh_lens.models",
-    "Needle": "rh_lens.niah",
-    "build_trial": "rh_lens.niah",
-    "DetectConfig": "rh_lens.detect",
-    "DetectResult": "rh_lens.detect",
-    "compute_detect": "rh_lens.detect",
-    "decode_greedy": "rh_lens.decode",
-    "load_result": "rh_lens.results",
-    "import_reference_json": "rh_lens.results",
-    "export_reference_json": "rh_lens.results",
-    "load_head_scores": "rh_lens.properties",
+_MODULES = {
+    "rh_lens.errors": ("ContextTooLongError", "ModelLoadError", "RhLensError"),
+    "rh_lens.models": ("load_model", "save_model_dir", "zoo_names"),
+    "rh_lens.engine": ("KVState", "ModelFacts", "check_context", "forward_chunk", "model_facts",
+                       "new_kv_state", "tokenize", "tokenize_with_offsets",
+                       "weights_fingerprint"),
+    "rh_lens.decode": ("decode_greedy",),
+    "rh_lens.heads": ("THRESHOLD", "Head", "bottom_heads", "kv_group", "label", "parse_spec",
+                      "random_head_draws", "ranked_heads", "select_heads", "top_heads"),
+    "rh_lens.niah": ("Needle", "TextHaystack", "build_trial", "haystack_from_folder",
+                     "read_needles"),
+    "rh_lens.zoo.inputs": ("ZooTaskSizes", "zoo_inputs", "zoo_pairs", "zoo_tasks"),
+    "rh_lens.store": ("SweepStore",),
+    "rh_lens.results": ("RunMetadata", "export_reference_json", "import_reference_json",
+                        "load_result"),
+    "rh_lens.detect": ("DetectConfig", "DetectResult", "compute_detect"),
+    "rh_lens.properties": ("HeadScores", "compute_activation", "compute_correlation_matrix",
+                           "compute_groups", "compute_intrinsic", "compute_sparsity",
+                           "compute_switch_on", "compute_universality", "load_head_scores"),
+    "rh_lens.property_summary": ("PropertySummary", "compute_property_summary"),
+    "rh_lens.ablation": ("AblationConfig", "AblationResult", "Condition", "compute_ablation",
+                         "conditions_from_masks"),
+    "rh_lens.patching": ("PatchConfig", "PatchingResult", "compute_activation_patching",
+                         "compute_path_patching", "head_receivers", "make_pair"),
+    "rh_lens.cot": ("CotConfig", "CotResult", "Task", "compute_cot", "read_items"),
 }
+_SUBMODULES = ("heads", "hooks", "interventions", "plotting", "store")
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, *_SUBMODULES])
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name == "hooks":
-        return importlib.import_module("rh_lens.hooks")
+    if name in _SUBMODULES:
+        return importlib.import_module(f"rh_lens.{name}")
     raise AttributeError(f"module 'rh_lens' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*__all__, "hooks"])
+    return list(__all__)

@@ -24,6 +24,7 @@ heads, explicit lists) and scored by exact or numeric match of the final answer.
   ``out_dir``; a rerun skips them.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -41,6 +42,14 @@ from rh_lens.ablation import Condition, Mode, Where, ablation_hooks
 from rh_lens.decode import Stop, decode_greedy
 from rh_lens.errors import ContextTooLongError, RhLensError
 from rh_lens.models import model_facts, tokenize
+from rh_lens.results import (
+    ResultFileError,
+    RunMetadata,
+    load_result,
+    save_result,
+    to_jsonable,
+    write_json_atomic,
+)
 from rh_lens.store import Record, SweepStore
 
 Match = Literal["exact", "numeric"]
@@ -256,6 +265,57 @@ class CotResult:
         names = self.group_names()
         groups = [acc[[c.group == g for c in self.conditions]] for g in names]
         return (np.stack([g.mean(0) for g in groups]), np.stack([g.std(0) for g in groups]))
+
+    def summary(self, n_items: dict[str, int] | None = None) -> dict:
+        """Accuracy per condition and task, and mean / standard deviation per group of draws."""
+        acc = self.accuracy()
+        mean, std = self.by_group()
+        return to_jsonable({
+            "tasks": list(self.tasks),
+            "n_items": n_items if n_items is not None
+            else {t: len(r.outputs) for t, r in zip(self.tasks, self.records[0], strict=True)},
+            "conditions": [{**c.to_json(), "group": c.group,
+                            "accuracy": dict(zip(self.tasks, acc[i].tolist(), strict=True))}
+                           for i, c in enumerate(self.conditions)],
+            "groups": {g: {"mean": dict(zip(self.tasks, mean[i].tolist(), strict=True)),
+                           "std": dict(zip(self.tasks, std[i].tolist(), strict=True))}
+                       for i, g in enumerate(self.group_names())},
+        })
+
+    def save(self, directory: str | Path, *, meta: RunMetadata, config: dict | None = None,
+             scores: Float[np.ndarray, "n_layers n_heads"] | None = None,
+             n_items: dict[str, int] | None = None) -> dict:
+        """``result.json`` + ``arrays.npz`` (accuracy per condition and task, per group, the
+        ranking ``scores``) and ``summary.json`` beside the records.  Returns the summary."""
+        directory = Path(directory)
+        summary = self.summary(n_items)
+        mean, std = self.by_group()
+        arrays = {"accuracy": self.accuracy(), "group_mean": mean, "group_std": std}
+        if scores is not None:
+            arrays["scores"] = np.asarray(scores)
+        config = {**self.config.to_dict(), **(config or {}),
+                  "conditions": [c.to_json() for c in self.conditions]}
+        save_result(directory, kind="cot", config=config, meta=meta, summary=summary,
+                    arrays=arrays)
+        write_json_atomic(directory / "summary.json", summary, indent=2)
+        return summary
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CotResult":
+        """The saved result in ``directory``, its records read back from the sweep store."""
+        directory = Path(directory)
+        saved = load_result(directory)
+        if saved.kind != "cot":
+            raise ResultFileError(f"{directory}: a {saved.kind!r} result, not chain of thought")
+        fields = {f.name for f in dataclasses.fields(CotConfig)}
+        cfg = CotConfig(**{k: v for k, v in saved.config.items() if k in fields})
+        conditions = tuple(Condition.from_json(c) for c in saved.config["conditions"])
+        tasks = tuple(saved.summary["tasks"])
+        records = []
+        for cond in conditions:
+            store = SweepStore(directory / "conditions" / cond.name, CONDITION_JSON)
+            records.append(tuple(_read_record(store.read(t, arrays=False)) for t in tasks))
+        return cls(tasks, conditions, tuple(records), cfg)
 
 
 def _read_record(record: Record) -> TaskRecord:

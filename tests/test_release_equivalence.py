@@ -105,6 +105,11 @@ def test_cot_gives_the_release_outputs(tmp_path):
             old_record = _json(old / "conditions" / name / f"{task}.json")
             assert new_record["outputs"] == old_record["outputs"]
             assert new_record["correct"] == old_record["correct"]
+    from rh_lens.cot import CotResult
+
+    loaded = CotResult.load(out)
+    np.testing.assert_array_equal(loaded.accuracy(), load_result(old).arrays["accuracy"])
+    assert loaded.summary() == _json(old / "summary.json")
 
 
 def test_release_cot_directory_is_refused_clearly(tmp_path, capsys):
