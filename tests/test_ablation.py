@@ -257,6 +257,7 @@ NONE = Condition("none", "none")
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.slow
 def test_masking_the_copy_head_kills_niah_and_other_heads_change_nothing(copy_setup, mode):
     model, needles = copy_setup
     cfg = AblationConfig(SWEEP, mode=mode, n_reference=2, reference_length=40)
@@ -307,6 +308,7 @@ def test_no_hook_left_after_a_hook_raises(copy_setup, monkeypatch):
     assert attached(model) == 0
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_losing_cells(copy_setup, tmp_path, monkeypatch):
     model, needles = copy_setup
     sweep = DetectConfig(lengths=(60,), depths=(0.0, 25.0, 50.0, 75.0, 100.0), buffer=30,
@@ -351,6 +353,7 @@ def test_interrupted_sweep_resumes_without_losing_cells(copy_setup, tmp_path, mo
 # ------------------------------------------------------------------------ the analyses script
 
 
+@pytest.mark.slow
 def test_ablate_script_on_the_copy_model(copy_setup, tokenizer, tmp_path, capsys):
     from analyses import ablate, detect
     from rh_lens.models import save_model_dir

@@ -80,6 +80,7 @@ def test_detect_script_finds_the_known_copy_head(copy_inputs, tmp_path, capsys):
         assert (tmp_path / "out" / name).is_file()
 
 
+@pytest.mark.slow
 def test_detect_shards_merge_to_the_same_aggregates(copy_inputs, tmp_path, capsys):
     assert detect.main(detect_args(copy_inputs, tmp_path / "full")) == 0
     for i in range(2):
@@ -100,6 +101,7 @@ def test_detect_script_reports_bad_needles(copy_inputs, tmp_path, capsys):
     assert "line 1: missing field" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bench_detect_prints_its_figures(hf_dirs, capsys):
     code = bench_detect.main(["--model", str(hf_dirs["llama"]), "--context", "200",
                               "--trials", "1", "--slow-trials", "1", "--repeats", "1",

@@ -43,6 +43,7 @@ def test_bridge_decoding_equals_the_slow_obvious_one(hf_dirs, arch, fast_prefill
     np.testing.assert_array_equal(fast.positions, slow.positions)
 
 
+@pytest.mark.slow
 def test_zoo_default_finds_its_retrieval_heads_on_the_bridge():
     """zoo:llama-s on the Bridge retrieves and its retrieval heads are layer 1's (measured with
     HookedTransformer: the eight heads of layer 1 score 0.57-0.99, every other head below 0.01;

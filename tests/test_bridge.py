@@ -141,6 +141,7 @@ def test_llama2c_adjacent_pair_rotary_converts_exactly():
         torch.testing.assert_close(bridge(tokens), hooked(tokens), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_detection_sweep_is_identical_on_both_backends(hf_dirs):
     models = [load_model(hf_dirs["qwen2"]), load_model(hf_dirs["qwen2"], backend="bridge")]
     needle = Needle("The magic word is Mara.", "What is the magic word?", "Mara")
@@ -283,6 +284,7 @@ def test_named_model_on_the_bridge_fails_fast_offline(monkeypatch, tmp_path):
         load_model("meta-llama/Nope-1B", backend="bridge")
 
 
+@pytest.mark.slow
 def test_without_hooked_transformer_the_bridge_is_the_default(hf_dirs, zoo_dirs):
     """transformer-lens 4.x has no HookedTransformer: simulated by removing it before import."""
     script = f"""

@@ -88,6 +88,7 @@ def copy_task(request, tokenizer):
     return model, cot.Task("copy", "{context}Question: {question}\nAnswer:", items)
 
 
+@pytest.mark.slow
 def test_masking_the_copy_head_breaks_the_task_and_other_heads_do_not(copy_task):
     model, task = copy_task
     conds = (Condition("none", "none"), Condition("heads", "copy", ((0, 1),)),
@@ -144,6 +145,7 @@ def test_records_are_reused_and_recomputed_when_items_change(copy_task, tmp_path
     assert calls == ["copy", "copy"]
 
 
+@pytest.mark.slow
 def test_random_draws_are_grouped_with_their_spread(copy_task):
     model, task = copy_task
     scores = np.array([[0.0, 1.0, 0.0, 0.0]])
@@ -164,6 +166,7 @@ def test_random_draws_are_grouped_with_their_spread(copy_task):
 # ---------------------------------------------------------------- the script
 
 
+@pytest.mark.slow
 def test_script_on_user_items_and_bad_input(copy_task, tmp_path, monkeypatch, capsys):
     from analyses import cot as script
     from rh_lens.results import export_reference_json, load_result

@@ -133,6 +133,7 @@ def test_interrupted_sweep_loses_no_cell_and_resumes_identically(copy_setup, tmp
     assert [r.generated for r in resumed.records] == [r.generated for r in full.records]
 
 
+@pytest.mark.slow
 def test_shards_merge_to_the_full_sweep(copy_setup, tmp_path):
     model, needle = copy_setup
     full = compute_detect(model, [needle], [HAYSTACK], SWEEP, progress=False)
@@ -204,6 +205,7 @@ def test_bad_sweep_settings():
 
 
 @pytest.mark.needs_shared
+@pytest.mark.slow
 def test_fast_engine_equals_slow_on_real_pretrained_weights():
     """stories260K, a real model nobody here trained: same tokens and argmax positions."""
     from rh_lens.models import load_model

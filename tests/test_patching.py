@@ -98,6 +98,7 @@ def test_path_through_every_receiver_equals_activation_patching(model, positions
     assert not any(getattr(model.cfg, f) for f in FLAGS)
 
 
+@pytest.mark.slow
 def test_activation_patching_matches_transformer_lens(model):
     from transformer_lens.patching import (
         get_act_patch_attn_head_out_all_pos,

@@ -67,6 +67,7 @@ def test_a_shipped_child_was_trained_from_the_shipped_parent(name):
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
+@pytest.mark.slow
 def test_zoo_model_loads_and_answers_heldout_niah(name):
     if not (PACKAGE_MODELS / name / "config.json").is_file():
         if name in REQUIRED:
@@ -115,6 +116,7 @@ def _detect(model, needles):
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
+@pytest.mark.slow
 def test_zoo_model_detection_is_identical_on_both_backends(name):
     """Same generated tokens, per-head argmax positions and retrieval scores from the
     HookedTransformer and from the Bridge around the converted Hugging Face model (fast
@@ -143,6 +145,7 @@ def test_zoo_model_detection_is_identical_on_both_backends(name):
     np.testing.assert_array_equal(hooked.mean_scores("step"), bridge.mean_scores("step"))
 
 
+@pytest.mark.slow
 def test_the_default_copies_answers_of_words_it_never_saw():
     """Needles whose answers are words outside the zoo's generators (several tokens each): a
     polish that over-fitted the zoo's answer formats copied them only in part (2 of 12 trials
