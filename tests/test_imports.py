@@ -151,20 +151,11 @@ def third_party_importers(package: Path, top_level: str) -> set[str]:
 # The checks on rh_lens
 
 
-@pytest.mark.xfail(
-    (PACKAGE / "zoo" / "train.py").is_file(), strict=False,
-    reason="rh_lens.zoo.train and rh_lens.zoo.evaluate import each other until the zoo's "
-    "training moves to rh_lens.zoo.training",
-)
 def test_rh_lens_has_no_import_cycle():
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles in rh_lens: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.xfail(
-    not (PACKAGE / "zoo" / "training").is_dir(), strict=False,
-    reason="the zoo's training is not yet apart in rh_lens.zoo.training",
-)
 def test_only_the_zoos_training_imports_the_zoos_training():
     training = "rh_lens.zoo.training"
     graph = import_graph()
@@ -173,10 +164,6 @@ def test_only_the_zoos_training_imports_the_zoos_training():
     assert not importers, f"the library imports the zoo's training: {importers}"
 
 
-@pytest.mark.xfail(
-    (PACKAGE / "plotting.py").is_file(), strict=False,
-    reason="the figures are not yet all in the rh_lens.plotting package",
-)
 def test_only_the_plotting_package_imports_plotly():
     outside = {
         name for name in third_party_importers(PACKAGE, "plotly")

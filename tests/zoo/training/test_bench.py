@@ -4,6 +4,7 @@ import pytest
 import torch
 
 
+@pytest.mark.slow
 def test_bench_train_times_every_stage_and_sums_them(capsys):
     import dataclasses
 

@@ -11,6 +11,7 @@ def _params(twin):
     return {k: v.clone() for k, v in twin.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_training_smoke_and_bit_exact_resume(tmp_path):
     from rh_lens.zoo.training.recipes import get_recipe
     from rh_lens.zoo.training.train import train
@@ -61,6 +62,7 @@ def test_a_run_records_the_thread_count_of_each_of_its_parts(tmp_path):
     assert "Torch threads: 1 from step 0, 2 from step 2." in card_markdown(card)
 
 
+@pytest.mark.slow
 def test_a_run_records_the_machine_of_each_of_its_parts(tmp_path, monkeypatch):
     import json
 
@@ -90,6 +92,7 @@ def _llama_s_shape(vocab: int, **changes):
     return dataclasses.replace(get_recipe("llama-s"), name="t", vocab_size=vocab, **changes)
 
 
+@pytest.mark.slow
 def test_a_run_at_two_threads_gives_the_same_bits_every_time(tmp_path, zoo_tok):
     import shutil
 
@@ -113,6 +116,7 @@ def test_a_run_at_two_threads_gives_the_same_bits_every_time(tmp_path, zoo_tok):
         assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [10, 500])  # prose and task rows, then a padded polish batch
 def test_live_logits_give_the_full_loss_and_its_gradients(zoo_tok, step):
     import dataclasses
@@ -140,6 +144,7 @@ def test_live_logits_give_the_full_loss_and_its_gradients(zoo_tok, step):
         torch.testing.assert_close(grads_l[k], grads_f[k], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_finished_run_extended_by_a_stage_equals_the_longer_recipe_from_scratch(tmp_path):
     import dataclasses
     import shutil
@@ -171,6 +176,7 @@ def test_a_finished_run_extended_by_a_stage_equals_the_longer_recipe_from_scratc
         train(base, run_dir=tmp_path / "b", progress=False)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_branches_into_any_stage_that_starts_after_it(tmp_path):
     import dataclasses
     import shutil
@@ -202,6 +208,7 @@ def test_a_checkpoint_branches_into_any_stage_that_starts_after_it(tmp_path):
         train(b, run_dir=tmp_path / "a", progress=False)
 
 
+@pytest.mark.slow
 def test_a_restart_stage_continues_a_written_model_as_the_recipe_does_from_scratch(tmp_path):
     """A ``restart`` stage begins from the weights as stored (float16 here) with a fresh AdamW,
     so the model a finished run wrote (a shipped one, whose checkpoint is gone) starts it:
@@ -245,6 +252,7 @@ def test_a_restart_stage_continues_a_written_model_as_the_recipe_does_from_scrat
     assert any(not torch.equal(a[k], p[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_start_from_refuses_a_model_it_cannot_continue(tmp_path):
     import dataclasses
     import json
