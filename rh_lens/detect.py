@@ -302,20 +302,33 @@ class DetectResult:
 
     def save(self, directory: str | Path, *, meta: RunMetadata | None = None,
              identity: dict | None = None, score: Score = "step") -> dict:
-        """Write the result beside its cells: ``result.json`` + ``arrays.npz`` (config,
-        provenance, aggregates), ``summary.json``, ``trials.jsonl`` (one line per trial) and
-        ``head_score.json`` in the reference's format (when a trial succeeded).  ``identity``
-        (model spec, inputs, ...) joins the config; ``meta`` defaults to this environment's
-        provenance.  Returns the summary."""
+        """Write the result into ``directory``: its cells (those not there yet, so a result
+        computed in memory loads back with :meth:`load`), ``result.json`` + ``arrays.npz``
+        (config, provenance, aggregates), ``summary.json``, ``trials.jsonl`` (one line per
+        trial) and ``head_score.json`` in the reference's format (when a trial succeeded).
+        ``identity`` (model spec, inputs, ...) joins the sweep's identity and the config;
+        ``meta`` defaults to this environment's provenance.  Returns the summary."""
         directory = Path(directory)
         if meta is None:
             meta = RunMetadata.collect(model_spec=str((identity or {}).get("model", "unknown")),
                                        seed=None, argv=None)
+        shape = {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads}
+        store = SweepStore(directory)
+        if (directory / store.identity_file).is_file():  # the sweep this result was run in
+            if store.identity().get("config") != json.loads(json.dumps(self.config.to_dict())):
+                raise StoreError(f"{directory} holds cells of a different sweep (differs in: "
+                                 "config); save into a new directory")
+        else:
+            store = SweepStore.open(directory, {"config": self.config.to_dict(), "shape": shape,
+                                                **(identity or {})})
+        done = store.finished()
+        for record in self.records:  # a result computed in memory keeps its cells too
+            if record.cell.key not in done:
+                write_cell(store, record)
         arrays = self.arrays()
         summary = self.summary(score)
         config = {**self.config.to_dict(), **(identity or {})}
-        config.setdefault("shape", {"n_layers": self.n_layers, "n_heads": self.n_heads,
-                                    "n_kv_heads": self.n_kv_heads})
+        config.setdefault("shape", shape)
         save_result(directory, kind="detect", config=config, meta=meta, summary=summary,
                     arrays=arrays)
         if self.n_success:

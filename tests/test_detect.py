@@ -183,6 +183,15 @@ def test_result_saves_and_loads_back(copy_setup, tmp_path):
         from_dir.n_kv_heads, from_dir.n_trials_run)
 
 
+def test_a_result_computed_in_memory_saves_and_loads_back(copy_setup, tmp_path):
+    model, needle = copy_setup
+    result = compute_detect(model, [needle], [HAYSTACK], SWEEP, progress=False)
+    result.save(tmp_path / "saved")
+    loaded = DetectResult.load(tmp_path / "saved")
+    assert [r.cell for r in loaded.records] == [r.cell for r in result.records]
+    np.testing.assert_array_equal(loaded.trial_scores("set"), result.trial_scores("set"))
+
+
 def test_load_of_a_directory_without_a_sweep_is_refused(tmp_path):
     with pytest.raises(RhLensError, match="not a sweep directory"):
         DetectResult.load(tmp_path)
