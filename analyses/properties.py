@@ -6,7 +6,7 @@
         --out runs/props-zoo
 
 Each input is an rh_lens detection directory or a reference-format ``head_score.json``.  Writes
-into --out: ``summary.json`` (its fields: :mod:`rh_lens.property_summary`), ``table.txt`` (the
+into --out: ``summary.json`` (its fields: :mod:`rh_lens.properties.summary`), ``table.txt`` (the
 printed table) and HTML figures.
 """
 
@@ -68,7 +68,7 @@ def _run(args) -> int:
 
     from rh_lens import plotting
     from rh_lens import properties as P
-    from rh_lens.property_summary import compute_property_summary
+    from rh_lens.properties import compute_property_summary
 
     if args.names is not None and len(args.names) != len(args.scores):
         raise ValueError(f"{len(args.names)} --names for {len(args.scores)} --scores")

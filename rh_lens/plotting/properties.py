@@ -149,7 +149,7 @@ def plot_groups(result: GroupResult, *, title: str) -> go.Figure:
 
 
 def plot_property_summary(result, *, file_name=str) -> dict[str, go.Figure]:
-    """Every figure of a :class:`~rh_lens.property_summary.PropertySummary` computed in this
+    """Every figure of a :class:`~rh_lens.properties.PropertySummary` computed in this
     session, by file stem (``file_name`` turns a model name into part of a file name)."""
     if result.universality is None:
         raise ValueError("this summary was loaded from disk: its figures need the scores "

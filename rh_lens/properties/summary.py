@@ -26,8 +26,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rh_lens import properties as P
 from rh_lens.heads import THRESHOLD, label, labels
+from rh_lens.properties.activation import ALWAYS_ON_LEVEL, ActivationResult, compute_activation
+from rh_lens.properties.groups import GroupResult, compute_groups, group_scores
+from rh_lens.properties.intrinsic import (
+    TOPK,
+    CorrelationMatrix,
+    IntrinsicResult,
+    compute_correlation_matrix,
+    compute_intrinsic,
+)
+from rh_lens.properties.scores import HeadScores
+from rh_lens.properties.sparsity import BIN_LABELS, compute_sparsity, retrieval_heads
+from rh_lens.properties.switch_on import SwitchOnResult, compute_switch_on
+from rh_lens.properties.universality import UniversalityResult, compute_universality
 from rh_lens.results import ResultFileError, read_json, to_jsonable, write_json_atomic
 
 SUMMARY_JSON = "summary.json"
@@ -41,12 +53,12 @@ class PropertySummary:
 
     summary: dict
     text: str
-    universality: P.UniversalityResult | None = None
-    activation: dict[str, P.ActivationResult] | None = None
-    groups: dict[str, P.GroupResult] | None = None
-    switch_on: dict[str, P.SwitchOnResult] | None = None
-    intrinsic: tuple[P.IntrinsicResult, ...] = ()
-    correlations: P.CorrelationMatrix | None = None
+    universality: UniversalityResult | None = None
+    activation: dict[str, ActivationResult] | None = None
+    groups: dict[str, GroupResult] | None = None
+    switch_on: dict[str, SwitchOnResult] | None = None
+    intrinsic: tuple[IntrinsicResult, ...] = ()
+    correlations: CorrelationMatrix | None = None
 
     def save(self, directory: str | Path) -> Path:
         """``summary.json`` and ``table.txt`` in ``directory`` (created if needed)."""
@@ -69,8 +81,8 @@ class PropertySummary:
 
 
 def compute_property_summary(
-    models: Sequence[P.HeadScores], *, threshold: float = THRESHOLD,
-    level: float = P.ALWAYS_ON_LEVEL, topk: Sequence[int] = P.TOPK, top: int = 5,
+    models: Sequence[HeadScores], *, threshold: float = THRESHOLD,
+    level: float = ALWAYS_ON_LEVEL, topk: Sequence[int] = TOPK, top: int = 5,
     switch_on_heads: int = 10,
 ) -> PropertySummary:
     """Every property of every model, and the correlations of every same-shape pair."""
@@ -79,15 +91,15 @@ def compute_property_summary(
     names = [m.name for m in models]
     if len(set(names)) != len(names):
         raise ValueError(f"two inputs have the same name: {names}")
-    uni = P.compute_universality(models, threshold=threshold, level=level, top=top)
-    acts = {m.name: P.compute_activation(m, threshold=threshold, level=level) for m in models}
+    uni = compute_universality(models, threshold=threshold, level=level, top=top)
+    acts = {m.name: compute_activation(m, threshold=threshold, level=level) for m in models}
     groups, switch_on, entries = {}, {}, {}
     lines = [uni.format_table(), ""]
     for m, row in zip(models, uni.models, strict=True):
         act, sp = acts[m.name], row.sparsity
         entry = {
             "n_layers": m.shape[0], "n_heads": m.shape[1], "n_trials": m.n_trials,
-            "retrieval_heads": [list(h) for h in P.retrieval_heads(m.mean, threshold=threshold)],
+            "retrieval_heads": [list(h) for h in retrieval_heads(m.mean, threshold=threshold)],
             "share_retrieval": sp.share_retrieval, "bins": sp.bins,
             "always_on": [list(h) for h in act.always_on],
             "always_on_at_level": [list(h) for h in act.always_on_at_level],
@@ -105,8 +117,8 @@ def compute_property_summary(
             lines.append(f"  {m.n_silent_trials} of {m.n_trials} successful trials have no head "
                          "that copied a token, so no head reaches frequency 1")
         if m.n_kv_heads is not None and m.n_kv_heads < m.shape[1]:
-            g = groups[m.name] = P.compute_groups(m.mean, m.n_kv_heads, threshold=threshold)
-            gs = P.compute_sparsity(P.group_scores(m).mean, threshold=threshold)
+            g = groups[m.name] = compute_groups(m.mean, m.n_kv_heads, threshold=threshold)
+            gs = compute_sparsity(group_scores(m).mean, threshold=threshold)
             entry["groups"] = {
                 "n_kv_heads": g.n_kv_heads, "groups_with_retrieval_heads": g.groups_hit,
                 "expected_at_random": g.expected_groups_hit,
@@ -119,8 +131,8 @@ def compute_property_summary(
                          f" {g.shared} share a group with another ({g.expected_shared:.1f} "
                          "expected)")
         if m.contexts is not None:
-            sw = switch_on[m.name] = P.compute_switch_on(m, threshold=threshold,
-                                                         max_heads=switch_on_heads)
+            sw = switch_on[m.name] = compute_switch_on(m, threshold=threshold,
+                                                       max_heads=switch_on_heads)
             entry["switch_on"] = sw.table()
             lines.extend(_switch_on_lines(sw))
         entries[m.name] = entry
@@ -135,8 +147,8 @@ def compute_property_summary(
                 skipped.append({"a": a.name, "b": b.name, "reason": f"shapes {a.shape[0]}x"
                                 f"{a.shape[1]} and {b.shape[0]}x{b.shape[1]} differ"})
                 continue
-            r = P.compute_intrinsic(a.mean, b.mean, names=(a.name, b.name), threshold=threshold,
-                                    ks=[k for k in topk if k <= a.mean.size])
+            r = compute_intrinsic(a.mean, b.mean, names=(a.name, b.name), threshold=threshold,
+                                  ks=[k for k in topk if k <= a.mean.size])
             intrinsic.append(r)
             jac = {k: r.topk_jaccard.get(k, math.nan) for k in topk}  # NaN: K > heads
             pairs.append({"a": a.name, "b": b.name, "pearson": r.pearson, "spearman": r.spearman,
@@ -151,14 +163,14 @@ def compute_property_summary(
     if skipped:
         lines.append(f"{len(skipped)} pairs of different shapes are only summarised")
     summary = {"threshold": threshold, "always_on_level": level, "topk": list(topk),
-               "bin_labels": list(P.BIN_LABELS), "models": entries, "pairs": pairs,
+               "bin_labels": list(BIN_LABELS), "models": entries, "pairs": pairs,
                "not_compared": skipped}
-    corr = P.compute_correlation_matrix({m.name: m.mean for m in models})
+    corr = compute_correlation_matrix({m.name: m.mean for m in models})
     return PropertySummary(summary, "\n".join(lines), uni, acts, groups, switch_on,
                            tuple(intrinsic), corr)
 
 
-def _switch_on_lines(sw: P.SwitchOnResult) -> list[str]:
+def _switch_on_lines(sw: SwitchOnResult) -> list[str]:
     if not sw.heads:
         return ["  no context-dependent retrieval heads"]
     out = [f"  {'head':<8} {'score':>5} {'freq':>5}  factor (eta2)     on when            "
