@@ -43,7 +43,6 @@ from rh_lens.decode import Stop, decode_greedy
 from rh_lens.errors import ContextTooLongError, RhLensError
 from rh_lens.models import model_facts, tokenize
 from rh_lens.results import (
-    ResultFileError,
     RunMetadata,
     load_result,
     save_result,
@@ -304,9 +303,7 @@ class CotResult:
     def load(cls, directory: str | Path) -> "CotResult":
         """The saved result in ``directory``, its records read back from the sweep store."""
         directory = Path(directory)
-        saved = load_result(directory)
-        if saved.kind != "cot":
-            raise ResultFileError(f"{directory}: a {saved.kind!r} result, not chain of thought")
+        saved = load_result(directory, kind="cot")
         fields = {f.name for f in dataclasses.fields(CotConfig)}
         cfg = CotConfig(**{k: v for k, v in saved.config.items() if k in fields})
         conditions = tuple(Condition.from_json(c) for c in saved.config["conditions"])

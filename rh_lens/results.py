@@ -322,8 +322,9 @@ def save_result(directory: str | Path, *, kind: str, config: dict, meta: RunMeta
     return directory
 
 
-def load_result(directory: str | Path) -> LoadedResult:
-    """Read a directory written by :func:`save_result`; ``ValueError`` naming what is wrong."""
+def load_result(directory: str | Path, *, kind: str | None = None) -> LoadedResult:
+    """Read a directory written by :func:`save_result` (of ``kind`` when given); a
+    ``ValueError`` naming what is wrong."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ResultFileError(f"{directory}: no such result directory")
@@ -354,6 +355,8 @@ def load_result(directory: str | Path) -> LoadedResult:
             f"{npz_path}: arrays do not match the manifest in {RESULT_JSON} "
             f"(found {_manifest(arrays)}, expected {record['arrays']})"
         )
+    if kind is not None and record["kind"] != kind:
+        raise ResultFileError(f"{directory}: a {record['kind']!r} result, not {kind!r}")
     return LoadedResult(directory, record["kind"], record["config"], record["meta"],
                         record["summary"], arrays)
 

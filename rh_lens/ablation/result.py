@@ -194,9 +194,7 @@ class AblationResult:
     def load(cls, directory: str | Path) -> "AblationResult":
         """The saved result in ``directory``, its records read back from the sweep store."""
         directory = Path(directory)
-        saved = load_result(directory)
-        if saved.kind != "ablation":
-            raise ResultFileError(f"{directory}: a {saved.kind!r} result, not an ablation")
+        saved = load_result(directory, kind="ablation")
         store = SweepStore(directory)
         identity = store.identity()
         cfg = AblationConfig.from_dict(identity["config"])

@@ -10,7 +10,7 @@ from rh_lens.heads import label
 from rh_lens.patching.activation import ActivationPatchingResult
 from rh_lens.patching.paths import PathPatchingResult, Receiver
 from rh_lens.patching.runs import PatchConfig
-from rh_lens.results import ResultFileError, RunMetadata, load_result, save_result, to_jsonable
+from rh_lens.results import RunMetadata, load_result, save_result, to_jsonable
 
 KIND = "path_patch"
 
@@ -82,9 +82,7 @@ class PatchingResult:
 
     @classmethod
     def load(cls, directory: str | Path) -> "PatchingResult":
-        saved = load_result(directory)
-        if saved.kind != KIND:
-            raise ResultFileError(f"{directory}: a {saved.kind!r} result, not patching")
+        saved = load_result(directory, kind=KIND)
         a, c = saved.arrays, saved.config
         positions = c.get("positions", "answer")
         cfg = PatchConfig(positions=positions if isinstance(positions, str) else tuple(positions),

@@ -130,9 +130,7 @@ def load_head_scores(path: str | Path, *, name: str | None = None,
 
 
 def _load_detect_dir(path: Path, *, name, score, n_kv_heads) -> HeadScores:
-    res = load_result(path)
-    if res.kind != "detect":
-        raise ResultFileError(f"{path}: a {res.kind!r} result, not a detection result")
+    res = load_result(path, kind="detect")
     missing = {f"trial_{score}", "trial_active", "success"} - set(res.arrays)
     if missing:
         raise ResultFileError(f"{path}: arrays.npz lacks {sorted(missing)}")

@@ -77,7 +77,7 @@ def test_bad_detection_directories(tmp_path, capsys):
     other = tmp_path / "other"
     save_result(other, kind="ablate", config={}, meta=RunMetadata(model_spec="m"), summary={},
                 arrays={"x": np.zeros(1)})
-    with pytest.raises(ValueError, match="not a detection result"):
+    with pytest.raises(ValueError, match="not .detect."):
         P.load_head_scores(other)
     with pytest.raises(ValueError, match="zero successful trials"):
         P.HeadScores("m", np.zeros((0, 2, 2)))
