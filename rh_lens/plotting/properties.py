@@ -149,8 +149,8 @@ def plot_groups(result: GroupResult, *, title: str) -> go.Figure:
 
 
 def plot_property_summary(result, *, file_name=str) -> dict[str, go.Figure]:
-    """Every figure of a :class:`~rh_lens.properties.PropertySummary` computed in this
-    session, by file stem (``file_name`` turns a model name into part of a file name)."""
+    """Every figure of a computed (not loaded) :class:`~rh_lens.properties.PropertySummary`, by
+    file stem (``file_name`` turns a model name into part of a file name)."""
     if result.universality is None:
         raise ValueError("this summary was loaded from disk: its figures need the scores "
                          "(compute_property_summary)")
