@@ -50,10 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
-
-
 def _run(args, argv) -> int:
     from rh_lens.ablation import AblationConfig, compute_ablation, conditions_from_masks
     from rh_lens.heads import parse_heads, select_heads
@@ -123,6 +119,10 @@ def write_outputs(out: Path, result, meta, identity: dict, scores) -> None:
         print(f"{cond.name:<24} {len(cond.heads):>5} {row['mean_rouge1_recall']:6.3f} "
               f"{row['success_rate']:7.2f}  "
               + " ".join(f"{n:>6}" for n in row["errors"].values()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
-
-
 def _run(args, argv) -> int:
     from rh_lens import benchmark
     from rh_lens.zoo.inputs import zoo_inputs
@@ -89,6 +85,10 @@ def _run(args, argv) -> int:
         mem = "".join(f"{r.prefill_bytes[c] / 2**20:>9.1f} MiB" for c in contexts)
         print(f"    {r.engine:<24}{r.detect_s_per_trial * 1e3:>10.1f}{mem}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -60,10 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
-
-
 def _run(args, argv) -> int:
     from rh_lens import cot, plotting
     from rh_lens.ablation import conditions_from_masks
@@ -116,6 +112,10 @@ def _run(args, argv) -> int:
                  for t in range(len(result.tasks))]
         print(f"{g:<14} " + " ".join(f"{c:>17}" for c in cells))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -46,10 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
-
-
 def _run(args, argv) -> int:
     from rh_lens.detect import DetectResult, compute_detect
     from rh_lens.results import RunMetadata
@@ -111,6 +107,10 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
     freq = result.activation_frequency()
     for lay, h, s in result.ranked(score)[:top]:
         print(f"  {label((lay, h)):<{len(str(lay)) + 5}}  {s:6.3f}  {freq[lay, h]:6.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -64,10 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
-
-
 def _run(args, argv) -> int:
     from rh_lens import patching as P
     from rh_lens.models import model_facts
@@ -136,6 +132,10 @@ def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: i
     print("paths by effect (sender -> receiver):")
     for edge, value in result.top_paths()[:top]:
         print(f"  {edge:<22} {value:+.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":
