@@ -1,9 +1,41 @@
-"""What the analysis scripts share: the backend options, the bad-input guard of ``main`` and
-default run directories."""
+"""What the analysis scripts share: their option blocks, loading a model and the NIAH inputs
+from those options, the ranking scores, the bad-input guard of ``main`` and default run
+directories.
+
+Each ``add_*_args(parser, ...)`` defines one block of options; where scripts differ in a default
+or a help text it is a keyword.  The library core never reads these options: it takes the
+objects built here.
+"""
 
 import argparse
 import sys
 from pathlib import Path
+
+DEFAULT_MODEL = "zoo:llama-s"
+MODES = {  # masking mode -> what it does, for --mode's help
+    "uniform": "the paper's zero query",
+    "zero": "head output 0",
+    "mean": "head output set to its mean over reference prompts",
+    "resample": "head output taken from another prompt",
+}
+
+
+# ------------------------------------------------------------------------------------ options
+
+
+def add_model_args(parser: argparse.ArgumentParser, *, device: str | None = None,
+                   loading: bool = True) -> None:
+    """``--model``, the backend options, ``--device`` and, with ``loading``, ``--dtype`` and
+    ``--n-ctx`` (what :func:`load_model` reads)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
+    add_backend_args(parser)
+    parser.add_argument("--device", default=device,
+                        help=f'"cpu", "cuda" or "auto" (default {device or "cpu"})')
+    if loading:
+        parser.add_argument("--dtype", default=None,
+                            help="float32 (default), bfloat16, float16")
+        parser.add_argument("--n-ctx", type=int, default=None,
+                            help="extend a rotary model's context")
 
 
 def add_backend_args(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +50,72 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
                         help="bridge: fill the key/value cache eagerly, not with SDPA")
 
 
+def add_run_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    """``--out`` (a directory) and ``--quiet``."""
+    parser.add_argument("--out", type=Path, default=None, help=out_help)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_sweep_args(parser: argparse.ArgumentParser, *, points: int,
+                   needle_seed: str = "--seed") -> None:
+    """The NIAH sweep (see :func:`sweep_config`) and its inputs (see :func:`niah_inputs`);
+    ``needle_seed`` names the option that seeds the zoo's needles."""
+    parser.add_argument("--lengths", type=int, nargs="+", help="context lengths in tokens "
+                        f"(default: {points} lengths up to the model's n_ctx)")
+    parser.add_argument("--depths", type=float, nargs="+", help="needle depths in percent "
+                        f"(default: {points} depths from 0 to 100)")
+    parser.add_argument("--needles", type=Path,
+                        help="needles.jsonl (needle, question, real_needle)")
+    parser.add_argument("--haystack", type=Path, help="folder of .txt files, or one subfolder "
+                        "per needle (the reference layout); default: the zoo prose generator")
+    parser.add_argument("--n-needles", type=int, default=3,
+                        help="zoo needles when --needles is unset")
+    parser.add_argument(needle_seed, type=int, default=0,
+                        help="seed of the zoo needles and haystacks")
+    parser.add_argument("--buffer", type=int, help="tokens kept for question and answer (plus "
+                        "the chat template's tokens with --chat) (default min(200, n_ctx/4))")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="decoding cap (default min(50, n_ctx/8))")
+    parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
+    parser.add_argument("--batch", type=int, default=1, help="trials of equal length per batch")
+    parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+
+
+def add_scores_args(parser: argparse.ArgumentParser, *, scores_help: str,
+                    threshold: bool = True) -> None:
+    """``--scores`` (read by :func:`load_scores`), ``--score`` and, with ``threshold``,
+    ``--threshold`` (retrieval heads are never drawn for random-K)."""
+    from rh_lens.heads import THRESHOLD
+
+    parser.add_argument("--scores", type=Path, help=scores_help)
+    parser.add_argument("--score", choices=("step", "set"), default="step",
+                        help="which score of a detection directory ranks the heads")
+    if threshold:
+        parser.add_argument("--threshold", type=float, default=THRESHOLD,
+                            help="retrieval heads (score > this) are never drawn for random-K")
+
+
+def add_mask_args(parser: argparse.ArgumentParser, *, modes: tuple[str, ...], draws: int,
+                  ks_help: str, mask_help: str) -> None:
+    """The head sets masked (``--mask``, ``--ks``, ``--draws``, ``--seed``) and how
+    (``--mode``, ``--positions``)."""
+    from rh_lens.heads import SPEC_HELP
+
+    parser.add_argument("--mask", action="append", default=[], metavar="SPEC",
+                        help=mask_help.format(spec=SPEC_HELP))
+    parser.add_argument("--ks", type=int, nargs="+", help=ks_help)
+    parser.add_argument("--draws", type=int, default=draws, help="random draws per K")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random-K draws")
+    parser.add_argument("--mode", choices=modes, default=modes[0],
+                        help="; ".join(f"{m}: {MODES[m]}" for m in modes))
+    parser.add_argument("--positions", choices=("decode", "all"), default="decode",
+                        help="decode: only steps that predict a token (the paper); all: "
+                        "prefill too")
+
+
+# ------------------------------------------------------------------------- what they build
+
+
 def backend_kwargs(args: argparse.Namespace) -> dict:
     """The ``load_model`` keywords of :func:`add_backend_args`'s options."""
     if args.backend == "hooked":
@@ -25,14 +123,19 @@ def backend_kwargs(args: argparse.Namespace) -> dict:
     return {"backend": "bridge", "fast_prefill": False if args.no_fast_prefill else None}
 
 
-def run_guarded(run, args, argv) -> int:
-    """``run(args, argv)``; bad input (an rh_lens error, any ``ValueError`` or ``OSError``) is
-    reported in one line on stderr with exit status 2 instead of a traceback."""
-    try:
-        return run(args, argv)
-    except (ValueError, OSError) as err:  # rh_lens.errors.RhLensError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def load_model(args: argparse.Namespace):
+    """The model of :func:`add_model_args`'s options."""
+    from rh_lens import models
+
+    return models.load_model(args.model, device=args.device, dtype=getattr(args, "dtype", None),
+                             n_ctx=getattr(args, "n_ctx", None), **backend_kwargs(args))
+
+
+def metadata(args: argparse.Namespace, model, argv):
+    """The provenance of a run of ``model`` (``args.seed`` is its seed)."""
+    from rh_lens.results import RunMetadata
+
+    return RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
 
 
 def sweep_buffer(model, args: argparse.Namespace, n_ctx: int) -> tuple[int, int]:
@@ -49,11 +152,135 @@ def sweep_buffer(model, args: argparse.Namespace, n_ctx: int) -> tuple[int, int]
     return buffer, max_new
 
 
+def sweep_config(model, args: argparse.Namespace, *, points: int):
+    """The ``DetectConfig`` of :func:`add_sweep_args`'s options; unset lengths and depths are
+    ``points`` values spread up to the context and from 0 to 100 %."""
+    import numpy as np
+
+    from rh_lens.detect import DetectConfig
+
+    n_ctx = model.cfg.n_ctx
+    buffer, max_new = sweep_buffer(model, args, n_ctx)
+    lengths = args.lengths or sorted({int(x) for x in np.linspace(max(buffer + 48, n_ctx // 8),
+                                                                  n_ctx, points)})
+    depths = args.depths or np.linspace(0, 100, points)
+    return DetectConfig(lengths=tuple(lengths), depths=tuple(float(d) for d in depths),
+                        buffer=buffer, max_new_tokens=max_new, chunk_size=args.chunk,
+                        chat=args.chat, batch_size=args.batch)
+
+
+def niah_inputs(needles: Path | None, haystack: Path | None, *, n_needles: int, seed: int):
+    """``(needles, haystacks, source)``: the zoo's held-out needles, or a needles file with a
+    folder of .txt files (one haystack for all) or one subfolder per needle (the reference)."""
+    from rh_lens.niah import haystack_from_folder, read_needles
+    from rh_lens.zoo.inputs import zoo_inputs
+
+    if needles is None:
+        if haystack is not None:
+            raise ValueError("--haystack needs --needles")
+        found, haystacks = zoo_inputs(n_needles, seed=seed)
+        return found, haystacks, {"needles": "zoo held-out templates", "seed": seed}
+    if haystack is None:
+        raise ValueError("--needles needs --haystack (a folder of .txt files)")
+    found = read_needles(needles)
+    if not haystack.is_dir():
+        raise ValueError(f"haystack folder {haystack} does not exist")
+    folders = sorted(p for p in haystack.iterdir() if p.is_dir())
+    if folders:  # the reference layout: one haystack folder per needle, in name order
+        if len(folders) != len(found):
+            raise ValueError(f"{haystack}: {len(found)} needles but {len(folders)} "
+                             "haystack folders (the reference layout has one per needle)")
+        haystacks = [haystack_from_folder(f) for f in folders]
+    else:
+        haystacks = [haystack_from_folder(haystack)] * len(found)
+    return found, haystacks, {"needles": str(needles), "haystack": str(haystack)}
+
+
+def sweep_identity(model, spec: str, needles, source: dict, **extra) -> dict:
+    """What a NIAH sweep's store is: the model (shape, dtype, weights) and its inputs, plus
+    ``extra`` (after the needles)."""
+    from rh_lens.models import model_facts, weights_fingerprint
+
+    facts = model_facts(model)
+    return {
+        "model": spec,
+        "shape": {"n_layers": facts.n_layers, "n_heads": facts.n_heads,
+                  "n_kv_heads": facts.n_kv_heads},
+        "inputs": source,
+        "needles": [vars(n) for n in needles],
+        **extra,
+        "dtype": str(model.cfg.dtype),
+        "weights": weights_fingerprint(model),
+    }
+
+
+def load_scores(args: argparse.Namespace, *, needed: bool = True, shape=None,
+                default_if_present: bool = False):
+    """``(table, path)``: the ``[n_layers, n_heads]`` mean scores of ``--scores`` or of
+    ``analyses.detect``'s default output for ``--model``.  Without ``--scores`` and not
+    ``needed`` it is ``(None, None)``, unless ``default_if_present`` and the default exists."""
+    from rh_lens.properties import load_head_scores
+
+    path = args.scores
+    if path is None:
+        path = detect_dir(args.model)
+        if not needed and not (default_if_present and path.exists()):
+            return None, None
+    if not path.exists():
+        raise ValueError(f"no retrieval scores at {path}: run python -m analyses.detect "
+                         f"--model {args.model} first, or pass --scores")
+    table = load_head_scores(path, score=args.score).mean
+    if shape is not None and table.shape != tuple(shape):
+        raise ValueError(f"--scores {path} has {table.shape[0]}x{table.shape[1]} heads, "
+                         f"model {args.model} has {shape[0]}x{shape[1]}")
+    return table, path
+
+
+def select_heads(text: str, *, scores, shape: dict, seed: int, what: str,
+           allow_all: bool = False) -> tuple[tuple[int, int], ...]:
+    """One head set of a ``rh_lens.heads`` spec given as option ``what`` (``all`` only where
+    allowed), for a model of ``shape`` (``n_layers``, ``n_heads``, ``n_kv_heads``)."""
+    from rh_lens import heads
+
+    spec = heads.parse_spec(text)
+    if spec.kind == "all" and not allow_all:
+        raise ValueError(f"{what} {text}: 'all' is only for --receivers")
+    if spec.needs_scores and scores is None:
+        raise ValueError(f"{what} {text}: {spec.kind}:K needs --scores (a detection directory)")
+    try:
+        return heads.select_heads(spec, scores=scores, seed=seed, **shape)[0]
+    except ValueError as err:
+        raise ValueError(f"{what} {text}: {err}") from None
+
+
+def save_figures(out: Path, figures: dict) -> None:
+    """Each figure as ``out/<name>.html``."""
+    from rh_lens import plotting
+
+    for name, fig in figures.items():
+        plotting.save_figure(fig, out / f"{name}.html")
+
+
+def run_guarded(run, args, argv) -> int:
+    """``run(args, argv)``; bad input (an rh_lens error, any ``ValueError`` or ``OSError``) is
+    reported in one line on stderr with exit status 2 instead of a traceback."""
+    try:
+        return run(args, argv)
+    except (ValueError, OSError) as err:  # rh_lens.errors.RhLensError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def slug(spec: str) -> str:
     """A model spec as a directory name: ``zoo:llama-s`` -> ``zoo-llama-s``."""
     return spec.replace(":", "-").replace("/", "_")
 
 
+def run_dir(kind: str, spec: str, *suffix: str) -> Path:
+    """``runs/<kind>/<model>[-<suffix>...]``: where a script writes by default."""
+    return Path("runs") / kind / "-".join([slug(spec), *suffix])
+
+
 def detect_dir(spec: str) -> Path:
     """Where ``python -m analyses.detect --model SPEC`` writes by default."""
-    return Path("runs") / "detect" / slug(spec)
+    return run_dir("detect", spec)

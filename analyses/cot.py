@@ -23,33 +23,21 @@ import argparse
 from pathlib import Path
 
 from analyses import _cli
-from rh_lens.heads import SPEC_HELP, THRESHOLD
 from rh_lens.zoo.tasks import HOP_FORMS
 
-DEFAULT_MODEL = "zoo:llama-s"
 DEFAULT_KS = (2, 4, 8)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
-    _cli.add_backend_args(p)
-    p.add_argument("--scores", type=Path, help="detection directory or reference-format "
-                   "head_score.json; default: analyses.detect's default output for --model")
-    p.add_argument("--score", choices=("step", "set"), default="step",
-                   help="which score of a detection directory ranks the heads")
-    p.add_argument("--ks", type=int, nargs="+", help=f"K of top:K and random:K (default "
-                   f"{' '.join(map(str, DEFAULT_KS))}, as far as the model has heads)")
-    p.add_argument("--mask", action="append", default=[], metavar="SPEC",
-                   help=f"further masks: {SPEC_HELP} (see rh_lens.heads)")
-    p.add_argument("--mode", choices=("uniform", "zero"), default="uniform",
-                   help="uniform: the paper's zero query; zero: head output 0")
-    p.add_argument("--positions", choices=("decode", "all"), default="decode",
-                   help="decode: only steps that predict a token (the paper); all: prefill too")
-    p.add_argument("--draws", type=int, default=2, help="random draws per K")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-K draws")
-    p.add_argument("--threshold", type=float, default=THRESHOLD,
-                   help="retrieval heads (score > this) are never drawn for random-K")
+    _cli.add_model_args(p)
+    _cli.add_run_args(p, out_help="output directory (default runs/cot/<model>-<mode>)")
+    _cli.add_scores_args(p, scores_help="detection directory or reference-format "
+                         "head_score.json; default: analyses.detect's default output for --model")
+    _cli.add_mask_args(p, modes=("uniform", "zero"), draws=2,
+                       mask_help="further masks: {spec} (see rh_lens.heads)",
+                       ks_help=f"K of top:K and random:K (default "
+                       f"{' '.join(map(str, DEFAULT_KS))}, as far as the model has heads)")
     p.add_argument("--items", type=Path, help='JSONL of {"question", "answer", "context"?}')
     p.add_argument("--cot-template", default="{context}Question: {question}\nAnswer: Let's "
                    "think step by step.", help="CoT prompt for --items")
@@ -69,35 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", choices=("newline", "eos"), default="newline",
                    help="stop decoding at a newline (zoo) or only at end-of-sequence")
     p.add_argument("--batch", type=int, default=16, help="prompts of equal length per batch")
-    p.add_argument("--out", type=Path, help="output directory (default runs/cot/<model>-<mode>)")
-    p.add_argument("--device", default=None, help='"cpu", "cuda" or "auto"')
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
-    p.add_argument("--n-ctx", type=int, default=None, help="extend a rotary model's context")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from analyses._cli import run_guarded
-
-    return run_guarded(_run, build_parser().parse_args(argv), argv)
-
-
 def _run(args, argv) -> int:
-    from analyses._cli import detect_dir, slug
     from rh_lens import cot, plotting
     from rh_lens.ablation import conditions_from_masks
-    from rh_lens.models import load_model, model_facts, weights_fingerprint
-    from rh_lens.properties import load_head_scores
-    from rh_lens.results import RunMetadata
+    from rh_lens.models import model_facts, weights_fingerprint
     from rh_lens.zoo.inputs import ZooTaskSizes, zoo_chain, zoo_tasks
 
     if args.items is not None:  # read the user's items before spending time on the model
         items = cot.read_items(args.items)
         tasks = (cot.Task("cot", args.cot_template, items, args.match),
                  cot.Task("direct", args.direct_template, items, args.match))
-    model = load_model(args.model, device=args.device, dtype=args.dtype, n_ctx=args.n_ctx,
-                       **_cli.backend_kwargs(args))
+    model = _cli.load_model(args)
     facts = model_facts(model)
     if args.items is None:
         chain = zoo_chain(args.model)
@@ -105,11 +78,7 @@ def _run(args, argv) -> int:
                       if v is not None})
         tasks = zoo_tasks(model, ZooTaskSizes(n_multihop=args.n_multihop, seed=args.task_seed,
                                               reserve=args.max_new_tokens, **chain))
-    scores_path = args.scores or detect_dir(args.model)
-    if not scores_path.exists():
-        raise ValueError(f"no retrieval scores at {scores_path}: run python -m analyses.detect "
-                         f"--model {args.model} first, or pass --scores")
-    table = load_head_scores(scores_path, score=args.score).mean
+    table, scores_path = _cli.load_scores(args)
     n_pool = int((table <= args.threshold).sum())
     ks = args.ks or [k for k in DEFAULT_KS if k <= n_pool]
     masks = [f"top:{k}" for k in ks] + [f"random:{k}" for k in ks] + list(args.mask)
@@ -118,8 +87,8 @@ def _run(args, argv) -> int:
     cfg = cot.CotConfig(mode=args.mode, positions=args.positions,
                         max_new_tokens=args.max_new_tokens, stop=args.stop,
                         batch_size=args.batch)
-    out = args.out or Path("runs") / "cot" / f"{slug(args.model)}-{args.mode}"
-    meta = RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
+    out = args.out or _cli.run_dir("cot", args.model, args.mode)
+    meta = _cli.metadata(args, model, argv)
     identity = {"model": args.model, "weights": weights_fingerprint(model)}
     result = cot.compute_cot(model, tasks, conditions, cfg, out_dir=out, identity=identity,
                              progress=not args.quiet)
@@ -143,6 +112,10 @@ def _run(args, argv) -> int:
                  for t in range(len(result.tasks))]
         print(f"{g:<14} " + " ".join(f"{c:>17}" for c in cells))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import numpy as np
 from analyses import _cli
 from rh_lens.heads import SPEC_HELP
 
-DEFAULT_MODEL = "zoo:llama-s"
 COMPONENTS = ("q", "k", "v", "direct")
 
 
@@ -37,20 +36,17 @@ def parse_components(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model spec (see rh_lens.models)")
-    _cli.add_backend_args(p)
-    p.add_argument("--scores", type=Path, help="detection directory or head_score.json "
-                   "(default: analyses.detect's default output for --model, when present) "
-                   "(needed by top:K, bottom:K and random:K)")
-    p.add_argument("--score", choices=("step", "set"), default="step",
-                   help="which score of a detection directory ranks the heads")
+    _cli.add_model_args(p)
+    _cli.add_run_args(p, out_help="output directory (default runs/path_patch/<model>)")
+    _cli.add_scores_args(p, threshold=False, scores_help="detection directory or "
+                         "head_score.json (default: analyses.detect's default output for "
+                         "--model, when present) (needed by top:K, bottom:K and random:K)")
     p.add_argument("--senders", default="top:8",
                    help=f"a head set: {SPEC_HELP} except all (default top:8)")
     p.add_argument("--receivers", default="top:8",
                    help=f"a head set: {SPEC_HELP} (default top:8)")
     p.add_argument("--components", type=parse_components, default=COMPONENTS,
                    help="receiver inputs: q,k,v,direct (default all four)")
-    p.add_argument("--out", type=Path, help="output directory (default runs/path_patch/<model>)")
     p.add_argument("--n-pairs", type=int, default=8, help="clean/corrupted pairs")
     p.add_argument("--seed", type=int, default=0, help="seed of the needles and alternatives")
     p.add_argument("--context-length", type=int, help="prompt tokens (default 3/4 of n_ctx)")
@@ -64,65 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", default="denoise", choices=("denoise", "noise"),
                    help="denoise: clean into corrupted; noise: corrupted into clean")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=None, help='"cpu", "cuda" or "auto"')
-    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16, float16")
     p.add_argument("--top", type=int, default=10, help="heads and paths to print")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from analyses._cli import run_guarded
-
-    return run_guarded(_run, build_parser().parse_args(argv), argv)
-
-
-def select(text: str, *, scores, shape: dict, seed: int, what: str,
-           allow_all: bool = False) -> tuple[tuple[int, int], ...]:
-    """One head set (``rh_lens.heads`` spec; ``all`` only where allowed)."""
-    from rh_lens.heads import parse_spec, select_heads
-
-    spec = parse_spec(text)
-    if spec.kind == "all" and not allow_all:
-        raise ValueError(f"{what} {text}: 'all' is only for --receivers")
-    if spec.needs_scores and scores is None:
-        raise ValueError(f"{what} {text}: {spec.kind}:K needs --scores (a detection directory)")
-    try:
-        return select_heads(spec, scores=scores, seed=seed, **shape)[0]
-    except ValueError as err:
-        raise ValueError(f"{what} {text}: {err}") from None
 
 
 def _run(args, argv) -> int:
     from rh_lens import patching as P
-    from rh_lens.models import load_model, model_facts
-    from rh_lens.properties import load_head_scores
-    from rh_lens.results import RunMetadata
+    from rh_lens.models import model_facts
     from rh_lens.zoo.inputs import zoo_pairs
 
     if args.n_pairs < 1:
         raise ValueError(f"--n-pairs must be positive, got {args.n_pairs}")
-    model = load_model(args.model, device=args.device, dtype=args.dtype,
-                       **_cli.backend_kwargs(args))
+    model = _cli.load_model(args)
     facts = model_facts(model)
-    n_layers, n_heads, n_ctx = facts.n_layers, facts.n_heads, facts.n_ctx
-    from analyses._cli import detect_dir
-
-    scores, scores_path = None, args.scores
-    if scores_path is None and detect_dir(args.model).exists():
-        scores_path = detect_dir(args.model)
-    if scores_path is not None:
-        scores = load_head_scores(scores_path, score=args.score).mean
-        if scores.shape != (n_layers, n_heads):
-            raise ValueError(f"--scores {scores_path} has {scores.shape[0]}x{scores.shape[1]} "
-                             f"heads, model {args.model} has {n_layers}x{n_heads}")
-    shape = dict(n_layers=n_layers, n_heads=n_heads, n_kv_heads=facts.n_kv_heads)
-    senders = select(args.senders, scores=scores, shape=shape, seed=args.seed, what="--senders")
-    receiver_heads = select(args.receivers, scores=scores, shape=shape, seed=args.seed,
-                            what="--receivers", allow_all=True)
+    scores, scores_path = _cli.load_scores(args, needed=False, default_if_present=True,
+                                           shape=(facts.n_layers, facts.n_heads))
+    shape = dict(n_layers=facts.n_layers, n_heads=facts.n_heads, n_kv_heads=facts.n_kv_heads)
+    senders = _cli.select_heads(args.senders, scores=scores, shape=shape, seed=args.seed,
+                                what="--senders")
+    receiver_heads = _cli.select_heads(args.receivers, scores=scores, shape=shape,
+                                       seed=args.seed, what="--receivers", allow_all=True)
     receivers = P.head_receivers(receiver_heads, args.components)
-    buffer = args.buffer if args.buffer is not None else min(200, n_ctx // 4)
-    context_length = args.context_length or n_ctx * 3 // 4
+    buffer = args.buffer if args.buffer is not None else min(200, facts.n_ctx // 4)
+    context_length = args.context_length or facts.n_ctx * 3 // 4
     pairs = zoo_pairs(model, args.n_pairs, seed=args.seed, context_length=context_length,
                       buffer=buffer, depths=args.depths)
     cfg = P.PatchConfig(positions=args.positions, direction=args.direction,
@@ -130,7 +90,7 @@ def _run(args, argv) -> int:
     act = P.compute_activation_patching(model, pairs, cfg, progress=not args.quiet)
     path = P.compute_path_patching(model, pairs, senders, receivers, cfg,
                                    progress=not args.quiet)
-    out = args.out or Path("runs") / "path_patch" / args.model.replace(":", "-").replace("/", "_")
+    out = args.out or _cli.run_dir("path_patch", args.model)
     config = {
         "model": args.model, "scores": None if scores_path is None else str(scores_path),
         "score": args.score, "senders": args.senders, "receivers": args.receivers,
@@ -140,7 +100,7 @@ def _run(args, argv) -> int:
         "pairs": [{"n_tokens": p.n_tokens, "clean_answer": model.to_string([p.clean_answer]),
                    "corrupted_answer": model.to_string([p.corrupted_answer])} for p in pairs],
     }
-    meta = RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
+    meta = _cli.metadata(args, model, argv)
     write_outputs(out, act, path, config, meta, name=args.model, top=args.top)
     return 0
 
@@ -157,8 +117,7 @@ def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: i
             act, title=f"{name}: activation patching"),
         "path_patching": plotting.plot_path_patching(path, title=f"{name}: path patching"),
     }
-    for fname, fig in figures.items():
-        plotting.save_figure(fig, out / f"{fname}.html")
+    _cli.save_figures(out, figures)
     clean, corrupted = act.clean_logit_diff, act.corrupted_logit_diff
     print(f"{clean.size} pairs: clean logit diff {clean.mean():.3f}, corrupted "
           f"{corrupted.mean():.3f} ({summary['pairs_discriminated']:.0%} of pairs "
@@ -173,6 +132,10 @@ def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: i
     print("paths by effect (sender -> receiver):")
     for edge, value in result.top_paths()[:top]:
         print(f"  {edge:<22} {value:+.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ printed table) and HTML figures.
 
 import argparse
 import re
-import sys
 from pathlib import Path
+
+from analyses import _cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (ValueError, OSError) as err:  # RhLensError is a ValueError
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return _cli.run_guarded(_run, build_parser().parse_args(argv), argv)
 
 
 def _file_name(name: str) -> str:
@@ -63,7 +59,7 @@ def _kv_heads(items: list[str]) -> dict[str, int]:
     return out
 
 
-def _run(args) -> int:
+def _run(args, argv) -> int:
     from dataclasses import replace
 
     from rh_lens import plotting
@@ -92,8 +88,7 @@ def _run(args) -> int:
                                       switch_on_heads=args.switch_on_heads)
     result.save(args.out)
     figures = plotting.plot_property_summary(result, file_name=_file_name)
-    for name, fig in figures.items():
-        plotting.save_figure(fig, args.out / f"{name}.html")
+    _cli.save_figures(args.out, figures)
     print(result.text)
     print(f"\nsummary.json, table.txt and {len(figures)} figures in {args.out}")
     return 0

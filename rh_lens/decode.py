@@ -5,7 +5,7 @@ attention tensor larger than ``[heads, chunk, N]`` is built; then each step forw
 with one hook per layer that reduces the current query's attention row to its argmax for all
 heads at once.  ``decode_slow`` is the obvious implementation (rerun the whole sequence with
 ``run_with_cache`` at every step, loop over layers and heads in Python): tests hold the fast
-path to it, and ``analyses.bench_detect`` measures the speed-up.
+path to it, and ``rh_lens.benchmark`` measures the speed-up.
 """
 
 from collections.abc import Callable, Sequence
