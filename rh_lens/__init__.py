@@ -8,7 +8,7 @@ Everything a notebook or script needs is here, ``import rh_lens as rl``:
   :data:`THRESHOLD`; hook names in :mod:`rl.hooks`, interventions in :mod:`rl.interventions`;
 - inputs: :class:`Needle`, :func:`build_trial`, :func:`read_needles`,
   :func:`haystack_from_folder`, and the zoo's (:func:`zoo_inputs`, :func:`zoo_pairs`,
-  :func:`zoo_tasks`);
+  :func:`zoo_tasks`, :func:`zoo_chain`);
 - analyses, each a ``compute_*`` returning a result that saves and loads itself: detection
   (:func:`compute_detect`), properties (:class:`HeadScores`, :func:`compute_property_summary`),
   ablation (:func:`compute_ablation`), patching (:func:`compute_activation_patching`,
@@ -33,7 +33,8 @@ _MODULES = {
                       "random_head_draws", "ranked_heads", "select_heads", "top_heads"),
     "rh_lens.niah": ("Needle", "TextHaystack", "build_trial", "haystack_from_folder",
                      "read_needles"),
-    "rh_lens.zoo.inputs": ("ZooTaskSizes", "zoo_inputs", "zoo_pairs", "zoo_tasks"),
+    "rh_lens.zoo.inputs": ("ZooTaskSizes", "zoo_chain", "zoo_inputs", "zoo_pairs",
+                           "zoo_tasks"),
     "rh_lens.store": ("SweepStore",),
     "rh_lens.results": ("RunMetadata", "export_reference_json", "import_reference_json",
                         "load_result"),
