@@ -49,7 +49,7 @@ _MODULES = {
                          "compute_path_patching", "head_receivers", "make_pair"),
     "rh_lens.cot": ("CotConfig", "CotResult", "Task", "compute_cot", "read_items"),
 }
-_SUBMODULES = ("heads", "hooks", "interventions", "plotting", "store")
+_SUBMODULES = ("benchmark", "heads", "hooks", "interventions", "plotting", "store")
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
