@@ -173,3 +173,24 @@ def scaled_on(model, backend: str, scale: float):
                 p.mul_(scale)
     model.eval()
     return model if backend == "hooked" else reload_on(model, backend)
+
+
+HOOK_TEXT = "The secret ingredient of Mara's soup is purple ginger and sea salt."
+
+
+@pytest.fixture(scope="module")
+def clean(tiny_gqa):
+    """``HOOK_TEXT``'s tokens and the full activation cache of ``tiny_gqa`` on them."""
+    import torch
+
+    from rh_lens.engine import tokenize
+
+    tokens = tokenize(tiny_gqa, HOOK_TEXT)[None]
+    with torch.no_grad():
+        _, cache = tiny_gqa.run_with_cache(tokens)
+    return tokens, cache
+
+
+def attached_hooks(model) -> int:
+    """Forward hooks attached anywhere in ``model`` (0 once every ``model.hooks`` has exited)."""
+    return sum(len(hp._forward_hooks) for hp in model.hook_dict.values())

@@ -4,21 +4,6 @@ import pytest
 import torch
 
 from rh_lens import hooks
-from rh_lens.models import tokenize
-
-TEXT = "The secret ingredient of Mara's soup is purple ginger and sea salt."
-
-
-@pytest.fixture(scope="module")
-def clean(tiny_gqa):
-    tokens = tokenize(tiny_gqa, TEXT)[None]
-    with torch.no_grad():
-        _, cache = tiny_gqa.run_with_cache(tokens)
-    return tokens, cache
-
-
-def attached(model) -> int:
-    return sum(len(hp._forward_hooks) for hp in model.hook_dict.values())
 
 
 def test_last_query_argmax_equals_full_pattern(tiny_gqa, clean):

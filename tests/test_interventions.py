@@ -5,21 +5,7 @@ import torch
 
 from rh_lens import hooks
 from rh_lens.interventions import replace_output_hooks, zero_output_hooks, zero_query_hooks
-from rh_lens.models import tokenize
-
-TEXT = "The secret ingredient of Mara's soup is purple ginger and sea salt."
-
-
-@pytest.fixture(scope="module")
-def clean(tiny_gqa):
-    tokens = tokenize(tiny_gqa, TEXT)[None]
-    with torch.no_grad():
-        _, cache = tiny_gqa.run_with_cache(tokens)
-    return tokens, cache
-
-
-def attached(model) -> int:
-    return sum(len(hp._forward_hooks) for hp in model.hook_dict.values())
+from tests.conftest import attached_hooks as attached
 
 
 def test_no_hook_left_attached_after_a_hook_raises(tiny_gqa, clean):
