@@ -148,7 +148,8 @@ def sweep_buffer(model, args: argparse.Namespace, n_ctx: int) -> tuple[int, int]
         from rh_lens.niah import chat_overhead
 
         buffer = base + (chat_overhead(model) if args.chat else 0)
-    max_new = args.max_new_tokens or max(1, min(50, base // 2))
+    max_new = (args.max_new_tokens if args.max_new_tokens is not None
+               else max(1, min(50, base // 2)))
     return buffer, max_new
 
 
@@ -263,12 +264,17 @@ def save_figures(out: Path, figures: dict) -> None:
 
 def run_guarded(run, args, argv) -> int:
     """``run(args, argv)``; bad input (an rh_lens error, any ``ValueError`` or ``OSError``) is
-    reported in one line on stderr with exit status 2 instead of a traceback."""
+    reported in one line on stderr with exit status 2 instead of a traceback, and Ctrl-C in one
+    line with status 130.  ``argv`` defaults to the command line, so results record it."""
     try:
-        return run(args, argv)
+        return run(args, sys.argv[1:] if argv is None else argv)
     except (ValueError, OSError) as err:  # rh_lens.errors.RhLensError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: every finished cell is saved; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 def slug(spec: str) -> str:

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="combine the cells of shard directories into --out")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="with --merge: accept shards that do not cover the sweep (the result "
+                   "is marked partial)")
     p.add_argument("--top", type=int, default=15, help="heads to print")
     return p
 
@@ -53,10 +56,15 @@ def _run(args, argv) -> int:
     if args.merge:
         if args.out is None:
             raise ValueError("--merge needs --out")
-        result, identity = DetectResult.merge(args.merge)
+        result, identity = DetectResult.merge(args.merge, allow_partial=args.allow_partial)
         identity = {k: v for k, v in identity.items() if k != "config"}
+        extra = {"merged_from": [str(d) for d in args.merge],
+                 "partial": bool(result.missing), "missing_cells": list(result.missing)}
         meta = RunMetadata.collect(model_spec=identity["model"], seed=identity.get("seed"),
-                                   argv=argv, extra={"merged_from": [str(d) for d in args.merge]})
+                                   argv=argv, extra=extra)
+        if result.missing:
+            print(f"warning: partial result, {len(result.missing)} cells missing (listed in "
+                  "summary.json)", file=sys.stderr)
         write_outputs(args.out, result, meta, identity, score=args.score, top=args.top)
         return 0
 

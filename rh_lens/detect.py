@@ -56,8 +56,15 @@ class DetectConfig:
             raise ValueError("a sweep needs at least one context length and one depth")
         if any(d < 0 or d > 100 for d in self.depths):
             raise ValueError(f"depths are percentages in [0, 100], got {self.depths}")
-        if self.batch_size < 1 or self.max_new_tokens < 1 or self.chunk_size < 1:
-            raise ValueError("batch_size, max_new_tokens and chunk_size must be positive")
+        for name in ("batch_size", "max_new_tokens", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, values in (("lengths", [int(v) for v in self.lengths]),
+                             ("depths", [float(v) for v in self.depths])):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"{name} repeat {repeated}: give each grid value once (a "
+                                 "repeated value would weight its trials twice in every mean)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,6 +228,7 @@ class DetectResult:
     n_layers: int
     n_heads: int
     n_kv_heads: int
+    missing: tuple[str, ...] = ()  # cells of the grid not run (a partial merge)
 
     @property
     def success(self) -> Bool[np.ndarray, " trial"]:
@@ -290,8 +298,9 @@ class DetectResult:
         }
 
     def summary(self, score: Score = "step") -> dict:
-        """Trials, successes, the retrieval heads (score > the threshold) and the mean recall."""
-        return {
+        """Trials, successes, the retrieval heads (score > the threshold) and the mean recall;
+        ``partial`` lists the cells a partial merge lacks."""
+        summary = {
             "n_trials": len(self.records),
             "n_success": self.n_success,
             "score": score,
@@ -299,6 +308,9 @@ class DetectResult:
             "mean_rouge1_recall": float(np.mean([r.rouge1_recall for r in self.records]))
             if self.records else None,
         }
+        if self.missing:
+            summary["partial"] = {"missing_cells": list(self.missing)}
+        return summary
 
     def save(self, directory: str | Path, *, meta: RunMetadata | None = None,
              identity: dict | None = None, score: Score = "step") -> dict:
@@ -346,9 +358,11 @@ class DetectResult:
         return cls.merge([directory])[0]
 
     @classmethod
-    def merge(cls, directories: Sequence[str | Path]) -> tuple["DetectResult", dict]:
+    def merge(cls, directories: Sequence[str | Path], *, allow_partial: bool = False
+              ) -> tuple["DetectResult", dict]:
         """One result from the cells of the shard directories of one sweep, in the sweep's own
-        cell order, and the sweep's identity."""
+        cell order, and the sweep's identity.  Cells missing from every directory are refused,
+        naming them, unless ``allow_partial``."""
         identity, found = merge(directories)
         try:
             cfg = DetectConfig.from_dict(identity["config"])
@@ -358,6 +372,13 @@ class DetectResult:
         n_needles = (len(identity["needles"]) if "needles" in identity
                      else 1 + max((r.cell.needle for r in records), default=-1))
         order = {c.key: i for i, c in enumerate(cells(n_needles, cfg))}
+        missing = [key for key in order if key not in found]
+        if missing and not allow_partial:
+            raise StoreError(
+                f"the directories hold {len(order) - len(missing)} of the sweep's {len(order)} "
+                f"cells; missing {len(missing)}: {', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''} (merge every shard, or allow a partial "
+                "result)")
         records.sort(key=lambda r: order.get(r.cell.key, len(order)))
         shape = identity.get("shape")
         if shape is None:
@@ -366,7 +387,7 @@ class DetectResult:
             n_layers, n_heads = records[0].step_score.shape
             shape = {"n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_heads}
         return (cls(cfg, tuple(records), shape["n_layers"], shape["n_heads"],
-                    shape["n_kv_heads"]), identity)
+                    shape["n_kv_heads"], tuple(missing)), identity)
 
 
 def compute_detect(

@@ -76,7 +76,9 @@ class SweepStore:
         store = cls(Path(root), identity_file)
         path = store.root / identity_file
         wanted = _plain(identity)
-        if path.is_file():
+        if path.is_file() and not store._holds_records():  # a run refused before its first cell
+            write_json_atomic(path, wanted)
+        elif path.is_file():
             existing = read_json(path)
             if existing != wanted:
                 diff = sorted(k for k in set(existing) | set(wanted)
@@ -87,6 +89,11 @@ class SweepStore:
             store.root.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, wanted)
         return store
+
+    def _holds_records(self) -> bool:
+        """Whether any cell is stored here, in a sub-store included."""
+        return any(self.root.glob(f"{CELLS}/*.json")) or any(
+            self.root.glob(f"conditions/*/{CELLS}/*.json"))
 
     def identity(self) -> dict:
         path = self.root / self.identity_file

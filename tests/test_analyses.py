@@ -167,3 +167,62 @@ def test_default_sweep_buffer_holds_the_chat_template_too():
     assert sweep_buffer(model, args(chat=True), 256) == (64 + extra, 32)
     assert sweep_buffer(model, args(chat=True, buffer=30, max_new_tokens=7), 256) == (30, 7)
     assert sweep_buffer(model, args(), 4096) == (200, 50)
+
+
+def test_an_incomplete_merge_is_refused_unless_allowed(copy_inputs, tmp_path, capsys):
+    """Shard 0 of 2 alone is half a sweep: merged, it is refused, naming the missing cells;
+    with --allow-partial it is written and marked partial."""
+    assert detect.main(detect_args(copy_inputs, tmp_path / "s0", "--shard", "0/2")) == 0
+    merge = ["--merge", str(tmp_path / "s0"), "--out", str(tmp_path / "m"), "--quiet"]
+    assert detect.main(merge) == 2
+    err = capsys.readouterr().err
+    assert "2 of the sweep's 4 cells; missing 2: n000_L0000080_d100.00" in err
+    assert not (tmp_path / "m" / "result.json").exists()
+    assert detect.main([*merge, "--allow-partial"]) == 0
+    saved = load_result(tmp_path / "m")
+    assert saved.summary["n_trials"] == 2
+    assert len(saved.summary["partial"]["missing_cells"]) == 2
+    assert saved.meta["extra"]["partial"] is True
+
+
+def test_repeated_grid_values_and_zero_new_tokens_are_refused(copy_inputs, tmp_path, capsys):
+    args = detect_args(copy_inputs, tmp_path / "out")
+    repeated = [*args[:args.index("--depths")], "--depths", "50", "50.0",
+                *args[args.index("--buffer"):]]
+    assert detect.main(repeated) == 2
+    assert "depths repeat [50.0]" in capsys.readouterr().err
+    zero = list(args)
+    zero[zero.index("--max-new-tokens") + 1] = "0"
+    assert detect.main(zero) == 2
+    assert "max_new_tokens must be positive, got 0" in capsys.readouterr().err
+
+
+def test_a_refused_run_does_not_block_its_corrected_retry(copy_inputs, tmp_path, capsys):
+    """A sweep refused before its first cell leaves only its identity file; the corrected
+    command into the same directory runs."""
+    args = detect_args(copy_inputs, tmp_path / "out")
+    too_long = list(args)
+    too_long[too_long.index("--lengths") + 1] = "100000"
+    assert detect.main(too_long) == 2
+    capsys.readouterr()
+    assert (tmp_path / "out" / "sweep.json").is_file()  # written, with no cell
+    assert detect.main(args) == 0
+    assert "4 trials, 4 successful" in capsys.readouterr().out
+
+
+def test_a_result_records_its_command_line(copy_inputs, tmp_path, monkeypatch):
+    args = detect_args(copy_inputs, tmp_path / "out")
+    monkeypatch.setattr("sys.argv", ["analyses/detect.py", *args])
+    assert detect.main() == 0
+    assert load_result(tmp_path / "out").meta["argv"] == args
+
+
+def test_ctrl_c_prints_one_line_and_how_to_resume(capsys):
+    from analyses._cli import run_guarded
+
+    def interrupted(args, argv):
+        raise KeyboardInterrupt
+
+    assert run_guarded(interrupted, None, []) == 130
+    assert capsys.readouterr().err.strip() == (
+        "interrupted: every finished cell is saved; rerun the same command to resume")

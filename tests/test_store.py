@@ -38,7 +38,7 @@ def test_reopening_with_the_same_identity_resumes_and_another_is_refused(tmp_pat
     with pytest.raises(StoreError, match="different sweep.*model"):
         SweepStore.open(root, other)
     assert isinstance(StoreError("x"), RhLensError)
-    again.sub("top-2", {"heads": [[1, 2]]}, identity_file="condition.json")
+    again.sub("top-2", {"heads": [[1, 2]]}, identity_file="condition.json").write("c", {"x": 2})
     with pytest.raises(StoreError, match="head set named 'top-2'"):
         again.sub("top-2", {"heads": [[1, 3]]}, identity_file="condition.json")
 
@@ -93,3 +93,10 @@ def test_merge_joins_shards_of_one_sweep_and_refuses_others(tmp_path):
         merge([tmp_path / "a", tmp_path / "nothing"])
     with pytest.raises(StoreError, match="nothing to merge"):
         merge([])
+
+
+def test_an_identity_without_cells_is_replaced(tmp_path):
+    """A sweep refused before its first cell does not block the corrected one."""
+    SweepStore.open(tmp_path / "s", IDENTITY)
+    other = {**IDENTITY, "model": "other"}
+    assert SweepStore.open(tmp_path / "s", other).identity() == other
