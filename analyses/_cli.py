@@ -79,6 +79,9 @@ def add_sweep_args(parser: argparse.ArgumentParser, *, points: int,
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
     parser.add_argument("--batch", type=int, default=1, help="trials of equal length per batch")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    parser.add_argument("--recompute-bad-cells", action="store_true",
+                        help="compute again the stored cells that cannot be read (a truncated "
+                        "file), instead of stopping at the first")
 
 
 def add_scores_args(parser: argparse.ArgumentParser, *, scores_help: str,

@@ -85,7 +85,8 @@ def _run(args, argv) -> int:
     identity = _cli.sweep_identity(model, args.model, needles, source)
     meta = _cli.metadata(args, model, argv)
     result = compute_ablation(model, needles, haystacks, conditions, cfg, watch=watch,
-                              out_dir=out, identity=identity, progress=not args.quiet)
+                              out_dir=out, identity=identity, progress=not args.quiet,
+                              recompute_bad_cells=args.recompute_bad_cells)
     settings = {"scores": None if table is None else str(scores_path), "score": args.score,
                 "seed": args.seed, "draws": args.draws, "threshold": args.threshold,
                 "exclude": [list(h) for h in exclude]}

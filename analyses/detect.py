@@ -76,7 +76,8 @@ def _run(args, argv) -> int:
     identity = _cli.sweep_identity(model, args.model, needles, source, seed=args.seed)
     meta = _cli.metadata(args, model, argv)
     result = compute_detect(model, needles, haystacks, cfg, out_dir=out, shard=args.shard,
-                            identity=identity, progress=not args.quiet)
+                            identity=identity, progress=not args.quiet,
+                            recompute_bad_cells=args.recompute_bad_cells)
     if args.shard != (0, 1):
         done = len(list((out / "cells").glob("*.json")))
         print(f"shard {args.shard[0]}/{args.shard[1]}: {done} cells in {out}; combine shards "

@@ -31,7 +31,7 @@ from rh_lens.results import (
     save_result,
     write_json_atomic,
 )
-from rh_lens.store import Record, StoreError, SweepStore, merge, read_record
+from rh_lens.store import Record, StoreError, SweepStore, merge, read_finished, read_record
 
 HEAD_SCORE_JSON = "head_score.json"
 TRIALS_JSONL = "trials.jsonl"
@@ -400,26 +400,29 @@ def compute_detect(
     shard: tuple[int, int] = (0, 1),
     identity: dict | None = None,
     progress: bool = True,
+    recompute_bad_cells: bool = False,
 ) -> DetectResult:
     """Run (or resume) a sweep.  With ``out_dir`` every finished cell is written at once to the
     directory's :class:`~rh_lens.store.SweepStore` and cells already there are read instead of
     rerun; ``identity`` (model spec, needle source, ...) is stored with the config so a directory
-    never mixes two sweeps."""
+    never mixes two sweeps.  A stored cell that cannot be read is refused, naming its file, or
+    computed again with ``recompute_bad_cells``."""
     from tqdm.auto import tqdm
 
     if len(needles) != len(haystacks):
         raise ValueError(f"{len(needles)} needles but {len(haystacks)} haystacks")
     todo = cells(len(needles), cfg, shard)
     store = None
-    done: dict[str, Path] = {}
     facts = model_facts(model)
     if out_dir is not None:
         shape = {"n_layers": facts.n_layers, "n_heads": facts.n_heads,
                  "n_kv_heads": facts.n_kv_heads}
         store = SweepStore.open(out_dir, {"config": cfg.to_dict(), "shape": shape,
                                           **(identity or {})})
-        done = store.finished()
-    by_key: dict[str, TrialRecord] = {c.key: read_cell(done[c.key]) for c in todo if c.key in done}
+    by_key: dict[str, TrialRecord] = {}
+    if store is not None:
+        by_key = read_finished(store, [c.key for c in todo], TrialRecord.from_record,
+                               recompute_bad=recompute_bad_cells)
     pending = [c for c in todo if c.key not in by_key]
     step = max(cfg.batch_size, 1) * 4
     with tqdm(total=len(todo), initial=len(by_key), desc="NIAH trials",

@@ -15,7 +15,7 @@ cells of a sweep over machines and :func:`merge` reads the stores of the shards 
 
 import json
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -33,6 +33,7 @@ FORMAT = 1
 _LEGACY_FORMAT_KEYS = ("cell_format", "format")
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class StoreError(RhLensError):
@@ -133,10 +134,32 @@ class SweepStore:
         return read_record(self._paths(key)[0], arrays=arrays)
 
 
+def read_finished(store: "SweepStore", keys: Sequence[str], parse: Callable[[Record], R], *,
+                  recompute_bad: bool = False) -> dict[str, R]:
+    """The finished cells among ``keys``, each parsed by ``parse``.  A cell that cannot be read
+    (a truncated file, missing fields) is refused, naming its file, or left out to be computed
+    again with ``recompute_bad``."""
+    done = store.finished()
+    out: dict[str, R] = {}
+    for key in keys:
+        if key not in done:
+            continue
+        try:
+            out[key] = parse(store.read(key))
+        except StoreError as err:
+            if not recompute_bad:
+                raise StoreError(f"{err}; rerun with --recompute-bad-cells to compute it "
+                                 "again") from None
+    return out
+
+
 def read_record(json_path: str | Path, *, arrays: bool = True) -> Record:
     """The record whose JSON is ``json_path`` (its arrays beside it, in the ``.npz``)."""
     json_path = Path(json_path)
-    data = read_json(json_path)
+    try:
+        data = read_json(json_path)
+    except ValueError as err:  # unreadable or malformed JSON
+        raise StoreError(str(err)) from None
     if not isinstance(data, dict):
         raise StoreError(f"{json_path}: not a sweep record (a JSON object)")
     version = next((data.pop(k) for k in (FORMAT_KEY, *_LEGACY_FORMAT_KEYS) if k in data), None)

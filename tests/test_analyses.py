@@ -226,3 +226,21 @@ def test_ctrl_c_prints_one_line_and_how_to_resume(capsys):
     assert run_guarded(interrupted, None, []) == 130
     assert capsys.readouterr().err.strip() == (
         "interrupted: every finished cell is saved; rerun the same command to resume")
+
+
+def test_a_damaged_cell_is_named_and_recomputed_on_request(copy_inputs, tmp_path, capsys):
+    """A truncated cell .npz and a cell .json without its fields stop a resume with one line
+    naming the file; --recompute-bad-cells computes them again, to the same result."""
+    out = tmp_path / "out"
+    assert detect.main(detect_args(copy_inputs, out)) == 0
+    before = (out / "head_score.json").read_bytes()
+    cells = sorted((out / "cells").glob("*.npz"))
+    cells[0].write_bytes(cells[0].read_bytes()[:30])
+    cells[1].with_suffix(".json").write_text('{"record_format": 1}')
+    capsys.readouterr()
+    assert detect.main(detect_args(copy_inputs, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert cells[0].name in err and "--recompute-bad-cells" in err
+    assert detect.main(detect_args(copy_inputs, out, "--recompute-bad-cells")) == 0
+    assert (out / "head_score.json").read_bytes() == before

@@ -27,7 +27,7 @@ from rh_lens.heads import HeadLike, validate_heads
 from rh_lens.interventions import ablation_hooks, capture_donor, compute_mean_z
 from rh_lens.models import tokenize
 from rh_lens.niah import Haystack, Needle, Trial, build_trial
-from rh_lens.store import SweepStore
+from rh_lens.store import SweepStore, read_finished
 
 CONDITION_JSON = "condition.json"
 
@@ -82,6 +82,7 @@ def compute_ablation(
     model, needles: Sequence[Needle], haystacks: Sequence[Haystack],
     conditions: Sequence[Condition], cfg: AblationConfig, *, watch: Sequence[HeadLike] = (),
     out_dir: str | Path | None = None, identity: dict | None = None, progress: bool = True,
+    recompute_bad_cells: bool = False,
 ) -> AblationResult:
     """Run (or resume) NIAH on the same cells under every condition.
 
@@ -139,9 +140,8 @@ def compute_ablation(
             store = None
             if root is not None:
                 store = root.sub(cond.name, cond.to_json(), identity_file=CONDITION_JSON)
-                done = store.finished()
-                by_key = {c.key: AblationRecord.from_record(store.read(c.key))
-                          for c in todo if c.key in done}
+                by_key = read_finished(store, [c.key for c in todo], AblationRecord.from_record,
+                                       recompute_bad=recompute_bad_cells)
             bar.update(len(by_key))
             pending = [c for c in todo if c.key not in by_key]
             step = max(sweep.batch_size, 1) * 4
