@@ -32,6 +32,7 @@ from rh_lens.results import (
     write_json_atomic,
 )
 from rh_lens.store import Record, StoreError, SweepStore, merge, read_finished, read_record
+from rh_lens.store import shard as shard_cells
 
 HEAD_SCORE_JSON = "head_score.json"
 TRIALS_JSONL = "trials.jsonl"
@@ -90,13 +91,11 @@ class Cell:
 
 
 def cells(n_needles: int, cfg: DetectConfig, shard: tuple[int, int] = (0, 1)) -> list[Cell]:
-    """The sweep's cells in a fixed order; shard ``(i, n)`` keeps cells ``i, i+n, i+2n, ...``."""
-    index, count = shard
-    if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: need 0 <= index < count")
+    """The sweep's cells in a fixed order; shard ``(i, n)`` keeps cells ``i, i+n, i+2n, ...``
+    (:func:`rh_lens.store.shard`)."""
     grid = [Cell(n, int(length), float(depth)) for n in range(n_needles)
             for length in cfg.lengths for depth in cfg.depths]
-    return grid[index::count]
+    return shard_cells(grid, *shard)
 
 
 @dataclass(frozen=True)
