@@ -31,7 +31,15 @@ from rh_lens.results import (
     save_result,
     write_json_atomic,
 )
-from rh_lens.store import Record, StoreError, SweepStore, merge, read_finished, read_record
+from rh_lens.store import (
+    Record,
+    StoreError,
+    SweepStore,
+    as_read_back,
+    merge,
+    read_finished,
+    read_record,
+)
 from rh_lens.store import shard as shard_cells
 
 HEAD_SCORE_JSON = "head_score.json"
@@ -326,7 +334,7 @@ class DetectResult:
         shape = {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads}
         store = SweepStore(directory)
         if (directory / store.identity_file).is_file():  # the sweep this result was run in
-            if store.identity().get("config") != json.loads(json.dumps(self.config.to_dict())):
+            if store.identity().get("config") != as_read_back(self.config.to_dict()):
                 raise StoreError(f"{directory} holds cells of a different sweep (differs in: "
                                  "config); save into a new directory")
         else:

@@ -48,7 +48,7 @@ def shard(items: Sequence[T], index: int, count: int) -> list[T]:
     return list(items)[index::count]
 
 
-def _plain(obj: dict) -> dict:
+def as_read_back(obj: dict) -> dict:
     """``obj`` as it reads back from JSON (tuples become lists), for comparisons."""
     return json.loads(json.dumps(obj))
 
@@ -76,7 +76,7 @@ class SweepStore:
         sweep (``what`` names it in the message) is refused with the fields that differ."""
         store = cls(Path(root), identity_file)
         path = store.root / identity_file
-        wanted = _plain(identity)
+        wanted = as_read_back(identity)
         if path.is_file() and not store._holds_records():  # a run refused before its first cell
             write_json_atomic(path, wanted)
         elif path.is_file():
