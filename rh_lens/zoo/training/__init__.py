@@ -2,7 +2,7 @@
 evaluation that writes each model card, and the training benchmark.
 
     python -m rh_lens.zoo.training.train NAME --install   # train, evaluate, copy into the package
-    python -m rh_lens.zoo.training.evaluate NAME          # held-out figures into the model card
+    python -m rh_lens.zoo.training.evaluate NAME          # held-out figures, compared with the card
     python -m rh_lens.zoo.training.bench                  # each recipe's training time
 
 Modules: :mod:`~rh_lens.zoo.training.recipes` (every model's recipe, as data),

@@ -463,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     from rh_lens.zoo.training import evaluate
 
     report = evaluate.evaluate_dir(out, progress=not args.quiet)
+    evaluate.write_card(out, report)
     print(evaluate.format_report(report))
     if args.install or args.install_anyway:
         if not report["meets_targets"] and not args.install_anyway:

@@ -95,3 +95,55 @@ def test_evaluate_refuses_a_per_cell_count_below_one():
 
     with pytest.raises(SystemExit, match="--per-cell must be at least 1"):
         evaluate.main(["llama-s", "--per-cell", "0"])
+
+
+def _snapshot(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_evaluation_writes_its_own_directory_and_compares_with_the_card(tmp_path, capsys):
+    import json
+
+    from rh_lens.zoo.training import evaluate
+    from rh_lens.zoo.training.recipes import get_recipe
+    from rh_lens.zoo.training.train import train, write_model
+
+    recipe = get_recipe("micro")
+    twin, tok, state = train(recipe, run_dir=tmp_path / "run", steps=1, progress=False)
+    model = write_model(twin, tok, recipe, state, tmp_path / "model")
+    before = _snapshot(model)
+    args = [str(model), "--per-cell", "1", "--quiet", "--out"]
+    evaluate.main(args + [str(tmp_path / "first")])
+    assert _snapshot(model) == before  # the model directory is never written
+    first = json.loads((tmp_path / "first" / "evaluation.json").read_text())
+    assert first["differences_from_card"] is None and first["meta"]["argv"] == args + [
+        str(tmp_path / "first")]
+    assert "holds no evaluation" in capsys.readouterr().out
+
+    evaluate.write_card(model, first["report"])  # what a training run does
+    card = json.loads((model / "card.json").read_text())
+    card["evaluation"]["lm"]["loss"] += 3 * evaluate.TOLERANCE["loss"]
+    card["evaluation"]["parametric"]["direct"] += evaluate.TOLERANCE["accuracy"] / 2
+    (model / "card.json").write_text(json.dumps(card))
+    before = _snapshot(model)
+    assert evaluate.main(args + [str(tmp_path / "second")]) == 1
+    assert _snapshot(model) == before
+    second = json.loads((tmp_path / "second" / "evaluation.json").read_text())
+    assert [d.split(":")[0] for d in second["differences_from_card"]] == ["lm.loss"]
+    assert "1 figure(s) differ from the card" in capsys.readouterr().out
+
+
+def test_figures_are_compared_with_the_card_within_the_stated_tolerance():
+    from rh_lens.zoo.training.evaluate import TOLERANCE, compare_with_card
+
+    card = {"n_ctx": 256, "lm": {"loss": 1.7, "unigram_loss": 5.7},
+            "niah": {"min": 0.9, "per_depth": {"0": 1.0}}, "meets_targets": True}
+    near = {"n_ctx": 256, "lm": {"loss": 1.7 + TOLERANCE["loss"] / 2, "unigram_loss": 5.7},
+            "niah": {"min": 0.9 - TOLERANCE["accuracy"] / 2, "per_depth": {"0": 1.0}},
+            "meets_targets": True, "new_figure": 3.0}
+    assert compare_with_card(near, card) == []
+    far = {"n_ctx": 512, "lm": {"loss": 1.7 + 2 * TOLERANCE["loss"], "unigram_loss": 5.7},
+           "niah": {"min": 0.9, "per_depth": {"0": 1.0 - 2 * TOLERANCE["accuracy"]}},
+           "meets_targets": False}
+    assert [line.split(":")[0] for line in compare_with_card(far, card)] == [
+        "lm.loss", "meets_targets", "n_ctx", "niah.per_depth.0"]
