@@ -54,6 +54,14 @@ def add_run_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
     """``--out`` (a directory) and ``--quiet``."""
     parser.add_argument("--out", type=Path, default=None, help=out_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_figure_args(parser)
+
+
+def add_figure_args(parser: argparse.ArgumentParser) -> None:
+    """``--self-contained-figures`` (see :func:`save_figures`)."""
+    parser.add_argument("--self-contained-figures", action="store_true",
+                        help="embed plotly in every figure (4.8 MB each) instead of one shared "
+                        "plotly.min.js in the output folder")
 
 
 def add_sweep_args(parser: argparse.ArgumentParser, *, points: int,
@@ -257,12 +265,12 @@ def select_heads(text: str, *, scores, shape: dict, seed: int, what: str,
         raise ValueError(f"{what} {text}: {err}") from None
 
 
-def save_figures(out: Path, figures: dict) -> None:
-    """Each figure as ``out/<name>.html``."""
+def save_figures(out: Path, figures: dict, *, self_contained: bool = False) -> None:
+    """Each figure as ``out/<name>.html``; ``self_contained`` is ``--self-contained-figures``."""
     from rh_lens import plotting
 
     for name, fig in figures.items():
-        plotting.save_figure(fig, out / f"{name}.html")
+        plotting.save_figure(fig, out / f"{name}.html", self_contained=self_contained)
 
 
 def run_guarded(run, args, argv) -> int:

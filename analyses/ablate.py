@@ -90,11 +90,13 @@ def _run(args, argv) -> int:
     settings = {"scores": None if table is None else str(scores_path), "score": args.score,
                 "seed": args.seed, "draws": args.draws, "threshold": args.threshold,
                 "exclude": [list(h) for h in exclude]}
-    write_outputs(out, result, meta, {**identity, **settings}, table)
+    write_outputs(out, result, meta, {**identity, **settings}, table,
+                  self_contained=args.self_contained_figures)
     return 0
 
 
-def write_outputs(out: Path, result, meta, identity: dict, scores) -> None:
+def write_outputs(out: Path, result, meta, identity: dict, scores, *,
+                  self_contained: bool = False) -> None:
     """Save the result and its figures, and print the table of conditions."""
     from rh_lens import ablation, plotting
 
@@ -109,7 +111,7 @@ def write_outputs(out: Path, result, meta, identity: dict, scores) -> None:
         "errors": plotting.plot_error_types(result, title=f"{name}: output types"),
         "failure_attention": plotting.plot_failure_attention(result),
     }
-    _cli.save_figures(out, figures)
+    _cli.save_figures(out, figures, self_contained=self_contained)
     print(f"{result.config.mode} masking at {result.config.positions} positions, "
           f"{len(result.records[0])} cells per condition; results in {out}")
     short = {"correct": "ok", "incomplete": "part", "wrong_extraction": "wrong",

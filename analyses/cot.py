@@ -100,8 +100,8 @@ def _run(args, argv) -> int:
               "match": {t.name: t.match for t in tasks}, "shape": [facts.n_layers, facts.n_heads]}
     result.save(out, meta=meta, config=config, scores=table,
                 n_items={t.name: len(t.items) for t in tasks})
-    plotting.save_figure(plotting.plot_cot(result, title=f"{args.model}: accuracy under "
-                                           f"{args.mode} masking"), out / "cot.html")
+    figure = plotting.plot_cot(result, title=f"{args.model}: accuracy under {args.mode} masking")
+    _cli.save_figures(out, {"cot": figure}, self_contained=args.self_contained_figures)
     mean, std = result.by_group()
     groups = result.group_names()
 

@@ -65,7 +65,8 @@ def _run(args, argv) -> int:
         if result.missing:
             print(f"warning: partial result, {len(result.missing)} cells missing (listed in "
                   "summary.json)", file=sys.stderr)
-        write_outputs(args.out, result, meta, identity, score=args.score, top=args.top)
+        write_outputs(args.out, result, meta, identity, score=args.score, top=args.top,
+                      self_contained=args.self_contained_figures)
         return 0
 
     model = _cli.load_model(args)
@@ -83,11 +84,13 @@ def _run(args, argv) -> int:
         print(f"shard {args.shard[0]}/{args.shard[1]}: {done} cells in {out}; combine shards "
               "with --merge")
         return 0
-    write_outputs(out, result, meta, identity, score=args.score, top=args.top)
+    write_outputs(out, result, meta, identity, score=args.score, top=args.top,
+                  self_contained=args.self_contained_figures)
     return 0
 
 
-def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: int) -> None:
+def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: int,
+                  self_contained: bool = False) -> None:
     """Save the result, its figures, and print the top heads."""
     from rh_lens import plotting
     from rh_lens.heads import label
@@ -109,7 +112,7 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
         "top_heads": plotting.plot_top_heads(table, k=20,
                                              title=f"{name}: top heads ({score} score)"),
     }
-    _cli.save_figures(out, figures)
+    _cli.save_figures(out, figures, self_contained=self_contained)
     print(f"{len(result.records)} trials, {result.n_success} successful "
           f"(mean ROUGE-1 recall {summary['mean_rouge1_recall'] or 0:.3f}); results in {out}")
     print(f"{'head':>8}  {score:>6}  {'active':>6}")

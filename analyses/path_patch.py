@@ -101,11 +101,13 @@ def _run(args, argv) -> int:
                    "corrupted_answer": model.to_string([p.corrupted_answer])} for p in pairs],
     }
     meta = _cli.metadata(args, model, argv)
-    write_outputs(out, act, path, config, meta, name=args.model, top=args.top)
+    write_outputs(out, act, path, config, meta, name=args.model, top=args.top,
+                  self_contained=args.self_contained_figures)
     return 0
 
 
-def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: int) -> None:
+def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: int,
+                  self_contained: bool = False) -> None:
     """Save the result and its figures, and print the strongest heads and paths."""
     from rh_lens import plotting
     from rh_lens.patching import PatchingResult
@@ -117,7 +119,7 @@ def write_outputs(out: Path, act, path, config: dict, meta, *, name: str, top: i
             act, title=f"{name}: activation patching"),
         "path_patching": plotting.plot_path_patching(path, title=f"{name}: path patching"),
     }
-    _cli.save_figures(out, figures)
+    _cli.save_figures(out, figures, self_contained=self_contained)
     clean, corrupted = act.clean_logit_diff, act.corrupted_logit_diff
     print(f"{clean.size} pairs: clean logit diff {clean.mean():.3f}, corrupted "
           f"{corrupted.mean():.3f} ({summary['pairs_discriminated']:.0%} of pairs "

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", type=Path, nargs="+", required=True,
                    help="rh_lens detection directories or reference-format score files")
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    _cli.add_figure_args(p)
     p.add_argument("--names", nargs="+", help="one display name per input (default: the model "
                    "spec of a directory, the stem of a file)")
     p.add_argument("--score", choices=("step", "set"), default="step",
@@ -88,7 +89,7 @@ def _run(args, argv) -> int:
                                       switch_on_heads=args.switch_on_heads)
     result.save(args.out)
     figures = plotting.plot_property_summary(result, file_name=_file_name)
-    _cli.save_figures(args.out, figures)
+    _cli.save_figures(args.out, figures, self_contained=args.self_contained_figures)
     print(result.text)
     print(f"\nsummary.json, table.txt and {len(figures)} figures in {args.out}")
     return 0

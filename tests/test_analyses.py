@@ -80,6 +80,14 @@ def test_detect_script_finds_the_known_copy_head(copy_inputs, tmp_path, capsys):
         assert (tmp_path / "out" / name).is_file()
 
 
+def test_detect_script_can_write_self_contained_figures(copy_inputs, tmp_path):
+    out = tmp_path / "out"
+    assert detect.main(detect_args(copy_inputs, out, "--self-contained-figures")) == 0
+    assert not (out / "plotly.min.js").exists()
+    for name in ("heatmap.html", "niah_grid.html", "top_heads.html"):
+        assert (out / name).stat().st_size > 1_000_000
+
+
 @pytest.mark.slow
 def test_detect_shards_merge_to_the_same_aggregates(copy_inputs, tmp_path, capsys):
     assert detect.main(detect_args(copy_inputs, tmp_path / "full")) == 0

@@ -127,6 +127,18 @@ def test_save_figure_offline_html(tmp_path):
         save_figure(fig, tmp_path / "a.png")
 
 
+def test_a_figure_moved_without_its_script_says_so_and_a_self_contained_one_needs_none(tmp_path):
+    fig = plot_head_heatmap(TABLE, title="moved")
+    shared = save_figure(fig, tmp_path / "shared" / "a.html").read_text()
+    notice = shared[shared.rindex("<script>"):shared.rindex("</body>")]
+    assert 'typeof Plotly === "undefined"' in notice and "plotly.min.js in its folder" in notice
+    alone = save_figure(fig, tmp_path / "alone" / "a.html", self_contained=True)
+    assert sorted(p.name for p in alone.parent.iterdir()) == ["a.html"]
+    html = alone.read_text()
+    assert not re.findall(r'<script[^>]*src="([^"]+)"', html)  # nothing loaded from elsewhere
+    assert len(html) > 1_000_000 and "moved" in html
+
+
 def test_decode_steps_marks_copies_span_hits_and_elsewhere():
     from rh_lens.plotting import plot_decode_steps
 

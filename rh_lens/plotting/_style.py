@@ -47,25 +47,43 @@ def _head_axes(fig: go.Figure, **subplot) -> None:
     fig.update_yaxes(title_text="layer", autorange="reversed", **subplot)
 
 
-def save_figure(fig: go.Figure, path: str | Path) -> Path:
-    """Write ``fig`` as offline HTML that loads ``plotly.min.js`` from the same folder.
+def save_figure(fig: go.Figure, path: str | Path, *, self_contained: bool = False) -> Path:
+    """Write ``fig`` as offline HTML; returns the path.
 
-    The script is written beside the HTML when it is missing or differs in size from the
-    installed plotly's bundle (a truncated copy would render blank), so a folder of figures
-    shares one copy.  Both files are written atomically.  Returns the path.
+    By default the page loads ``plotly.min.js`` from its own folder, so a folder of figures shares
+    one copy of the 4.8 MB script (each page is ~20 KB).  The script is written beside the HTML
+    when it is missing or differs in size from the installed plotly's bundle (a truncated copy
+    would render blank).  A page moved without the script says so in its text instead of showing
+    nothing.  ``self_contained=True`` embeds the script in the page, which then opens anywhere.
+    Every file is written atomically.
     """
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         raise ValueError(f"{path}: figures are saved as .html")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if self_contained:
+        with atomic_open(path, "w") as f:
+            f.write(fig.to_html(include_plotlyjs=True, full_html=True))
+        return path
     html = fig.to_html(include_plotlyjs="directory", full_html=True)
-    if f'src="{PLOTLY_JS}"' not in html:  # plotly changed how "directory" references the script
+    if f'src="{PLOTLY_JS}"' not in html or "</body>" not in html:
         raise RuntimeError(f"plotly's HTML does not reference {PLOTLY_JS}; cannot save offline")
+    head, tail = html.rsplit("</body>", 1)
     with atomic_open(path, "w") as f:
-        f.write(html)
+        f.write(head + _MISSING_SCRIPT_NOTICE + "</body>" + tail)
     js_path = path.parent / PLOTLY_JS
     bundle = get_plotlyjs().encode("utf-8")
     if not js_path.is_file() or os.path.getsize(js_path) != len(bundle):
         with atomic_open(js_path, "wb") as f:
             f.write(bundle)
     return path
+
+
+_MISSING_SCRIPT_NOTICE = f"""<script>
+if (typeof Plotly === "undefined") {{
+  document.body.insertAdjacentHTML("afterbegin", "<p style='font:16px sans-serif;color:#b00'>"
+    + "This figure needs {PLOTLY_JS} in its folder (it is written beside every figure). Copy it "
+    + "here, or save the figures with --self-contained-figures.</p>");
+}}
+</script>
+"""
