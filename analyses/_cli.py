@@ -85,7 +85,8 @@ def add_sweep_args(parser: argparse.ArgumentParser, *, points: int,
     parser.add_argument("--max-new-tokens", type=int,
                         help="decoding cap (default min(50, n_ctx/8))")
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
-    parser.add_argument("--batch", type=int, default=1, help="trials of equal length per batch")
+    parser.add_argument("--batch", type=int, default=1, help="trials decoded together "
+                        "(left-padded; each gives exactly its unbatched results)")
     parser.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     parser.add_argument("--recompute-bad-cells", action="store_true",
                         help="compute again the stored cells that cannot be read (a truncated "

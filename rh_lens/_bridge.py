@@ -11,10 +11,11 @@ live here:
   Face Llama or GPT-2 model;
 - the forward of one chunk against a ``transformers.DynamicCache`` (a full cache on every layer,
   so that key positions stay absolute even for sliding-window configs);
-- the fast prefill: an SDPA twin of the Hugging Face model that shares every parameter and
-  buffer.  A chunk of more than one token is forwarded through the twin when no hook is attached
-  to the bridge (nothing could observe the difference); anything hooked, and every decode step,
-  goes through the bridge.  The twin never computes attention weights.
+- the fast path: twins of the Hugging Face model that share every parameter and buffer.  When
+  no hook is attached to the bridge (nothing could observe the difference), a chunk of more
+  than one token is forwarded through an SDPA twin (the fast prefill), and a decode step that
+  records where each head attends through an eager twin, whose attention weights Hugging Face
+  returns without any hook.  Anything hooked goes through the bridge.
 """
 
 import contextlib
@@ -32,6 +33,8 @@ from rh_lens._loading import quiet_loading, require_rotary
 from rh_lens.errors import ModelLoadError
 
 TWIN_ATTR = "_rh_lens_sdpa_twin"
+EAGER_ATTR = "_rh_lens_eager_twin"
+POINTS_ATTR = "_rh_lens_hook_points"
 
 
 def is_bridge(model) -> bool:
@@ -50,21 +53,47 @@ def new_cache(model: TransformerBridge, batch: int):
 
 
 def forward_chunk(
-    model: TransformerBridge, tokens: Int[Tensor, "batch pos"], cache, n_past: int
-) -> Float[Tensor, "batch pos d_vocab"]:
+    model: TransformerBridge, tokens: Int[Tensor, "batch pos"], cache, n_past: int,
+    mask: Int[Tensor, "batch past_and_pos"] | None = None, *, argmax: bool = False,
+) -> tuple[Float[Tensor, "batch pos d_vocab"], Int[Tensor, "batch n_layers n_heads"] | None]:
     """Forward ``tokens`` after ``n_past`` cached positions; ``cache`` grows by their keys/values.
 
-    The mask is all ones over cached and new positions: real tokens that share the pad token's
-    id are never masked.
+    ``mask`` covers the cached and the new positions (0 at left padding); None means all
+    ones, so that real tokens sharing the pad token's id are never masked.  With padding, the
+    position ids count real tokens only (Hugging Face numbers them by column otherwise).
+    Returns the logits and, with ``argmax`` and :func:`records_unhooked`, every head's argmax
+    key position for the last query, read from the eager twin's attention weights (else None).
     """
     batch, n_new = tokens.shape
-    mask = torch.ones((batch, n_past + n_new), dtype=torch.long, device=tokens.device)
     kw = {_cache_kwarg(model.original_model): cache}
+    if mask is None:
+        mask = torch.ones((batch, n_past + n_new), dtype=torch.long, device=tokens.device)
+    else:
+        kw["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, n_past:]
+    if argmax and records_unhooked(model):
+        eager = model.__dict__[EAGER_ATTR]
+        eager.tie()
+        out = eager.model(input_ids=tokens, attention_mask=mask, use_cache=True,
+                          output_attentions=True, **kw)
+        table = torch.stack([a[:, :, -1].argmax(dim=-1) for a in out.attentions], dim=1)
+        return out.logits, table
     twin = model.__dict__.get(TWIN_ATTR)
     if twin is not None and n_new > 1 and not hooks_attached(model):
         twin.tie()
-        return twin.model(input_ids=tokens, attention_mask=mask, use_cache=True, **kw).logits
-    return model(tokens, attention_mask=mask, use_cache=True, **kw)
+        logits = twin.model(input_ids=tokens, attention_mask=mask, use_cache=True, **kw).logits
+        return logits, None
+    return model(tokens, attention_mask=mask, use_cache=True, **kw), None
+
+
+def records_unhooked(model: TransformerBridge) -> bool:
+    """Whether a forward can read the attention argmax without hooks: the bridge has an eager
+    twin and no hook is attached (nothing could observe the difference)."""
+    return model.__dict__.get(EAGER_ATTR) is not None and not hooks_attached(model)
+
+
+def select_rows(cache, rows: Int[Tensor, " keep"]) -> None:
+    """Keep only batch rows ``rows`` of a ``DynamicCache``."""
+    cache.batch_select_indices(rows)
 
 
 def _cache_kwarg(hf_model: nn.Module) -> str:
@@ -75,39 +104,53 @@ def _cache_kwarg(hf_model: nn.Module) -> str:
         else "past_key_values"
 
 
+def hook_points(model: TransformerBridge) -> dict:
+    """The bridge's canonical hook names -> hook points, built once per model (the
+    ``hook_dict`` property walks every component on each access)."""
+    points = model.__dict__.get(POINTS_ATTR)
+    if points is None:
+        points = dict(model.hook_dict)
+        object.__setattr__(model, POINTS_ATTR, points)  # not a submodule
+    return points
+
+
 def hooks_attached(model: TransformerBridge) -> bool:
     """Whether any hook point of the bridge has a forward hook (``model.hooks``, ``add_hook``)."""
-    return any(hp._forward_hooks or hp._forward_pre_hooks for hp in model.hook_dict.values())
+    return any(hp._forward_hooks or hp._forward_pre_hooks for hp in hook_points(model).values())
 
 
 def has_fast_prefill(model: TransformerBridge) -> bool:
     return model.__dict__.get(TWIN_ATTR) is not None
 
 
-class SdpaTwin:
-    """The same Hugging Face model class with ``attn_implementation="sdpa"``, built on the meta
-    device and pointed at the source model's own parameters and buffers (no copy).
+class Twin:
+    """The same Hugging Face model class with another ``attn_implementation`` (``"sdpa"`` for
+    the fast prefill, ``"eager"`` for decode steps that read attention weights without hooks),
+    built on the meta device and pointed at the source model's own parameters and buffers (no
+    copy).
 
     It must be built before the bridge wraps the source model's modules.  ``tie()`` re-points
     every tensor before use, so moving the bridge (``.to(...)``) cannot leave the twin behind.
     """
 
-    def __init__(self, source: nn.Module):
+    def __init__(self, source: nn.Module, attn_implementation: str = "sdpa"):
         config = copy.deepcopy(source.config)
         with torch.device("meta"):
-            self.model = type(source)._from_config(config, attn_implementation="sdpa")
+            self.model = type(source)._from_config(config,
+                                                   attn_implementation=attn_implementation)
         self.model.eval()
         twin_modules = dict(self.model.named_modules())
         self.links = []
         for name, module in source.named_modules():
             if name not in twin_modules:
-                raise ModelLoadError(f"SDPA twin lacks module {name!r}")
+                raise ModelLoadError(f"{attn_implementation} twin lacks module {name!r}")
             self.links.append((twin_modules[name], module))
         self.tie()
         left = [n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]
                 if t.is_meta]
         if left:
-            raise ModelLoadError(f"SDPA twin has tensors the source model lacks: {left[:5]}")
+            raise ModelLoadError(f"{attn_implementation} twin has tensors the source model "
+                                 f"lacks: {left[:5]}")
 
     def tie(self) -> None:
         for twin, source in self.links:
@@ -165,10 +208,11 @@ def load_hooked_format(
 
 
 def boot(hf_model, tokenizer, *, name, source, device, dtype, n_ctx, fast_prefill):
-    twin = None
+    twin = eager = None
     if fast_prefill is not False:
         try:
-            twin = SdpaTwin(hf_model)
+            twin = Twin(hf_model, "sdpa")
+            eager = Twin(hf_model, "eager")
         except (ValueError, ImportError, ModelLoadError) as err:
             if fast_prefill:
                 raise ModelLoadError(f"{source}: no SDPA fast prefill: {err}") from err
@@ -186,6 +230,7 @@ def boot(hf_model, tokenizer, *, name, source, device, dtype, n_ctx, fast_prefil
         require_rotary(bridge.cfg.positional_embedding_type, bridge.cfg.n_ctx, n_ctx, source)
         bridge.cfg.n_ctx = n_ctx
     object.__setattr__(bridge, TWIN_ATTR, twin)  # not a submodule: no state_dict, no .to()
+    object.__setattr__(bridge, EAGER_ATTR, eager)
     _pass_cache_to_attention(bridge)
     return bridge
 

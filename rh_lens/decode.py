@@ -8,6 +8,8 @@ heads at once.  ``decode_slow`` is the obvious implementation (rerun the whole s
 path to it, and ``rh_lens.benchmark`` measures the speed-up.
 """
 
+import contextlib
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +20,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from rh_lens import hooks
+from rh_lens.engine import forward_argmax, select_rows
 from rh_lens.models import check_context, forward_chunk, new_kv_state
 
 Stop = Literal["newline", "eos"]
@@ -36,18 +39,50 @@ class Decoded:
     text: str
 
 
+_STOP_CACHE: "weakref.WeakKeyDictionary[object, dict[int, bool]]" = weakref.WeakKeyDictionary()
+
+
 def is_stop_token(model, token_id: int, *, stop: Stop = "newline") -> bool:
     """Decoding stops at end-of-sequence and, with ``stop="newline"`` (the reference), at a
-    token containing a newline."""
-    if token_id == model.tokenizer.eos_token_id:
+    token containing a newline.  Each token id is decoded once per tokenizer; later tests of
+    the same id are a dictionary look-up."""
+    tok = model.tokenizer
+    if token_id == tok.eos_token_id:
         return True
-    return stop == "newline" and "\n" in model.tokenizer.decode([token_id])
+    if stop != "newline":
+        return False
+    try:
+        known = _STOP_CACHE.setdefault(tok, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced
+        known = {}
+    newline = known.get(token_id)
+    if newline is None:
+        newline = known[token_id] = "\n" in tok.decode([token_id])
+    return newline
+
+
+def left_pad(
+    prompts: Sequence[Tensor], pad_id: int
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"] | None, Int[Tensor, " batch"]]:
+    """Right-align prompts of different lengths: ``(tokens, mask, n_pad)``, where ``mask`` is
+    None when every prompt has the same length and ``n_pad[b]`` counts row b's padding."""
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    if lengths.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    width = int(lengths.max())
+    n_pad = width - lengths
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for b, prompt in enumerate(prompts):
+        tokens[b, int(n_pad[b]) :] = prompt
+        mask[b, int(n_pad[b]) :] = 1
+    return tokens, (None if bool(mask.all()) else mask), n_pad
 
 
 @torch.no_grad()
 def decode_greedy(
     model,
-    prompts: Int[Tensor, "batch pos"],
+    prompts: Int[Tensor, "batch pos"] | Sequence[Tensor],
     *,
     max_new_tokens: int = 50,
     chunk_size: int = 512,
@@ -56,7 +91,15 @@ def decode_greedy(
     decode_hooks: Sequence[tuple[str, Callable]] = (),
     stop: Stop = "newline",
 ) -> list[Decoded]:
-    """Greedy decoding of equal-length prompts with a chunked prefill.
+    """Greedy decoding of a batch of prompts with a chunked prefill.
+
+    ``prompts`` is a ``[batch, pos]`` tensor or a sequence of 1-D prompts of any lengths;
+    prompts of different lengths are left-padded, with an attention mask that hides the
+    padding and position ids that count real tokens only, so each row decodes what it decodes
+    alone and its recorded positions index its own prompt (padding is never an argmax: its
+    attention weight is exactly 0).  A row that has stopped leaves the batch.  Hooks address
+    positions, so they need prompts of one length; under ``decode_hooks`` rows stay in the
+    batch to the end (a hook may hold per-row state).
 
     As in the reference, all prompt tokens but the last are prefilled (under
     ``prefill_hooks``); every forward that predicts a new token, the last prompt token's and
@@ -65,55 +108,89 @@ def decode_greedy(
     is plain cached generation: the benchmark's baseline.  ``stop="eos"`` decodes across
     newlines (multi-line chain-of-thought answers) until end-of-sequence or the cap.
     """
-    if prompts.ndim != 2:
+    if isinstance(prompts, Tensor) and prompts.ndim != 2:
         raise ValueError(f"prompts must be [batch, pos], got shape {tuple(prompts.shape)}")
+    if not isinstance(prompts, Tensor) and any(p.ndim != 1 for p in prompts):
+        raise ValueError("a sequence of prompts must hold 1-D token tensors")
+    if len(prompts) == 0:
+        raise ValueError("no prompts to decode")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if stop not in ("newline", "eos"):
         raise ValueError(f"stop must be 'newline' or 'eos', got {stop!r}")
-    batch, n_prompt = prompts.shape
-    check_context(model, n_prompt + max_new_tokens, what="prompt plus new tokens")
-    n_layers = model.cfg.n_layers
-    recorder = hooks.LastQueryArgmax(n_layers)
+    if isinstance(prompts, Tensor):
+        tokens, mask, n_pad = prompts, None, torch.zeros(len(prompts), dtype=torch.long)
+    else:
+        tokens, mask, n_pad = left_pad(prompts, _pad_id(model))
+    if mask is not None and (prefill_hooks or decode_hooks):
+        raise ValueError("prompts of different lengths cannot be decoded under hooks (hooks "
+                         "address positions, which left padding shifts); batch prompts of "
+                         "equal length")
+    batch, width = tokens.shape
+    check_context(model, int((width - n_pad).max()) + max_new_tokens,
+                  what="prompt plus new tokens")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     state = new_kv_state(model, batch)
-    steps_tokens: list[Tensor] = []
-    steps_positions: list[Tensor] = []
-    done = torch.zeros(batch, dtype=torch.bool)
-    lengths = torch.full((batch,), max_new_tokens, dtype=torch.long)
-    with model.hooks(fwd_hooks=list(prefill_hooks)):
-        for start in range(0, n_prompt - 1, chunk_size):
-            forward_chunk(model, prompts[:, start : min(start + chunk_size, n_prompt - 1)], state)
-    recording = recorder.hooks if record else []
-    with model.hooks(fwd_hooks=[*recording, *decode_hooks]):
-        logits = forward_chunk(model, prompts[:, -1:], state)
+    emitted: list[list[int]] = [[] for _ in range(batch)]
+    looked: list[list[Tensor]] = [[] for _ in range(batch)]
+    rows = torch.arange(batch)  # the original index of each row still in the batch
+    shrink = not decode_hooks
+    with _hooks(model, prefill_hooks):
+        for start in range(0, width - 1, chunk_size):
+            end = min(start + chunk_size, width - 1)
+            forward_chunk(model, tokens[:, start:end], state,
+                          None if mask is None else mask[:, start:end])
+
+    def step_forward(ids):
+        if record:
+            return forward_argmax(model, ids, state)
+        return forward_chunk(model, ids, state), None
+
+    with _hooks(model, decode_hooks):
+        logits, table = step_forward(tokens[:, -1:])
         for step in range(max_new_tokens):
             next_ids = logits[:, -1].argmax(dim=-1).cpu()
-            steps_tokens.append(next_ids)
-            if record:
-                steps_positions.append(recorder.table().cpu())
-            for b in range(batch):
-                if not done[b] and is_stop_token(model, int(next_ids[b]), stop=stop):
-                    done[b] = True
-                    lengths[b] = step + 1
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if table is not None:
+                table = table.cpu() - n_pad[rows, None, None]
+            keep = []
+            for j, b in enumerate(rows.tolist()):
+                if len(emitted[b]) > step:  # stopped earlier, kept in the batch for hooks
+                    continue
+                token = int(next_ids[j])
+                emitted[b].append(token)
+                if table is not None:
+                    looked[b].append(table[j])
+                if not is_stop_token(model, token, stop=stop):
+                    keep.append(j)
+            if not keep or step == max_new_tokens - 1:
                 break
-            logits = forward_chunk(model, next_ids[:, None], state)
-    tokens = torch.stack(steps_tokens, dim=1)
-    positions = (
-        torch.stack(steps_positions, dim=1)
-        if record
-        else torch.zeros((batch, tokens.shape[1], n_layers, model.cfg.n_heads), dtype=torch.long)
-    )
+            if shrink and len(keep) < len(rows):
+                kept = torch.tensor(keep, dtype=torch.long)
+                select_rows(model, state, kept)
+                rows, next_ids = rows[kept], next_ids[kept]
+            logits, table = step_forward(next_ids[:, None])
     out = []
     for b in range(batch):
-        n = int(lengths[b])
-        ids = tokens[b, :n]
-        out.append(Decoded(
-            ids.numpy().astype(np.int64),
-            positions[b, :n].numpy().astype(np.int32),
-            model.tokenizer.decode(ids.tolist()),
-        ))
+        ids = np.array(emitted[b], dtype=np.int64)
+        positions = (torch.stack(looked[b]).numpy().astype(np.int32) if record
+                     else np.zeros((len(ids), n_layers, n_heads), dtype=np.int32))
+        out.append(Decoded(ids, positions, model.tokenizer.decode(ids.tolist())))
     return out
+
+
+def _pad_id(model) -> int:
+    """Any valid token id serves as padding (the mask hides it); the tokenizer's own if set."""
+    tok = model.tokenizer
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _hooks(model, fwd_hooks: Sequence[tuple[str, Callable]]):
+    """The engine's hook context; nothing at all when there are no hooks (entering a Bridge's
+    ``hooks()`` costs milliseconds)."""
+    return model.hooks(fwd_hooks=list(fwd_hooks)) if fwd_hooks else contextlib.nullcontext()
 
 
 @torch.no_grad()

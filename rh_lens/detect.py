@@ -161,7 +161,9 @@ def run_trials(
     model, needles: Sequence[Needle], haystacks: Sequence[Haystack], todo: Sequence[Cell],
     cfg: DetectConfig,
 ) -> list[TrialRecord]:
-    """Build, decode and score the given cells; trials of equal token length share a batch."""
+    """Build, decode and score the given cells, in ``todo``'s order.  Trials are decoded
+    ``cfg.batch_size`` at a time, shortest prompts together (left-padded to the longest of
+    their batch; each decodes exactly what it decodes alone)."""
     trials = [
         build_trial(
             model, needles[c.needle], haystacks[c.needle], context_length=c.length,
@@ -170,17 +172,13 @@ def run_trials(
         for c in todo
     ]
     records: list[TrialRecord | None] = [None] * len(todo)
-    by_length: dict[int, list[int]] = {}
-    for i, trial in enumerate(trials):
-        by_length.setdefault(trial.n_tokens, []).append(i)
-    for group in by_length.values():
-        for start in range(0, len(group), cfg.batch_size):
-            batch = group[start : start + cfg.batch_size]
-            prompts = torch.stack([trials[i].tokens for i in batch])
-            outs = decode_greedy(model, prompts, max_new_tokens=cfg.max_new_tokens,
-                                 chunk_size=cfg.chunk_size)
-            for i, out in zip(batch, outs, strict=True):
-                records[i] = score_trial(todo[i], trials[i], out)
+    order = sorted(range(len(trials)), key=lambda i: trials[i].n_tokens)
+    for start in range(0, len(order), cfg.batch_size):
+        batch = order[start : start + cfg.batch_size]
+        outs = decode_greedy(model, [trials[i].tokens for i in batch],
+                             max_new_tokens=cfg.max_new_tokens, chunk_size=cfg.chunk_size)
+        for i, out in zip(batch, outs, strict=True):
+            records[i] = score_trial(todo[i], trials[i], out)
     return [r for r in records if r is not None]
 
 

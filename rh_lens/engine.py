@@ -8,7 +8,10 @@ and a ``TransformerBridge`` around the Hugging Face model (:mod:`rh_lens._bridge
 Bridge's side).  :mod:`rh_lens.models` loads the models and re-exports these names.
 """
 
+import contextlib
 import hashlib
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from rh_lens import _bridge
+from rh_lens import _bridge, hooks
 from rh_lens._loading import HAS_HOOKED, HookedTransformer
 from rh_lens.errors import ContextTooLongError, ModelLoadError, RhLensError
 
@@ -33,12 +36,15 @@ __all__ = [
     "KVState",
     "Model",
     "ModelFacts",
+    "attached",
     "backend_of",
     "check_context",
+    "forward_argmax",
     "forward_chunk",
     "model_facts",
     "new_kv_state",
     "require_hooked",
+    "select_rows",
     "set_hook_flags",
     "tokenize",
     "tokenize_with_offsets",
@@ -194,10 +200,16 @@ def check_context(model: Model, n_tokens: int, *, what: str = "prompt") -> None:
 
 @dataclass
 class KVState:
-    """Keys and values of everything forwarded so far, for one batch of sequences."""
+    """Keys and values of everything forwarded so far, for one batch of sequences.
+
+    ``mask`` is the attention mask of those ``n_tokens`` columns (``[batch, n_tokens]``, 0 at
+    the left padding of a batch of prompts of different lengths); None while every column is
+    a real token.
+    """
 
     cache: Any
     n_tokens: int = 0
+    mask: Int[Tensor, "batch n_tokens"] | None = None
 
 
 def new_kv_state(model: Model, batch: int = 1) -> KVState:
@@ -209,24 +221,112 @@ def new_kv_state(model: Model, batch: int = 1) -> KVState:
 
 
 def forward_chunk(
-    model: Model, tokens: Int[Tensor, "batch pos"], state: KVState
+    model: Model, tokens: Int[Tensor, "batch pos"], state: KVState,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Forward ``tokens`` after everything already in ``state`` and append their keys/values.
 
-    An all-ones attention mask is passed explicitly: with a cache, TransformerLens otherwise
-    builds the mask from ``tokenizer.pad_token_id`` and silently masks real tokens with that id.
-    A Bridge with the fast prefill forwards a multi-token chunk with Hugging Face's SDPA
-    kernels when no hook is attached (see :mod:`rh_lens._bridge`).
+    ``attention_mask`` (default all ones) marks the real tokens of ``tokens``; a batch of
+    prompts of different lengths is left-padded, with 0 at the padding.  Both engines get the
+    whole mask explicitly and position ids counted over real tokens only, so a padded row
+    computes what it computes alone: with a cache, TransformerLens would otherwise build the
+    mask from ``tokenizer.pad_token_id`` and silently mask real tokens with that id, and Hugging
+    Face would number positions by column.  A Bridge with the fast prefill forwards a
+    multi-token chunk with Hugging Face's SDPA kernels when no hook is attached (see
+    :mod:`rh_lens._bridge`).
     """
+    return _forward(model, tokens, state, attention_mask, argmax=False)[0]
+
+
+def forward_argmax(
+    model: Model, tokens: Int[Tensor, "batch pos"], state: KVState,
+    attention_mask: Int[Tensor, "batch pos"] | None = None,
+) -> tuple[Float[Tensor, "batch pos d_vocab"], Int[Tensor, "batch n_layers n_heads"]]:
+    """:func:`forward_chunk`, and for every layer and head the key column of the largest
+    attention weight of each row's last query (left padding never is one: its weight is 0).
+
+    The fewest hooks each engine allows: one per layer on a HookedTransformer, reducing all
+    heads at once; none on a Bridge with the fast path and no hook attached, whose eager twin
+    returns the attention weights itself.
+    """
+    logits, table = _forward(model, tokens, state, attention_mask, argmax=True)
+    return logits, table
+
+
+def _forward(model, tokens, state, attention_mask, *, argmax):
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     check_context(model, state.n_tokens + tokens.shape[1], what="sequence")
-    tokens = tokens.to(model.cfg.device)
-    if _bridge.is_bridge(model):
-        logits = _bridge.forward_chunk(model, tokens, state.cache, state.n_tokens)
-    else:
-        logits = model(
-            tokens, past_kv_cache=state.cache, attention_mask=torch.ones_like(tokens)
-        )
+    device = model.cfg.device
+    tokens = tokens.to(device)
+    if attention_mask is not None and state.mask is None and not bool(attention_mask.all()):
+        state.mask = torch.ones((tokens.shape[0], state.n_tokens), dtype=torch.long,
+                                device=device)
+    if state.mask is not None:
+        new = (torch.ones_like(tokens) if attention_mask is None
+               else attention_mask.to(device=device, dtype=torch.long))
+        state.mask = torch.cat([state.mask, new], dim=1)
+    bridge = _bridge.is_bridge(model)
+    recorder = None
+    if argmax and not (bridge and _bridge.records_unhooked(model)):
+        recorder = hooks.LastQueryArgmax(model.cfg.n_layers)
+    with attached(model, recorder.hooks if recorder else []):
+        if bridge:
+            logits, table = _bridge.forward_chunk(model, tokens, state.cache, state.n_tokens,
+                                                  state.mask, argmax=argmax)
+        else:
+            new = (torch.ones_like(tokens) if state.mask is None
+                   else state.mask[:, state.n_tokens :])
+            logits, table = model(tokens, past_kv_cache=state.cache, attention_mask=new), None
     state.n_tokens += tokens.shape[1]
-    return logits
+    return logits, (recorder.table() if recorder else table)
+
+
+def select_rows(model: Model, state: KVState, rows: Int[Tensor, " keep"]) -> None:
+    """Keep only batch rows ``rows`` of ``state`` (sequences that finished leave the batch)."""
+    rows = rows.to(model.cfg.device)
+    if state.mask is not None:
+        state.mask = state.mask.index_select(0, rows)
+    if _bridge.is_bridge(model):
+        _bridge.select_rows(state.cache, rows)
+        return
+    cache = state.cache
+    cache.previous_attention_mask = cache.previous_attention_mask.index_select(0, rows)
+    for entry in cache.entries:
+        entry.past_keys = entry.past_keys.index_select(0, rows)
+        entry.past_values = entry.past_values.index_select(0, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks attached without the engines' per-call bookkeeping
+
+_LEVELS = itertools.count(1 << 30)  # hook levels of their own, apart from TL's context levels
+
+
+def hook_points(model: Model) -> dict[str, Any]:
+    """Every canonical hook name of ``model`` -> its hook point (for a Bridge, resolved once:
+    its ``hook_dict`` is rebuilt, aliases and all, on every access)."""
+    return _bridge.hook_points(model) if _bridge.is_bridge(model) else model.hook_dict
+
+
+@contextlib.contextmanager
+def attached(model: Model, fwd_hooks: Sequence[tuple[str, Callable]]) -> Iterator[None]:
+    """``model.hooks(fwd_hooks=...)`` for hooks given by canonical name (a Bridge's aliases
+    are not resolved), at a fraction of its cost per call: it touches only the named hook
+    points and removes exactly the hooks it added, leaving every other hook (a caller's, an
+    outer context's) in place."""
+    points = hook_points(model)
+    unknown = [name for name, _ in fwd_hooks if name not in points]
+    if unknown:
+        raise ValueError(f"model {model.cfg.model_name!r} has no hook point {unknown[0]!r}")
+    level = next(_LEVELS)
+    added = []
+    try:
+        for name, fn in fwd_hooks:
+            point = points[name]
+            point.add_hook(fn, dir="fwd", level=level)
+            added.append(point)
+        yield
+    finally:
+        for point in added:
+            point.remove_hooks("fwd", level=level)
