@@ -19,8 +19,6 @@ from rh_lens.niah import build_trial
 from rh_lens.zoo.inputs import zoo_inputs
 from tests.conftest import BACKENDS, CORPUS
 
-pytestmark = pytest.mark.tl4
-
 ZOO = ("zoo:llama-s", "zoo:gpt2-s")  # GQA + rotary; MHA + learned positions
 
 
@@ -44,6 +42,7 @@ def mixed_prompts(model) -> list[torch.Tensor]:
     return [*prompts, prompts[0][:37], prompts[2][:90]]
 
 
+@pytest.mark.tl4
 def test_padded_batch_equals_slow_reference(zoo_model):
     prompts = mixed_prompts(zoo_model)
     assert len({len(p) for p in prompts}) == len(prompts)
@@ -57,6 +56,7 @@ def test_padded_batch_equals_slow_reference(zoo_model):
         assert out.positions.min() >= 0  # a padding column would map to a negative position
 
 
+@pytest.mark.tl4
 def test_detection_batches_equal_single_trials(zoo_model):
     needles, haystacks = zoo_inputs(2, seed=1)
     cfg = DetectConfig(lengths=(112, 200), depths=(0.0, 60.0), buffer=64, max_new_tokens=12)
@@ -87,6 +87,7 @@ def test_padding_is_never_attended(tiny_gqa):
         np.testing.assert_array_equal(out.positions, slow.positions)
 
 
+@pytest.mark.tl4
 def test_left_pad_known_answer():
     tokens, mask, n_pad = left_pad([torch.tensor([5, 6, 7]), torch.tensor([8])], pad_id=0)
     assert tokens.tolist() == [[5, 6, 7], [0, 0, 8]]
@@ -113,7 +114,7 @@ def test_stop_tokens_by_id(tiny_gqa):
         assert is_stop_token(tiny_gqa, tok.eos_token_id, stop="eos")
 
 
-@pytest.mark.skipif("bridge" not in BACKENDS, reason="no Bridge")
+@pytest.mark.tl4
 def test_bridge_unhooked_argmax_equals_hooked_argmax():
     """The Bridge's hook-free decode step (eager twin) against its own hooked recording: a
     hook that changes nothing forces the bridge's path."""
