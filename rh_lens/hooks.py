@@ -40,6 +40,17 @@ def k(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_k"
 
 
+def rot_q(layer: int) -> str:
+    """Queries after the rotary embedding (rotary models only)."""
+    return f"blocks.{layer}.attn.hook_rot_q"
+
+
+def rot_k(layer: int) -> str:
+    """Keys after the rotary embedding ``[batch, key_pos, n_kv_heads, d_head]`` (rotary models
+    only; the whole cache's keys when forwarding against one)."""
+    return f"blocks.{layer}.attn.hook_rot_k"
+
+
 def v(layer: int) -> str:
     """Values ``[batch, pos, n_kv_heads, d_head]``."""
     return f"blocks.{layer}.attn.hook_v"

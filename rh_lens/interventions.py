@@ -260,3 +260,39 @@ def ablation_hooks(
         fwd = resample_hooks(heads, donor, n_prompt=n_prompt,
                              start=0 if positions == "all" else n_prompt - 1)
     return (list(fwd) if positions == "all" else []), list(fwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Key/value windows: some heads see only the first and the last tokens
+
+
+def kv_window_hooks(heads: Iterable[HeadLike], *, sink: int, window: int) -> HookList:
+    """The heads attend only to the first ``sink`` keys and the last ``window`` keys (their own
+    position included): a query at absolute position ``p`` sees key ``j`` when ``j < sink`` or
+    ``p - window < j <= p``, as if its key/value cache kept only those tokens.
+
+    The other scores of the heads are set to ``-inf`` on ``hook_attn_scores``, so the softmax
+    runs over the kept keys alone.  Query positions are counted from the keys' length
+    (``key_pos - query_pos`` keys come from the cache), so the same hooks serve a whole prompt,
+    a chunked prefill and every decoding step.
+    """
+    if sink < 0 or window < 1:
+        raise ValueError(f"a key/value window needs sink >= 0 and window >= 1, got sink={sink}, "
+                         f"window={window}")
+    out = []
+    for layer, hs in heads_by_layer(heads).items():
+        index = torch.tensor(hs)
+
+        def hook(scores: Float[Tensor, "batch head_index query_pos key_pos"], hook,
+                 index=index) -> Tensor:
+            n_query, n_key = scores.shape[-2:]
+            query = torch.arange(n_key - n_query, n_key, device=scores.device)[:, None]
+            key = torch.arange(n_key, device=scores.device)[None]
+            dropped = (key >= sink) & (key <= query - window)
+            out = scores.clone()
+            idx = index.to(scores.device)
+            out[:, idx] = out[:, idx].masked_fill(dropped, float("-inf"))
+            return out
+
+        out.append((hooks.scores(layer), hook))
+    return out
