@@ -138,7 +138,6 @@ def test_policies_rank_groups_by_their_best_head_and_match_memory():
         kv_policies(scores, [4], n_layers=2, n_kv_heads=2, sink=4, window=12, n_tokens=100)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-s", "llama-s-long", "gpt2-s", "llama-m",
                                   "llama-s-chat"])
 def test_masked_scores_equal_the_truncated_cache_on_the_zoo(name):
@@ -155,3 +154,31 @@ def test_masked_scores_equal_the_truncated_cache_on_the_zoo(name):
                       window=12, k=2)
     fast = _fast(model, trial.tokens, policy, max_new_tokens=6, chunk_size=24)
     _assert_same(fast, decode_kv_policy_slow(model, trial.tokens, policy, max_new_tokens=6))
+
+
+def test_kv_compress_script_writes_resumes_and_refuses_bad_k(tmp_path, capsys):
+    import json
+
+    from analyses import kv_compress
+    from rh_lens.results import export_reference_json
+
+    scores = np.zeros((1, 4, 8))
+    scores[0, 1, :2] = 0.9  # group (1, 0) of llama-s (8 query heads on 4 key/value heads)
+    export_reference_json(tmp_path / "head_score.json", scores)
+    out = tmp_path / "kv"
+    argv = ["--model", "zoo:llama-s", "--scores", str(tmp_path / "head_score.json"),
+            "--ks", "1", "--draws", "1", "--lengths", "120", "--depths", "50",
+            "--n-needles", "1", "--window", "16", "--out", str(out), "--quiet"]
+    assert kv_compress.main(argv) == 0
+    rows = {r["policy"]: r for r in json.loads((out / "summary.json").read_text())["policies"]}
+    assert set(rows) == {"full", "window", "top-1", "random-1-d0", "uniform-1"}
+    assert rows["top-1"]["full_groups"] == [[1, 0]]
+    assert rows["full"]["kv_fraction"] == 1.0
+    assert rows["top-1"]["kv_fraction"] == pytest.approx(rows["random-1-d0"]["kv_fraction"])
+    cell = next((out / "conditions" / "top-1" / "cells").glob("*.json"))
+    stamp = cell.stat().st_mtime_ns
+    assert kv_compress.main(argv) == 0  # resumes: nothing decoded again
+    assert cell.stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert kv_compress.main([*argv[:5], "16", *argv[6:]]) == 2
+    assert "full key/value groups must be in [1, 15]" in capsys.readouterr().err

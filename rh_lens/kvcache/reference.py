@@ -58,13 +58,13 @@ def decode_kv_policy_slow(model, prompt: Int[Tensor, " pos"], policy: KVPolicy, 
         table = np.zeros((facts.n_layers, facts.n_heads), dtype=np.int32)
         acts: dict[str, Tensor] = {}
 
-        def keep(act, hook):
+        def keep(act, hook, acts=acts):
             acts[hook.name] = act
 
-        def top1(pat, hook, layer=0):
+        def top1(pat, hook, layer=0, table=table):
             table[layer] = pat[0, :, -1].argmax(dim=-1).cpu().numpy()
 
-        def rebuild(z, hook, layer=0, heads=()):
+        def rebuild(z, hook, layer=0, heads=(), acts=acts, table=table):
             q = acts[(hooks.rot_q if rotary else hooks.q)(layer)][0]
             k = acts[(hooks.rot_k if rotary else hooks.k)(layer)][0]
             v = acts[hooks.v(layer)][0]

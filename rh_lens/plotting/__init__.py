@@ -33,6 +33,7 @@ _PLOTS = {
     "ablation": ("plot_error_types", "plot_failure_attention", "plot_grids", "plot_k_curve"),
     "patching": ("plot_activation_patching", "plot_path_patching"),
     "cot": ("plot_cot",),
+    "kvcache": ("plot_kv_curve",),
 }
 _EXPORTS = {name: module for module, names in _PLOTS.items() for name in names}
 
@@ -41,7 +42,7 @@ __all__ = [
     "plot_activation", "plot_activation_patching", "plot_correlation_matrix", "plot_cot",
     "plot_decode_steps", "plot_error_types", "plot_failure_attention", "plot_grids", "plot_groups",
     "plot_head_heatmap", "plot_head_heatmaps", "plot_intrinsic", "plot_intrinsic_heatmaps",
-    "plot_k_curve", "plot_layer_profile", "plot_niah_grid", "plot_path_patching",
+    "plot_k_curve", "plot_kv_curve", "plot_layer_profile", "plot_niah_grid", "plot_path_patching",
     "plot_property_summary", "plot_sparsity",
     "plot_switch_on", "plot_switch_on_grid", "plot_top_heads", "plot_universality", "save_figure",
 ]
