@@ -71,8 +71,15 @@ def _run(args, argv) -> int:
         raise ValueError(f"{len(args.names)} --names for {len(args.scores)} --scores")
     if any(k < 1 for k in args.topk):
         raise ValueError(f"--topk values must be >= 1, got {args.topk}")
-    models = [P.load_head_scores(path, name=None if args.names is None else args.names[i],
-                                 score=args.score) for i, path in enumerate(args.scores)]
+    def load(i, path, shape=None):
+        return P.load_head_scores(path, name=None if args.names is None else args.names[i],
+                                  score=args.score, shape=shape)
+
+    # QRHead head sets carry no shape: they take the first score file's
+    is_set = [Path(p).suffix in (".yaml", ".yml") for p in args.scores]
+    loaded = {i: load(i, p) for i, p in enumerate(args.scores) if not is_set[i]}
+    shape = next(iter(loaded.values())).shape if loaded else None
+    models = [loaded[i] if i in loaded else load(i, p, shape) for i, p in enumerate(args.scores)]
     seen: dict[str, str] = {}
     for m in models:
         if m.name in seen or _file_name(m.name) in map(_file_name, seen):

@@ -110,8 +110,11 @@ class HeadScores:
 
 def load_head_scores(path: str | Path, *, name: str | None = None,
                      score: Literal["step", "set"] = "step",
-                     n_kv_heads: int | None = None) -> HeadScores:
-    """Read an rh_lens detection directory or a reference-format score file.
+                     n_kv_heads: int | None = None,
+                     shape: tuple[int, int] | None = None) -> HeadScores:
+    """Read an rh_lens detection directory, a reference-format score file, a DuoAttention
+    ``*.tsv`` (gate values, one trial) or a QRHead ``*.yaml`` head set (1 for its heads, 0
+    elsewhere; needs the model's ``shape``, ``(n_layers, n_heads)``).
 
     ``score`` picks the rh_lens score (a reference file holds one kind: step scores in the
     reference's own files).  ``n_kv_heads`` sets the GQA grouping where the input does not say.
@@ -123,6 +126,21 @@ def load_head_scores(path: str | Path, *, name: str | None = None,
         raise ValueError(f"score must be 'step' or 'set', got {score!r}")
     if path.is_dir():
         return _load_detect_dir(path, name=name, score=score, n_kv_heads=n_kv_heads)
+    if path.suffix in (".tsv", ".yaml", ".yml"):
+        from rh_lens import headfiles
+
+        if path.suffix == ".tsv":
+            table, kind = headfiles.read_duo_tsv(path), "DuoAttention gates"
+        else:
+            if shape is None:
+                raise ValueError(f"{path}: a QRHead head set needs the model's shape (pass it "
+                                 "with a score file of the same model)")
+            table = headfiles.head_set_table(
+                headfiles.read_qrhead_yaml(path, n_layers=shape[0], n_heads=shape[1]),
+                n_layers=shape[0], n_heads=shape[1])
+            kind = "QRHead head set"
+        return HeadScores(name or path.stem, table[None], n_kv_heads=n_kv_heads,
+                          source=str(path), score=kind)
     trials = import_reference_json(path)
     default = path.parent.name if path.stem == "head_score" and path.parent.name else path.stem
     return HeadScores(name or default, trials, n_kv_heads=n_kv_heads, source=str(path),
