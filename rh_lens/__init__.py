@@ -13,7 +13,10 @@ Everything a notebook or script needs is here, ``import rh_lens as rl``:
   (:func:`compute_detect`), properties (:class:`HeadScores`, :func:`compute_property_summary`),
   ablation (:func:`compute_ablation`), patching (:func:`compute_activation_patching`,
   :func:`compute_path_patching`), chain of thought (:func:`compute_cot`);
-- figures: :mod:`rl.plotting` (every ``plot_*`` returns a plotly figure).
+- figures: :mod:`rl.plotting` (every ``plot_*`` returns a plotly figure);
+- the same weights in Hugging Face Transformers (:func:`to_hf`, :func:`hooked_from_hf`) and the
+  reference implementation's decoding method on them (:func:`reference_detect`,
+  :func:`hf_greedy`).
 
 Names are imported on first use, so ``import rh_lens`` (and the torch-free modules such as
 :mod:`rh_lens.properties`) start without loading torch and TransformerLens.  Submodules whose
@@ -29,6 +32,8 @@ _MODULES = {
                        "new_kv_state", "tokenize", "tokenize_with_offsets",
                        "weights_fingerprint"),
     "rh_lens.decode": ("decode_greedy",),
+    "rh_lens.hf_export": ("hooked_from_hf", "to_hf"),
+    "rh_lens.reference_method": ("hf_greedy", "reference_detect"),
     "rh_lens.heads": ("THRESHOLD", "Head", "bottom_heads", "kv_group", "label", "parse_spec",
                       "random_head_draws", "ranked_heads", "select_heads", "top_heads"),
     "rh_lens.niah": ("Needle", "TextHaystack", "build_trial", "haystack_from_folder",
