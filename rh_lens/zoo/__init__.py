@@ -13,3 +13,10 @@ cheap.
 from pathlib import Path
 
 PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
+RUNS = Path("runs") / "zoo"  # a training run's directory: RUNS / NAME (train --run-dir moves it)
+STEPS = "steps"  # the models that train --save-every writes, one directory a step
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    """Where a training run in ``run_dir`` writes the model of ``step`` (``--save-every``)."""
+    return Path(run_dir) / STEPS / f"step-{step:06d}"

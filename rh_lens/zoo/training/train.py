@@ -9,7 +9,10 @@ At the end the weights are written with :func:`rh_lens.models.save_model_dir` to
 (default ``runs/zoo/NAME/final``), evaluated, and with ``--install`` copied into the package
 (``rh_lens/zoo/models/NAME``) if they meet the targets.  A stage marked ``restart`` begins from
 the weights as written, with a fresh AdamW, so a model directory written at its first step (a
-shipped model, say) starts it as a checkpoint would: ``--start-from DIR``.
+shipped model, say) starts it as a checkpoint would: ``--start-from DIR``.  ``--save-every N``
+also writes the model every N steps (and at the first and last step) to
+``runs/zoo/NAME/steps/step-SSSSSS``, a checkpoint series for :mod:`rh_lens.series`; writing
+them leaves the training's bits alone.
 """
 
 import argparse
@@ -22,9 +25,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rh_lens.zoo import PACKAGE_MODELS
-
-RUNS = Path("runs") / "zoo"
+from rh_lens.zoo import PACKAGE_MODELS, RUNS, step_dir
 
 
 @contextlib.contextmanager
@@ -328,15 +329,19 @@ def train_step(recipe, step: int, tokenizer, twin, opt, params):
 
 
 def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: int = 250,
-          progress: bool = True, start_from: Path | None = None):
+          progress: bool = True, start_from: Path | None = None, save_every: int | None = None):
     """Train (or resume) ``recipe`` up to ``steps``; returns (twin, tokenizer, state).
 
     ``start_from``: a model directory that a run of ``recipe`` wrote at the first step of a
-    ``restart`` stage, to continue from where ``run_dir`` has no checkpoint."""
+    ``restart`` stage, to continue from where ``run_dir`` has no checkpoint.
+    ``save_every``: also write the model (:func:`write_model`) at every multiple of it, at the
+    step the run starts from and at ``steps``, to :func:`step_dir` ``(run_dir, step)``."""
     import torch
     from tqdm.auto import tqdm
 
     steps = recipe.total_steps if steps is None else steps
+    if save_every is not None and save_every < 1:
+        raise ValueError(f"--save-every must be a positive number of steps, not {save_every}")
     ckpt = run_dir / "checkpoint"
     if start_from is not None and (ckpt / "state.json").is_file():
         raise ValueError(f"{run_dir} has a checkpoint: resume it, or start from {start_from} "
@@ -368,6 +373,13 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
     if state["step"] < steps:
         _record_segment(state, "threads", state["step"], torch.get_num_threads())
         _record_segment(state, "machine", state["step"], machine())
+    def save_step() -> None:
+        if save_every is not None:
+            out = step_dir(run_dir, state["step"])
+            if not (out / "model.safetensors").is_file():
+                _write_atomic(twin, tokenizer, recipe, state, out)
+
+    save_step()
     twin.train()
     bar = tqdm(total=steps, initial=state["step"], desc=recipe.name, disable=not progress)
     t0, done0 = time.perf_counter(), state["train_seconds"]
@@ -386,9 +398,21 @@ def train(recipe, *, run_dir: Path, steps: int | None = None, checkpoint_every: 
         bar.set_postfix(loss=f"{loss.item():.3f}", answer=f"{ans.item():.3f}")
         if state["step"] % checkpoint_every == 0 or state["step"] == steps:
             _save_checkpoint(ckpt, twin, opt, state)
+        if save_every is not None and (state["step"] % save_every == 0 or state["step"] == steps):
+            save_step()
     bar.close()
     twin.eval()
     return twin, tokenizer, state
+
+
+def _write_atomic(twin, tokenizer, recipe, state: dict, out: Path) -> None:
+    """:func:`write_model` into a temporary sibling, renamed into place once complete."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    write_model(twin, tokenizer, recipe, state, tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
 
 
 def write_model(twin, tokenizer, recipe, state: dict, out: Path) -> Path:
@@ -430,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="final model directory")
     parser.add_argument("--run-dir", type=Path, default=None, help="checkpoint directory")
     parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--save-every", type=int, default=None, metavar="N",
+                        help="also write the model every N steps to RUN_DIR/steps/step-SSSSSS "
+                             "(a checkpoint series for analyses.dynamics)")
     parser.add_argument("--start-from", type=Path, default=None,
                         help="a model directory written at the first step of a restart stage "
                              "(e.g. the packaged model): continue from it")
@@ -455,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or RUNS / recipe.name
     twin, tok, state = train(recipe, run_dir=run_dir, steps=args.steps,
                              checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-                             start_from=args.start_from)
+                             start_from=args.start_from, save_every=args.save_every)
     out = write_model(twin, tok, recipe, state, args.out or run_dir / "final")
     print(f"wrote {out} after {state['step']} steps, {state['train_seconds']:.0f} s of training")
     if args.no_eval:

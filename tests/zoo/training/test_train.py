@@ -37,6 +37,35 @@ def test_training_smoke_and_bit_exact_resume(tmp_path):
     assert state_a["threads"] == [[0, n]] and state_b["threads"] == [[0, n]]
 
 
+
+@pytest.mark.slow
+def test_saving_every_n_steps_leaves_the_bits_alone_and_resumes(tmp_path):
+    """``save_every`` writes the models of steps 0, 2, 4 and 5 (the last); the run's weights
+    equal a run without it, the last saved model is the final one byte for byte, and a resumed
+    run writes only the steps it has not written."""
+    from rh_lens.zoo import step_dir
+    from rh_lens.zoo.training.recipes import get_recipe
+    from rh_lens.zoo.training.train import train, write_model
+
+    recipe = get_recipe("micro")
+    plain, tok, state = train(recipe, run_dir=tmp_path / "a", steps=5, progress=False)
+    final = write_model(plain, tok, recipe, state, tmp_path / "final")
+    run = tmp_path / "b"
+    train(recipe, run_dir=run, steps=3, progress=False, checkpoint_every=1, save_every=2)
+    assert sorted(p.name for p in (run / "steps").iterdir()) == ["step-000000", "step-000002",
+                                                                 "step-000003"]
+    written = step_dir(run, 2).joinpath("model.safetensors").stat().st_mtime_ns
+    saved, _, _ = train(recipe, run_dir=run, steps=5, progress=False, save_every=2)
+    assert sorted(p.name for p in (run / "steps").iterdir()) == [
+        "step-000000", "step-000002", "step-000003", "step-000004", "step-000005"]
+    assert step_dir(run, 2).joinpath("model.safetensors").stat().st_mtime_ns == written
+    a, b = _params(plain), _params(saved)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (step_dir(run, 5) / "model.safetensors").read_bytes() == \
+        (final / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="positive"):
+        train(recipe, run_dir=tmp_path / "c", steps=1, progress=False, save_every=0)
+
 def test_a_run_records_the_thread_count_of_each_of_its_parts(tmp_path):
     from rh_lens.zoo.training.recipes import get_recipe
     from rh_lens.zoo.training.train import train, write_model
