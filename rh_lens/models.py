@@ -10,7 +10,9 @@ tokenizer, from any of:
 - a local directory: a Hugging Face checkpoint (``config.json`` + safetensors + tokenizer files) or
   a directory written by :func:`save_model_dir`;
 - a TransformerLens model name (``gpt2``, ``meta-llama/Llama-2-7b-hf``, ...), through
-  ``HookedTransformer.from_pretrained`` where the weights are cached or the Hub is reachable.
+  ``HookedTransformer.from_pretrained`` where the weights are cached or the Hub is reachable;
+  with ``revision`` (a branch, tag or commit: Pythia's ``step1000``), the Hugging Face snapshot
+  of that revision, from the local cache or downloaded, loaded as a local directory.
 
 Once loaded, the rest of the package reaches a model only through the narrow surface of
 :mod:`rh_lens.engine` (model facts, tokenization without truncation, a forward of one chunk against
@@ -123,6 +125,7 @@ def load_model(
     n_ctx: int | None = None,
     backend: Backend = DEFAULT_BACKEND,
     fast_prefill: bool | None = None,
+    revision: str | None = None,
 ) -> Model:
     """Load a model from a spec (see the module docstring) as an eval-mode model.
 
@@ -131,7 +134,8 @@ def load_model(
     ``backend`` picks the engine: ``"hooked"`` (HookedTransformer, transformer-lens 3.x only) or
     ``"bridge"`` (TransformerBridge around the Hugging Face model).  ``fast_prefill`` (Bridge
     only, on by default there) fills the key/value cache with Hugging Face's SDPA kernels
-    whenever no hook is attached.
+    whenever no hook is attached.  ``revision`` picks a revision of a Hugging Face model name
+    (a training checkpoint of a series, say); other specs have none.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -145,7 +149,14 @@ def load_model(
         raise ValueError(f"n_ctx must be a positive number of tokens, got {n_ctx}")
     how = _How(backend, fast_prefill)
     text = os.fspath(spec)
-    if text.startswith("zoo:"):
+    if revision is not None:
+        if text.startswith(("zoo:", "llama2c:")) or Path(text).expanduser().exists() \
+                or _looks_like_path(text):
+            raise ValueError(f"revision {revision!r} applies to Hugging Face model names only, "
+                             f"not to {text!r}")
+        model = _load_directory(_revision_snapshot(_official_name(text), revision), device,
+                                torch_dtype, n_ctx, how)
+    elif text.startswith("zoo:"):
         model = _load_zoo(text[4:], device, torch_dtype, n_ctx, how)
     elif text.startswith("llama2c:"):
         model = _load_llama2c(text[8:], device, torch_dtype, n_ctx, how)
@@ -284,6 +295,71 @@ def _load_named(name: str, device, dtype, n_ctx, how: _How) -> Model:
             )
         except OSError as err:
             raise ModelLoadError(f"could not load {official!r}: {err}") from err
+
+
+def _official_name(name: str) -> str:
+    """The Hugging Face repository of a TransformerLens alias (``pythia-70m``); other names as
+    given."""
+    try:
+        from transformer_lens import loading_from_pretrained as loading
+
+        return loading.get_official_model_name(name)
+    except (ImportError, ValueError):
+        return name
+
+
+_SNAPSHOT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+
+
+def _revision_snapshot(official: str, revision: str) -> Path:
+    """The directory of ``official`` at ``revision``: the local Hugging Face cache's snapshot,
+    else downloaded (config, tokenizer and weights only)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(official, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    cache = Path(constants.HF_HUB_CACHE) / f"models--{official.replace('/', '--')}"
+    known = sorted(p.name for p in (cache / "refs").glob("*")) if cache.is_dir() else []
+    why = _hub_unreachable()
+    if why is not None:
+        raise ModelLoadError(
+            f"revision {revision!r} of {official!r} is not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}; cached revisions: {', '.join(known) or 'none'}) and "
+            f"{why}") from None
+    try:
+        path = Path(snapshot_download(official, revision=revision,
+                                      allow_patterns=_SNAPSHOT_FILES))
+        if not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(official, revision=revision,
+                                          allow_patterns=["pytorch_model*.bin"]))
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"{official!r} has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"no Hugging Face repository {official!r}") from None
+    return path
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached now (offline mode, no connection), or None."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as err:
+        return f"the Hub at {host} cannot be reached ({err})"
+    return None
 
 
 def _require_weights_reachable(official: str) -> None:
