@@ -12,7 +12,8 @@ Everything a notebook or script needs is here, ``import rh_lens as rl``:
 - analyses, each a ``compute_*`` returning a result that saves and loads itself: detection
   (:func:`compute_detect`), properties (:class:`HeadScores`, :func:`compute_property_summary`),
   ablation (:func:`compute_ablation`), patching (:func:`compute_activation_patching`,
-  :func:`compute_path_patching`), chain of thought (:func:`compute_cot`);
+  :func:`compute_path_patching`), chain of thought (:func:`compute_cot`), training dynamics
+  over a :class:`CheckpointSeries` (:func:`compute_dynamics`, :func:`induction_scores`);
 - figures: :mod:`rl.plotting` (every ``plot_*`` returns a plotly figure);
 - the same weights in Hugging Face Transformers (:func:`to_hf`, :func:`hooked_from_hf`) and the
   reference implementation's decoding method on them (:func:`reference_detect`,
@@ -53,6 +54,9 @@ _MODULES = {
     "rh_lens.patching": ("PatchConfig", "PatchingResult", "compute_activation_patching",
                          "compute_path_patching", "head_receivers", "make_pair"),
     "rh_lens.cot": ("CotConfig", "CotResult", "Task", "compute_cot", "read_items"),
+    "rh_lens.series": ("Checkpoint", "CheckpointSeries", "parse_series"),
+    "rh_lens.induction": ("InductionConfig", "induction_scores"),
+    "rh_lens.dynamics": ("DynamicsConfig", "DynamicsResult", "compute_dynamics"),
 }
 _SUBMODULES = ("benchmark", "heads", "hooks", "interventions", "plotting", "store")
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}

@@ -8,8 +8,8 @@ figure, scripts call :func:`save_figure`.
 
 One module per analysis: :mod:`~rh_lens.plotting.detect`, :mod:`~rh_lens.plotting.properties`,
 :mod:`~rh_lens.plotting.ablation`, :mod:`~rh_lens.plotting.patching`,
-:mod:`~rh_lens.plotting.cot`.  Every ``plot_*`` is re-exported here and imported on first use,
-so that the property figures load without torch.
+:mod:`~rh_lens.plotting.cot`, :mod:`~rh_lens.plotting.dynamics`.  Every ``plot_*`` is re-exported
+here and imported on first use, so that the property figures load without torch.
 """
 
 import importlib
@@ -34,6 +34,7 @@ _PLOTS = {
     "patching": ("plot_activation_patching", "plot_path_patching"),
     "cot": ("plot_cot",),
     "kvcache": ("plot_kv_curve",),
+    "dynamics": ("plot_niah_over_steps", "plot_onsets", "plot_score_over_steps"),
 }
 _EXPORTS = {name: module for module, names in _PLOTS.items() for name in names}
 
@@ -42,8 +43,9 @@ __all__ = [
     "plot_activation", "plot_activation_patching", "plot_correlation_matrix", "plot_cot",
     "plot_decode_steps", "plot_error_types", "plot_failure_attention", "plot_grids", "plot_groups",
     "plot_head_heatmap", "plot_head_heatmaps", "plot_intrinsic", "plot_intrinsic_heatmaps",
-    "plot_k_curve", "plot_kv_curve", "plot_layer_profile", "plot_niah_grid", "plot_path_patching",
-    "plot_property_summary", "plot_sparsity",
+    "plot_k_curve", "plot_kv_curve", "plot_layer_profile", "plot_niah_grid",
+    "plot_niah_over_steps", "plot_onsets", "plot_path_patching", "plot_property_summary",
+    "plot_score_over_steps", "plot_sparsity",
     "plot_switch_on", "plot_switch_on_grid", "plot_top_heads", "plot_universality", "save_figure",
 ]
 
