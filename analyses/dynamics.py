@@ -74,7 +74,7 @@ def _run(args, argv) -> int:
     from rh_lens.results import RunMetadata
 
     series = _series(args)
-    out = args.out or _cli.run_dir("dynamics", " ".join(args.series))
+    out = args.out or _cli.run_dir("dynamics", "+".join(args.series))
     load_kwargs = {"device": args.device, "dtype": args.dtype, **_cli.backend_kwargs(args)}
     if args.merge:
         if args.out is None:
