@@ -125,6 +125,43 @@ def add_mask_args(parser: argparse.ArgumentParser, *, modes: tuple[str, ...], dr
                         "prefill too")
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes I/N, got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+# Launch options a job must not see again (name -> number of values); see worker_argv.
+_LAUNCH_OPTIONS = {"--launcher": 1, "--jobs": 1, "--executor-config": 1, "--ray-address": 1,
+                   "--dry-run": 0}
+
+
+def add_launch_args(parser: argparse.ArgumentParser) -> None:
+    """Where a sweep runs (:mod:`rh_lens.launch`): ``--launcher``, ``--jobs``,
+    ``--executor-config``, ``--ray-address``, ``--dry-run``, and ``--shard`` (one part here)."""
+    from rh_lens.launch import LAUNCHERS
+
+    g = parser.add_argument_group("launch", "run the sweep's shards as Slurm or Ray jobs "
+                                  "(docs/cluster.md)")
+    g.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                   help="local: this process (default); submitit: a Slurm job array; ray: one "
+                   "Ray task per shard")
+    g.add_argument("--jobs", type=int, default=1, help="shards, one job each")
+    g.add_argument("--executor-config", type=Path, metavar="FILE.toml",
+                   help="resources of each job: partition, account, qos, constraint, "
+                   "cpus_per_task, gpus_per_task, mem_gb, timeout_min, array_parallelism, setup")
+    g.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                   help="the Ray cluster (default: start one on this machine)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan (cells, shards, jobs, resources); submit nothing")
+    g.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+                   help="run only part I of N of the sweep's cells here")
+
+
 # ------------------------------------------------------------------------- what they build
 
 
@@ -180,6 +217,62 @@ def sweep_config(model, args: argparse.Namespace, *, points: int):
     return DetectConfig(lengths=tuple(lengths), depths=tuple(float(d) for d in depths),
                         buffer=buffer, max_new_tokens=max_new, chunk_size=args.chunk,
                         chat=args.chat, batch_size=args.batch)
+
+
+def launch_settings(args: argparse.Namespace):
+    """The :class:`~rh_lens.launch.LaunchSettings` of :func:`add_launch_args`'s options,
+    checked (executor file, a reachable engine) before anything is loaded or submitted."""
+    from rh_lens.launch import LaunchSettings, read_executor_config
+    from rh_lens.launch.backends import check_engine
+
+    executor = {}
+    if args.executor_config is not None:
+        if args.launcher == "local":
+            raise ValueError("--executor-config needs --launcher submitit or ray")
+        executor = read_executor_config(args.executor_config, args.launcher)
+    settings = LaunchSettings(args.launcher, args.jobs, executor, args.ray_address,
+                              args.dry_run)
+    if settings.launcher != "local":
+        if args.shard != (0, 1):
+            raise ValueError(f"--shard with --launcher {args.launcher}: the launcher shards "
+                             "the sweep itself (--jobs)")
+        check_engine(settings)
+    return settings
+
+
+def worker_argv(argv: list[str]) -> list[str]:
+    """``argv`` without the launch options, for the jobs (they add their own)."""
+    out, skip = [], 0
+    for token in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = token.split("=", 1)[0]
+        if name in _LAUNCH_OPTIONS:
+            skip = 0 if "=" in token else _LAUNCH_OPTIONS[name]
+            continue
+        out.append(token)
+    return out
+
+
+def launch(args: argparse.Namespace, argv: list[str], settings, *, module: str, out: Path,
+           units: list[str], meta):
+    """Run the sweep's ``units`` (record names in ``out``) on ``settings``' launcher and return
+    ``meta`` with the launch's provenance; ``None`` after ``--dry-run``.  The local launcher
+    returns ``meta`` as it is: the caller computes the cells itself."""
+    import dataclasses
+
+    from rh_lens.launch import Plan, drive
+
+    plan = Plan.make(out, units, settings.jobs)
+    if settings.dry_run:
+        print(plan.describe(settings))
+        return None
+    if settings.launcher == "local":
+        return meta
+    provenance = drive(plan, settings, module=module, argv=worker_argv(argv),
+                       progress=not args.quiet)
+    return dataclasses.replace(meta, extra={**meta.extra, "launch": provenance})
 
 
 def niah_inputs(needles: Path | None, haystack: Path | None, *, n_needles: int, seed: int):

@@ -47,14 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-reference", type=int, default=8, help="mode mean: reference prompts")
     p.add_argument("--reference-length", type=int, default=128,
                    help="mode mean: tokens per reference prompt")
+    _cli.add_launch_args(p)
     return p
 
 
 def _run(args, argv) -> int:
-    from rh_lens.ablation import AblationConfig, compute_ablation, conditions_from_masks
+    from rh_lens.ablation import (
+        AblationConfig,
+        compute_ablation,
+        conditions_from_masks,
+        sweep_units,
+    )
     from rh_lens.heads import parse_heads, select_heads
     from rh_lens.models import model_facts
 
+    settings = _cli.launch_settings(args)
     model = _cli.load_model(args)
     facts = model_facts(model)
     n_total = facts.n_layers * facts.n_heads
@@ -83,10 +90,18 @@ def _run(args, argv) -> int:
                          reference_length=args.reference_length)
     out = args.out or _cli.run_dir("ablate", args.model, args.mode, args.positions)
     identity = _cli.sweep_identity(model, args.model, needles, source)
-    meta = _cli.metadata(args, model, argv)
+    meta = _cli.launch(args, argv, settings, module="analyses.ablate", out=out,
+                       units=sweep_units(conditions, len(needles), cfg),
+                       meta=_cli.metadata(args, model, argv))
+    if meta is None:  # --dry-run
+        return 0
     result = compute_ablation(model, needles, haystacks, conditions, cfg, watch=watch,
                               out_dir=out, identity=identity, progress=not args.quiet,
-                              recompute_bad_cells=args.recompute_bad_cells)
+                              recompute_bad_cells=args.recompute_bad_cells, shard=args.shard)
+    if args.shard != (0, 1):
+        print(f"shard {args.shard[0]}/{args.shard[1]} written to {out}; run the command "
+              "without --shard once every shard is done to write the result")
+        return 0
     settings = {"scores": None if table is None else str(scores_path), "score": args.score,
                 "seed": args.seed, "draws": args.draws, "threshold": args.threshold,
                 "exclude": [list(h) for h in exclude]}

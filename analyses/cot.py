@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", choices=("newline", "eos"), default="newline",
                    help="stop decoding at a newline (zoo) or only at end-of-sequence")
     p.add_argument("--batch", type=int, default=16, help="prompts of equal length per batch")
+    _cli.add_launch_args(p)
     return p
 
 
@@ -66,6 +67,7 @@ def _run(args, argv) -> int:
     from rh_lens.models import model_facts, weights_fingerprint
     from rh_lens.zoo.inputs import ZooTaskSizes, zoo_chain, zoo_tasks
 
+    settings = _cli.launch_settings(args)
     if args.items is not None:  # read the user's items before spending time on the model
         items = cot.read_items(args.items)
         tasks = (cot.Task("cot", args.cot_template, items, args.match),
@@ -88,10 +90,18 @@ def _run(args, argv) -> int:
                         max_new_tokens=args.max_new_tokens, stop=args.stop,
                         batch_size=args.batch)
     out = args.out or _cli.run_dir("cot", args.model, args.mode)
-    meta = _cli.metadata(args, model, argv)
+    meta = _cli.launch(args, argv, settings, module="analyses.cot", out=out,
+                       units=cot.sweep_units(tasks, conditions),
+                       meta=_cli.metadata(args, model, argv))
+    if meta is None:  # --dry-run
+        return 0
     identity = {"model": args.model, "weights": weights_fingerprint(model)}
     result = cot.compute_cot(model, tasks, conditions, cfg, out_dir=out, identity=identity,
-                             progress=not args.quiet)
+                             progress=not args.quiet, shard=args.shard)
+    if args.shard != (0, 1):
+        print(f"shard {args.shard[0]}/{args.shard[1]} written to {out}; run the command "
+              "without --shard once every shard is done to write the result")
+        return 0
 
     config = {"model": args.model, "scores": str(scores_path), "score": args.score,
               "seed": args.seed, "draws": args.draws, "threshold": args.threshold,

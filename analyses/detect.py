@@ -22,16 +22,6 @@ import numpy as np
 from analyses import _cli
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard takes I/N, got {text!r}") from None
-    if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"--shard {text}: need 0 <= I < N")
-    return index, count
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     _cli.add_model_args(p)
@@ -39,20 +29,24 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_sweep_args(p, points=10)
     p.add_argument("--score", choices=("step", "set"), default="step",
                    help="step: the reference code's score; set: the paper's formula")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="combine the cells of shard directories into --out")
     p.add_argument("--allow-partial", action="store_true",
                    help="with --merge: accept shards that do not cover the sweep (the result "
                    "is marked partial)")
     p.add_argument("--top", type=int, default=15, help="heads to print")
+    _cli.add_launch_args(p)
     return p
 
 
 def _run(args, argv) -> int:
-    from rh_lens.detect import DetectResult, compute_detect
+    from rh_lens.detect import DetectResult, cells, compute_detect
     from rh_lens.results import RunMetadata
+    from rh_lens.store import unit
 
+    settings = _cli.launch_settings(args)
+    if args.merge and settings.launcher != "local":
+        raise ValueError("--merge runs here: drop --launcher")
     if args.merge:
         if args.out is None:
             raise ValueError("--merge needs --out")
@@ -75,7 +69,11 @@ def _run(args, argv) -> int:
     cfg = _cli.sweep_config(model, args, points=10)
     out = args.out or _cli.detect_dir(args.model)
     identity = _cli.sweep_identity(model, args.model, needles, source, seed=args.seed)
-    meta = _cli.metadata(args, model, argv)
+    meta = _cli.launch(args, argv, settings, module="analyses.detect", out=out,
+                       units=[unit(c.key) for c in cells(len(needles), cfg)],
+                       meta=_cli.metadata(args, model, argv))
+    if meta is None:  # --dry-run
+        return 0
     result = compute_detect(model, needles, haystacks, cfg, out_dir=out, shard=args.shard,
                             identity=identity, progress=not args.quiet,
                             recompute_bad_cells=args.recompute_bad_cells)

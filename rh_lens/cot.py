@@ -49,7 +49,8 @@ from rh_lens.results import (
     to_jsonable,
     write_json_atomic,
 )
-from rh_lens.store import Record, SweepStore
+from rh_lens.store import Record, SweepStore, unit
+from rh_lens.store import shard as shard_items
 
 Match = Literal["exact", "numeric"]
 COT_MODES = ("uniform", "zero")
@@ -325,13 +326,23 @@ def _read_record(record: Record) -> TaskRecord:
                           "recompute") from err
 
 
+def sweep_units(tasks: Sequence[Task], conditions: Sequence[Condition]) -> list[str]:
+    """The records of a CoT sweep in order, one per (condition, task), as
+    :func:`rh_lens.store.unit` names them; ``shard=(i, n)`` of :func:`compute_cot` runs
+    ``sweep_units(...)[i::n]``."""
+    return [unit(t.name, c.name) for c in conditions for t in tasks]
+
+
 def compute_cot(
     model, tasks: Sequence[Task], conditions: Sequence[Condition], cfg: CotConfig, *,
     out_dir: str | Path | None = None, identity: dict | None = None, progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> CotResult:
     """Every task under every condition.  With ``out_dir``, finished (condition, task) records
     are read back instead of recomputed when their items and masked heads are unchanged;
-    ``identity`` (model spec, weights fingerprint, ...) must match the directory's too."""
+    ``identity`` (model spec, weights fingerprint, ...) must match the directory's too.
+    ``shard=(i, n)`` runs only part ``i`` of ``n`` of the records (:func:`sweep_units`), whose
+    result then holds only those, per condition."""
     from tqdm.auto import tqdm
 
     names = [t.name for t in tasks]
@@ -344,14 +355,17 @@ def compute_cot(
             raise RhLensError(f"{out_dir} was written by an earlier rh_lens (it has "
                               f"{legacy.name}); use a new output directory")
         root = SweepStore.open(out_dir, {"config": cfg.to_dict(), **(identity or {})})
+    mine = set(shard_items(sweep_units(tasks, conditions), *shard))
     records = []
-    bar = tqdm(total=len(conditions) * len(tasks), desc="cot", disable=not progress)
+    bar = tqdm(total=len(mine), desc="cot", disable=not progress)
     for cond in conditions:
         store = None if root is None else root.sub(cond.name, cond.to_json(),
                                                    identity_file=CONDITION_JSON)
         done = {} if store is None else store.finished(with_arrays=False)
         row = []
         for task in tasks:
+            if unit(task.name, cond.name) not in mine:
+                continue
             rec = None
             if task.name in done:
                 rec = _read_record(store.read(task.name, arrays=False))

@@ -48,6 +48,19 @@ def shard(items: Sequence[T], index: int, count: int) -> list[T]:
     return list(items)[index::count]
 
 
+def unit(key: str, condition: str | None = None) -> str:
+    """Where the record of cell ``key`` (of the sub-store ``condition``) lies under a store's
+    root, without its suffix: the name a launcher plans and tracks it by."""
+    return f"{CELLS}/{key}" if condition is None else f"conditions/{condition}/{CELLS}/{key}"
+
+
+def finished_units(root: str | Path) -> set[str]:
+    """The :func:`unit` names of every finished record under ``root``, sub-stores included."""
+    root = Path(root)
+    found = [*root.glob(f"{CELLS}/*.json"), *root.glob(f"conditions/*/{CELLS}/*.json")]
+    return {p.relative_to(root).with_suffix("").as_posix() for p in found}
+
+
 def as_read_back(obj: dict) -> dict:
     """``obj`` as it reads back from JSON (tuples become lists), for comparisons."""
     return json.loads(json.dumps(obj))

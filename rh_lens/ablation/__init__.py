@@ -25,7 +25,7 @@ from rh_lens.ablation.conditions import Condition, Kind, conditions_from_masks, 
 from rh_lens.ablation.config import AblationConfig
 from rh_lens.ablation.records import AblationRecord
 from rh_lens.ablation.result import AblationResult, KCurve
-from rh_lens.ablation.sweep import compute_ablation, reference_prompts
+from rh_lens.ablation.sweep import compute_ablation, reference_prompts, sweep_units
 from rh_lens.ablation.taxonomy import (
     ERROR_TYPES,
     PLACES,
@@ -50,5 +50,5 @@ __all__ = [
     "AblationRecord", "AblationResult", "Condition", "Donor", "KCurve", "Kind", "Mode", "Regions",
     "Where", "ablation_hooks", "attention_places", "capture_donor", "classify_output",
     "compute_ablation", "compute_mean_z", "conditions_from_masks", "model_shape",
-    "prompt_regions", "reference_prompts",
+    "prompt_regions", "reference_prompts", "sweep_units",
 ]

@@ -27,7 +27,8 @@ from rh_lens.heads import HeadLike, validate_heads
 from rh_lens.interventions import ablation_hooks, capture_donor, compute_mean_z
 from rh_lens.models import tokenize
 from rh_lens.niah import Haystack, Needle, Trial, build_trial
-from rh_lens.store import SweepStore, read_finished
+from rh_lens.store import SweepStore, read_finished, unit
+from rh_lens.store import shard as shard_items
 
 CONDITION_JSON = "condition.json"
 
@@ -78,11 +79,19 @@ def _run_cells(model, cond: Condition, todo: Sequence[Cell], prepared: dict[str,
     return records
 
 
+def sweep_units(conditions: Sequence[Condition], n_needles: int, cfg: AblationConfig
+                ) -> list[str]:
+    """The records of an ablation sweep in order, every cell under each condition in turn, as
+    :func:`rh_lens.store.unit` names them; ``shard=(i, n)`` of :func:`compute_ablation` runs
+    ``sweep_units(...)[i::n]``."""
+    return [unit(c.key, cond.name) for cond in conditions for c in cells(n_needles, cfg.sweep)]
+
+
 def compute_ablation(
     model, needles: Sequence[Needle], haystacks: Sequence[Haystack],
     conditions: Sequence[Condition], cfg: AblationConfig, *, watch: Sequence[HeadLike] = (),
     out_dir: str | Path | None = None, identity: dict | None = None, progress: bool = True,
-    recompute_bad_cells: bool = False,
+    recompute_bad_cells: bool = False, shard: tuple[int, int] = (0, 1),
 ) -> AblationResult:
     """Run (or resume) NIAH on the same cells under every condition.
 
@@ -90,6 +99,8 @@ def compute_ablation(
     ``conditions/<name>/cells/`` and found again on a rerun; ``identity`` (model spec, needle
     source, ...) is stored with the config so one directory never mixes two sweeps.  ``watch``:
     heads whose top-1 keys are kept for the attention analysis (the top retrieval heads).
+    ``shard=(i, n)`` runs only part ``i`` of ``n`` of the records (:func:`sweep_units`), whose
+    result then holds only those, per condition.
     """
     from tqdm.auto import tqdm
 
@@ -108,7 +119,6 @@ def compute_ablation(
         raise ValueError("mode 'resample' needs at least two needles: a trial's donor prompt is "
                          "the same cell built with the next needle")
     sweep = cfg.sweep
-    todo = cells(len(needles), sweep)
     root = None
     if out_dir is not None:
         root = SweepStore.open(out_dir, {"config": cfg.to_dict(),
@@ -132,10 +142,11 @@ def compute_ablation(
     def donor_of(cell: Cell) -> Trial:
         return prepare(Cell((cell.needle + 1) % len(needles), cell.length, cell.depth))
 
+    mine = set(shard_items(sweep_units(conditions, len(needles), cfg), *shard))
     results: list[tuple[AblationRecord, ...]] = []
-    with tqdm(total=len(todo) * len(conditions), desc="ablation trials",
-              disable=not progress) as bar:
+    with tqdm(total=len(mine), desc="ablation trials", disable=not progress) as bar:
         for cond in conditions:
+            todo = [c for c in cells(len(needles), sweep) if unit(c.key, cond.name) in mine]
             by_key: dict[str, AblationRecord] = {}
             store = None
             if root is not None:
