@@ -9,8 +9,10 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -48,6 +50,7 @@ def run_shard(module: str, argv: list[str], out: str, shard: tuple[int, int],
                       attempt)
     args = [*argv, "--launcher", "local", "--shard", f"{index}/{count}", "--quiet"]
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_stop_on_sigterm(f"shard {index}/{count}"))
         if log is not None:
             Path(log).parent.mkdir(parents=True, exist_ok=True)
             f = stack.enter_context(open(log, "a", encoding="utf-8", buffering=1))
@@ -64,6 +67,25 @@ def run_shard(module: str, argv: list[str], out: str, shard: tuple[int, int],
             raise RuntimeError(f"shard {index}/{count}: python -m {module} exited with status "
                                f"{rc}")
     return {"host": host, "shard": [index, count]}
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(what: str):
+    """Stop at once on SIGTERM (``scancel``, pre-emption, a Ray cancel): submitit ignores it,
+    waiting for a SIGKILL that may come late or, without cgroups, never reach the process."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(f"{what}: stopped by SIGTERM (cancelled or pre-empted); its finished "
+                         "cells are saved")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def read_attempts(out: str | Path) -> list[dict]:
