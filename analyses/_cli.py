@@ -102,6 +102,9 @@ def add_scores_args(parser: argparse.ArgumentParser, *, scores_help: str,
     parser.add_argument("--scores", type=Path, help=scores_help)
     parser.add_argument("--score", choices=("step", "set"), default="step",
                         help="which score of a detection directory ranks the heads")
+    parser.add_argument("--scores-from-other-model", action="store_true",
+                        help="accept a detection directory computed on another model than "
+                        "--model (refused by default; reference-format files name no model)")
     if threshold:
         parser.add_argument("--threshold", type=float, default=THRESHOLD,
                             help="retrieval heads (score > this) are never drawn for random-K")
@@ -213,10 +216,13 @@ def sweep_config(model, args: argparse.Namespace, *, points: int):
     buffer, max_new = sweep_buffer(model, args, n_ctx)
     lengths = args.lengths or sorted({int(x) for x in np.linspace(max(buffer + 48, n_ctx // 8),
                                                                   n_ctx, points)})
+    protocol = getattr(args, "protocol", "paper")
     depths = args.depths or np.linspace(0, 100, points)
+    if protocol == "reference" and not args.depths:  # the reference rounds its depths
+        depths = np.round(depths)
     return DetectConfig(lengths=tuple(lengths), depths=tuple(float(d) for d in depths),
                         buffer=buffer, max_new_tokens=max_new, chunk_size=args.chunk,
-                        chat=args.chat, batch_size=args.batch)
+                        chat=args.chat, batch_size=args.batch, protocol=protocol)
 
 
 def launch_settings(args: argparse.Namespace):
@@ -335,11 +341,36 @@ def load_scores(args: argparse.Namespace, *, needed: bool = True, shape=None,
     if not path.exists():
         raise ValueError(f"no retrieval scores at {path}: run python -m analyses.detect "
                          f"--model {args.model} first, or pass --scores")
+    scored_on = scores_model(path)
+    if (scored_on is not None and not getattr(args, "scores_from_other_model", False)
+            and model_identity(scored_on) != model_identity(args.model)):
+        raise ValueError(f"--scores {path} were computed on model {scored_on!r}, not "
+                         f"{args.model!r}; pass --scores-from-other-model to use them anyway")
     table = load_head_scores(path, score=args.score).mean
     if shape is not None and table.shape != tuple(shape):
         raise ValueError(f"--scores {path} has {table.shape[0]}x{table.shape[1]} heads, "
                          f"model {args.model} has {shape[0]}x{shape[1]}")
     return table, path
+
+
+def scores_model(path: Path) -> str | None:
+    """The model spec a detection directory records (None for a reference-format file)."""
+    from rh_lens.results import RESULT_JSON, read_json
+
+    if not path.is_dir() or not (path / RESULT_JSON).is_file():
+        return None
+    model = (read_json(path / RESULT_JSON).get("config") or {}).get("model")
+    return None if model is None else str(model)
+
+
+def model_identity(spec: str) -> str:
+    """A model spec made comparable: a local path (of a llama2c spec too) resolved."""
+    prefix = "llama2c:" if spec.startswith("llama2c:") else ""
+    rest = spec[len(prefix):]
+    if spec.startswith("zoo:"):
+        return spec
+    path = Path(rest.split(",")[0]).expanduser()
+    return prefix + str(path.resolve()) if path.exists() else spec
 
 
 def select_heads(text: str, *, scores, shape: dict, seed: int, what: str,

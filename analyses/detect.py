@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_model_args(p)
     _cli.add_run_args(p, out_help="output directory (default runs/detect/<model>)")
     _cli.add_sweep_args(p, points=10)
+    p.add_argument("--protocol", choices=("paper", "reference"), default="paper",
+                   help="paper: rh_lens's trials; reference: the reference code's prompt "
+                   "construction, answer-span search and stop rule, exactly (trials whose span "
+                   "it cannot find are reported, not scored)")
     p.add_argument("--score", choices=("step", "set"), default="step",
                    help="step: the reference code's score; set: the paper's formula")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
@@ -94,16 +98,16 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
     from rh_lens.heads import label
 
     summary = result.save(out, meta=meta, identity=identity, score=score)
-    if not result.n_success:
-        print("warning: no trial succeeded (ROUGE-1 recall > 0.5), so no head has a score and "
-              "head_score.json is not written", file=sys.stderr)
+    if not result.n_scored:
+        print("warning: no trial succeeded (ROUGE-1 recall > 0.5) with its answer span found, "
+              "so no head has a score and head_score.json is not written", file=sys.stderr)
     cfg = result.config
     table = result.mean_scores(score)
     name = identity["model"]
     figures = {
         "heatmap": plotting.plot_head_heatmap(
             np.nan_to_num(table), title=f"{name}: retrieval score ({score})",
-            zmax=max(1.0, float(np.nanmax(table))) if result.n_success else 1.0),
+            zmax=max(1.0, float(np.nanmax(table))) if result.n_scored else 1.0),
         "niah_grid": plotting.plot_niah_grid(
             result.rouge_grid(), depths=list(cfg.depths), lengths=list(cfg.lengths),
             title=f"{name}: NIAH ROUGE-1 recall"),
@@ -113,10 +117,19 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
     _cli.save_figures(out, figures, self_contained=self_contained)
     print(f"{len(result.records)} trials, {result.n_success} successful "
           f"(mean ROUGE-1 recall {summary['mean_rouge1_recall'] or 0:.3f}); results in {out}")
+    lost = summary.get("span_not_found")
+    if lost is not None:
+        cells = ", ".join(lost["cells"][:SHOWN]) + (", ..." if lost["count"] > SHOWN else "")
+        print(f"{cfg.protocol} protocol: answer span not found in {lost['count']} of "
+              f"{len(result.records)} trials, not scored ({result.n_scored} scored)"
+              + (f": {cells} (all in summary.json)" if lost["count"] else ""))
     print(f"{'head':>8}  {score:>6}  {'active':>6}")
     freq = result.activation_frequency()
     for lay, h, s in result.ranked(score)[:top]:
         print(f"  {label((lay, h)):<{len(str(lay)) + 5}}  {s:6.3f}  {freq[lay, h]:6.2f}")
+
+
+SHOWN = 8  # span-not-found cells printed (summary.json lists them all)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,9 @@ from torch import Tensor
 from rh_lens import hooks
 from rh_lens.engine import forward_argmax, select_rows
 from rh_lens.models import check_context, forward_chunk, new_kv_state
+from rh_lens.protocols import reference_stop
 
-Stop = Literal["newline", "eos"]
+Stop = Literal["newline", "eos", "reference"]
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,13 @@ _STOP_CACHE: "weakref.WeakKeyDictionary[object, dict[int, bool]]" = weakref.Weak
 
 
 def is_stop_token(model, token_id: int, *, stop: Stop = "newline") -> bool:
-    """Decoding stops at end-of-sequence and, with ``stop="newline"`` (the reference), at a
-    token containing a newline.  Each token id is decoded once per tokenizer; later tests of
-    the same id are a dictionary look-up."""
+    """Decoding stops at end-of-sequence and, with ``stop="newline"``, at a token containing a
+    newline; ``stop="reference"`` is the reference code's rule alone
+    (:func:`rh_lens.protocols.reference_stop`).  Each token id is decoded once per tokenizer;
+    later tests of the same id are a dictionary look-up."""
     tok = model.tokenizer
+    if stop == "reference":
+        return reference_stop(tok, token_id)
     if token_id == tok.eos_token_id:
         return True
     if stop != "newline":
@@ -116,8 +120,8 @@ def decode_greedy(
         raise ValueError("no prompts to decode")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if stop not in ("newline", "eos"):
-        raise ValueError(f"stop must be 'newline' or 'eos', got {stop!r}")
+    if stop not in ("newline", "eos", "reference"):
+        raise ValueError(f"stop must be 'newline', 'eos' or 'reference', got {stop!r}")
     if isinstance(prompts, Tensor):
         tokens, mask, n_pad = prompts, None, torch.zeros(len(prompts), dtype=torch.long)
     else:

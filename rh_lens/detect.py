@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
-from rh_lens import scoring
+from rh_lens import protocols, scoring
 from rh_lens.decode import decode_greedy
 from rh_lens.heads import THRESHOLD, group_table, ranked_heads
 from rh_lens.models import model_facts
-from rh_lens.niah import Haystack, Needle, build_trial
+from rh_lens.niah import Haystack, Needle
 from rh_lens.results import (
     RunMetadata,
     atomic_open,
@@ -59,8 +59,10 @@ class DetectConfig:
     chunk_size: int = 512
     chat: bool = False
     batch_size: int = 1
+    protocol: protocols.Protocol = "paper"  # or "reference": the reference code's (protocols)
 
     def __post_init__(self):
+        protocols.check_protocol(self.protocol)
         if not self.lengths or not self.depths:
             raise ValueError("a sweep needs at least one context length and one depth")
         if any(d < 0 or d > 100 for d in self.depths):
@@ -76,7 +78,10 @@ class DetectConfig:
                                  "repeated value would weight its trials twice in every mean)")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["protocol"] == "paper":  # the default is left out: older sweeps stay the same
+            del data["protocol"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "DetectConfig":
@@ -165,9 +170,10 @@ def run_trials(
     ``cfg.batch_size`` at a time, shortest prompts together (left-padded to the longest of
     their batch; each decodes exactly what it decodes alone)."""
     trials = [
-        build_trial(
-            model, needles[c.needle], haystacks[c.needle], context_length=c.length,
+        protocols.build(
+            cfg.protocol, model, needles[c.needle], haystacks[c.needle], context_length=c.length,
             depth=c.depth, buffer=cfg.buffer, max_new_tokens=cfg.max_new_tokens, chat=cfg.chat,
+            lengths=cfg.lengths,
         )
         for c in todo
     ]
@@ -176,29 +182,37 @@ def run_trials(
     for start in range(0, len(order), cfg.batch_size):
         batch = order[start : start + cfg.batch_size]
         outs = decode_greedy(model, [trials[i].tokens for i in batch],
-                             max_new_tokens=cfg.max_new_tokens, chunk_size=cfg.chunk_size)
+                             max_new_tokens=cfg.max_new_tokens, chunk_size=cfg.chunk_size,
+                             stop=protocols.stop_rule(cfg.protocol))
         for i, out in zip(batch, outs, strict=True):
-            records[i] = score_trial(todo[i], trials[i], out)
+            text = protocols.response(cfg.protocol, model.tokenizer, out.tokens, out.text)
+            records[i] = score_trial(todo[i], trials[i], out, text=text)
     return [r for r in records if r is not None]
 
 
-def score_trial(cell: Cell, trial, out) -> TrialRecord:
+def score_trial(cell: Cell, trial, out, *, text: str | None = None) -> TrialRecord:
+    """``text`` (default ``out.text``) is what ROUGE reads.  A trial whose answer span was not
+    found (the reference protocol) has NaN scores and no copy."""
+    text = out.text if text is None else text
     sequence = torch.cat([trial.tokens, torch.from_numpy(out.tokens)])
     emitted = torch.from_numpy(out.tokens)
     positions = torch.from_numpy(out.positions).long()
     copies = scoring.copy_events(positions, emitted, sequence, trial.answer_span)
-    recall = scoring.rouge1_recall(trial.needle.answer, out.text)
+    recall = scoring.rouge1_recall(trial.needle.answer, text)
+    found = protocols.span_found(trial.answer_span)
+    nan = torch.full(copies.shape[1:], float("nan"), dtype=torch.float64)
     return TrialRecord(
         cell=cell,
         n_tokens=trial.n_tokens,
         answer_span=trial.answer_span,
         question=trial.needle.question,
         answer=trial.needle.answer,
-        generated=out.text,
+        generated=text,
         rouge1_recall=recall,
         success=scoring.succeeded(recall),
-        step_score=scoring.step_scores(copies, trial.answer_span).numpy(),
-        set_score=scoring.set_scores(copies, emitted, sequence, trial.answer_span).numpy(),
+        step_score=(scoring.step_scores(copies, trial.answer_span) if found else nan).numpy(),
+        set_score=(scoring.set_scores(copies, emitted, sequence, trial.answer_span) if found
+                   else nan).numpy(),
         active=scoring.activation(copies).numpy(),
         tokens=out.tokens,
         positions=out.positions,
@@ -225,7 +239,8 @@ def read_cell(json_path: Path) -> TrialRecord:
 class DetectResult:
     """All trials of a sweep (in cell order) and their per-head aggregates.
 
-    Aggregates are over *successful* trials only (ROUGE-1 recall > 0.5), as in the reference.
+    Aggregates are over *successful* trials only (ROUGE-1 recall > 0.5), as in the reference,
+    whose answer span was found (always, but under the reference protocol): :attr:`scored`.
     """
 
     config: DetectConfig
@@ -243,18 +258,31 @@ class DetectResult:
     def n_success(self) -> int:
         return int(self.success.sum())
 
+    @property
+    def span_found(self) -> Bool[np.ndarray, " trial"]:
+        return np.array([protocols.span_found(r.answer_span) for r in self.records], dtype=bool)
+
+    @property
+    def scored(self) -> Bool[np.ndarray, " trial"]:
+        """The trials the aggregates average: successful, with the answer span found."""
+        return self.success & self.span_found
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.scored.sum())
+
     def trial_scores(self, kind: str = "step") -> Float[np.ndarray, "trial n_layers n_heads"]:
-        """Per successful trial: ``"step"`` or ``"set"`` scores, or ``"active"`` (0/1)."""
+        """Per scored trial: ``"step"`` or ``"set"`` scores, or ``"active"`` (0/1)."""
         if kind not in ("step", "set", "active"):
             raise ValueError(f"kind must be 'step', 'set' or 'active', got {kind!r}")
         rows = [getattr(r, "active" if kind == "active" else f"{kind}_score").astype(np.float64)
-                for r in self.records if r.success]
+                for r, scored in zip(self.records, self.scored, strict=True) if scored]
         if not rows:
             return np.zeros((0, self.n_layers, self.n_heads))
         return np.stack(rows)
 
     def mean_scores(self, kind: str = "step") -> Float[np.ndarray, "n_layers n_heads"]:
-        """A head's retrieval score (mean over successful trials; NaN when none succeeded)."""
+        """A head's retrieval score (mean over scored trials; NaN when there is none)."""
         scores = self.trial_scores(kind)
         if scores.shape[0] == 0:
             return np.full((self.n_layers, self.n_heads), np.nan)
@@ -285,7 +313,7 @@ class DetectResult:
 
     def ranked(self, score: Score = "step") -> list[tuple[int, int, float]]:
         """Every head as ``(layer, head, score)``, highest first (empty if no trial succeeded)."""
-        return ranked_heads(self.mean_scores(score)) if self.n_success else []
+        return ranked_heads(self.mean_scores(score)) if self.n_scored else []
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The aggregates as saved in ``arrays.npz``."""
@@ -300,6 +328,7 @@ class DetectResult:
             "group_set": self.group_scores("set"),
             "rouge_grid": self.rouge_grid(),
             "success": self.success,
+            "span_found": self.span_found,
         }
 
     def summary(self, score: Score = "step") -> dict:
@@ -313,6 +342,11 @@ class DetectResult:
             "mean_rouge1_recall": float(np.mean([r.rouge1_recall for r in self.records]))
             if self.records else None,
         }
+        if self.config.protocol != "paper":
+            lost = [r.cell.key for r in self.records if not protocols.span_found(r.answer_span)]
+            summary["protocol"] = self.config.protocol
+            summary["n_scored"] = self.n_scored
+            summary["span_not_found"] = {"count": len(lost), "cells": lost}
         if self.missing:
             summary["partial"] = {"missing_cells": list(self.missing)}
         return summary
@@ -348,9 +382,10 @@ class DetectResult:
         config.setdefault("shape", shape)
         save_result(directory, kind="detect", config=config, meta=meta, summary=summary,
                     arrays=arrays)
-        if self.n_success:
+        if self.n_scored:
             export_reference_json(directory / HEAD_SCORE_JSON, arrays[f"trial_{score}"])
-        lines = [json.dumps({**r.to_json(), "step_score_max": float(r.step_score.max())})
+        lines = [json.dumps({**r.to_json(), "step_score_max": float(r.step_score.max())
+                              if protocols.span_found(r.answer_span) else None})
                  for r in self.records]
         with atomic_open(directory / TRIALS_JSONL, "w") as f:
             f.write("".join(line + "\n" for line in lines))

@@ -186,11 +186,29 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device asked for, refused (naming what this machine has) when it is not there."""
     if device is None:
         return torch.device("cpu")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    n_cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    ok = resolved is not None and (
+        resolved.type == "cpu"
+        or (resolved.type == "cuda" and (resolved.index or 0) < n_cuda)
+        or (resolved.type == "mps" and has_mps))
+    if not ok:
+        available = ["cpu", *(["cuda"] + [f"cuda:{i}" for i in range(n_cuda)] if n_cuda else []),
+                     *(["mps"] if has_mps else []), "auto"]
+        why = ("no CUDA device is available on this machine" if resolved is not None
+               and resolved.type == "cuda" and not n_cuda else "not a device on this machine")
+        raise ModelLoadError(f"device {str(device)!r}: {why}; available: {', '.join(available)}")
+    return resolved
 
 
 def _resolve_dtype(dtype: DTypeSpec) -> torch.dtype:

@@ -153,6 +153,8 @@ def _load_detect_dir(path: Path, *, name, score, n_kv_heads) -> HeadScores:
     if missing:
         raise ResultFileError(f"{path}: arrays.npz lacks {sorted(missing)}")
     success = res.arrays["success"].astype(bool)
+    if "span_found" in res.arrays:  # the reference protocol scores no trial without its span
+        success &= res.arrays["span_found"].astype(bool)
     trials = res.arrays[f"trial_{score}"]
     if trials.ndim != 3 or trials.shape[0] != int(success.sum()):
         raise ResultFileError(f"{path}: trial_{score} has shape {trials.shape} but "
@@ -180,7 +182,7 @@ def _read_contexts(path: Path, success: np.ndarray) -> tuple[TrialContext, ...]:
     for i, line in enumerate(lines):
         try:
             rec = json.loads(line)
-            cell, ok = rec["cell"], rec["success"]
+            cell, ok = rec["cell"], rec["success"] and rec.get("answer_span") != [-1, -1]
             ctx = TrialContext(int(cell["needle"]), int(cell["length"]), float(cell["depth"]))
         except (ValueError, KeyError, TypeError) as err:
             raise ResultFileError(f"{path}: line {i + 1}: bad trial record ({err})") from None
