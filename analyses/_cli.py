@@ -119,8 +119,15 @@ def add_mask_args(parser: argparse.ArgumentParser, *, modes: tuple[str, ...], dr
     parser.add_argument("--mask", action="append", default=[], metavar="SPEC",
                         help=mask_help.format(spec=SPEC_HELP))
     parser.add_argument("--ks", type=int, nargs="+", help=ks_help)
-    parser.add_argument("--draws", type=int, default=draws, help="random draws per K")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random-K draws")
+    parser.add_argument("--controls", nargs="+", choices=("random", "matched", "bottom"),
+                        default=["random"], metavar="KIND",
+                        help="control head sets run beside top:K for each --ks K: random "
+                        "(non-retrieval heads), matched (the top-K layer histogram, disjoint "
+                        "from top-K), bottom (the K lowest scores) (default random)")
+    parser.add_argument("--draws", type=positive_int("--draws"), default=draws,
+                        help="seeded draws per random:K and matched:K")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random-K and matched-K draws")
     parser.add_argument("--mode", choices=modes, default=modes[0],
                         help="; ".join(f"{m}: {MODES[m]}" for m in modes))
     parser.add_argument("--positions", choices=("decode", "all"), default="decode",
@@ -163,6 +170,26 @@ def add_launch_args(parser: argparse.ArgumentParser) -> None:
                    help="print the plan (cells, shards, jobs, resources); submit nothing")
     g.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
                    help="run only part I of N of the sweep's cells here")
+
+
+def positive_int(option: str):
+    """An argparse ``type`` for ``option``: an integer >= 1, else a clear error naming it."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} takes an integer, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{option} must be >= 1, got {value}")
+        return value
+
+    return parse
+
+
+def control_masks(ks, controls) -> list[str]:
+    """``top:K`` and each control ``KIND:K`` for every K of ``ks``, top first."""
+    return [f"{kind}:{k}" for kind in ("top", *controls) for k in ks]
 
 
 # ------------------------------------------------------------------------- what they build

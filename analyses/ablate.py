@@ -7,10 +7,14 @@
         --mode mean --positions all
 
 Masks (repeatable): ``top:K`` (the K highest retrieval scores), ``random:K`` (``--draws`` seeded
-draws of K heads that are not retrieval heads, the same draw for every cell), ``heads:L.H,...``,
-``groups:L.G,...`` (whole key/value groups); ``--ks K ...`` adds ``top:K`` and ``random:K`` for
-each K (the curve).  Without masks the curve runs for K in 1, 2, 4, 8, 16 (as far as the model has
-heads).  Modes and positions: see ``rh_lens.ablation``.
+draws of K heads that are not retrieval heads, the same draw for every cell), ``matched:K``
+(``--draws`` seeded draws with top-K's layer histogram, disjoint from it), ``bottom:K``,
+``heads:L.H,...``, ``groups:L.G,...`` (whole key/value groups); ``--ks K ...`` adds ``top:K`` and
+each ``--controls`` kind (default ``random``) for each K (the curve).  Top-K is compared with
+each control per K: bootstrap intervals over trials and draws, a paired permutation test and
+Benjamini-Hochberg over K (``rh_lens.ablation.controls``), in ``result.json``, the printed table
+and the K-curve's bands.  Without masks the curve runs for K in 1, 2, 4, 8, 16 (as far as the
+model has heads).  Modes and positions: see ``rh_lens.ablation``.
 
 Writes into --out: ``conditions/<name>/cells/`` (one record per trial, written atomically; a
 rerun skips finished cells; ``condition.json`` holds the masked heads), ``result.json`` +
@@ -37,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "output for --model")
     _cli.add_mask_args(p, modes=("uniform", "zero", "mean", "resample"), draws=3,
                        mask_help="{spec} (repeatable; see rh_lens.heads)",
-                       ks_help="add top:K and random:K for each K (default without --mask: "
+                       ks_help="add top:K and the --controls for each K (default without "
+                       "--mask: "
                        f"{' '.join(map(str, DEFAULT_KS))}, as far as the model has heads)")
     p.add_argument("--exclude", default="", metavar="L.H,...",
                    help="further heads never drawn for random-K")
@@ -58,7 +63,7 @@ def _run(args, argv) -> int:
         conditions_from_masks,
         sweep_units,
     )
-    from rh_lens.heads import parse_heads, select_heads
+    from rh_lens.heads import parse_heads, parse_spec, select_heads
     from rh_lens.models import model_facts
 
     settings = _cli.launch_settings(args)
@@ -69,14 +74,13 @@ def _run(args, argv) -> int:
     masks, ks = list(args.mask), args.ks
     if not masks and not ks:
         ks = [k for k in DEFAULT_KS if k <= n_total]
-    needs_scores = bool(ks) or any(m.startswith(("top:", "random:")) for m in masks)
+    needs_scores = bool(ks) or any(parse_spec(m).needs_scores for m in masks)
     table, scores_path = _cli.load_scores(args, needed=needs_scores)
     if ks:
-        n_pool = sum(1 for lay in range(facts.n_layers) for h in range(facts.n_heads)
-                     if table[lay, h] <= args.threshold and (lay, h) not in exclude)
-        if args.ks is None:  # the default curve: only the K this model can give
-            ks = [k for k in ks if k <= n_pool]
-        masks += [f"top:{k}" for k in ks] + [f"random:{k}" for k in ks]
+        if args.ks is None:  # the default curve: only the K this model can give every set for
+            ks = [k for k in ks if all(_can_select(f"{kind}:{k}", facts, table, args, exclude)
+                                       for kind in args.controls)]
+        masks += _cli.control_masks(ks, args.controls)
     conditions = conditions_from_masks(model, masks, scores=table, threshold=args.threshold,
                                        exclude=exclude, seed=args.seed, n_draws=args.draws)
     watch = () if table is None or not args.watch else select_heads(
@@ -110,6 +114,31 @@ def _run(args, argv) -> int:
     return 0
 
 
+def _can_select(spec: str, facts, table, args, exclude) -> bool:
+    from rh_lens.heads import select_heads
+
+    try:
+        select_heads(spec, n_layers=facts.n_layers, n_heads=facts.n_heads, scores=table,
+                     threshold=args.threshold, exclude=exclude)
+    except ValueError:
+        return False
+    return True
+
+
+def print_controls(result) -> None:
+    """Top-K against each control per K: means with intervals, p and Benjamini-Hochberg q."""
+    for metric in ("rouge", "success"):
+        for comp in result.controls(metric):
+            print(f"\n{metric}: top-K vs {comp.control}-K ({comp.n_trials} trials, "
+                  f"{comp.level:.0%} bootstrap intervals, paired permutation test, BH over K)")
+            print(f"{'K':>4} {'top':>21} {comp.control:>21} {'diff':>21} {'p':>8} {'q':>8}")
+            fmt = lambda r: f"{r[0]:.3f} [{r[1]:.3f},{r[2]:.3f}]"  # noqa: E731
+            for i, k in enumerate(comp.ks):
+                mark = " *" if comp.significant[i] else ""
+                print(f"{k:>4} {fmt(comp.top[i]):>21} {fmt(comp.control_values[i]):>21} "
+                      f"{fmt(comp.diff[i]):>21} {comp.p[i]:8.2g} {comp.q[i]:8.2g}{mark}")
+
+
 def write_outputs(out: Path, result, meta, identity: dict, scores, *,
                   self_contained: bool = False) -> None:
     """Save the result and its figures, and print the table of conditions."""
@@ -137,6 +166,7 @@ def write_outputs(out: Path, result, meta, identity: dict, scores, *,
         print(f"{cond.name:<24} {len(cond.heads):>5} {row['mean_rouge1_recall']:6.3f} "
               f"{row['success_rate']:7.2f}  "
               + " ".join(f"{n:>6}" for n in row["errors"].values()))
+    print_controls(result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,9 @@ resolved against a model's shape and a score table by :func:`select_heads`):
   (:func:`bottom_heads`);
 - ``random:K``: seeded draws of K heads that are neither retrieval heads (score >
   ``threshold``, :data:`THRESHOLD` by default) nor excluded (:func:`random_head_draws`);
+- ``matched:K``: seeded draws of K heads with the layer histogram of ``top:K`` (as many heads
+  per layer), none of them in ``top:K`` or excluded (:func:`matched_head_draws`): the control
+  that masks as many heads in the same layers;
 - ``heads:L.H,...``: explicit heads; ``groups:L.G,...``: every query head of those key/value
   groups; ``all``: every head, layer-major.
 
@@ -31,9 +34,11 @@ from rh_lens.types import HeadTable
 THRESHOLD = 0.1
 """Retrieval heads are the heads whose mean retrieval score is strictly above this."""
 
-SpecKind = Literal["top", "bottom", "random", "heads", "groups", "all"]
-SPEC_KINDS: tuple[str, ...] = ("top", "bottom", "random", "heads", "groups", "all")
-SPEC_HELP = "top:K | bottom:K | random:K | heads:L.H,... | groups:L.G,... | all"
+SpecKind = Literal["top", "bottom", "random", "matched", "heads", "groups", "all"]
+SPEC_KINDS: tuple[str, ...] = ("top", "bottom", "random", "matched", "heads", "groups", "all")
+SPEC_HELP = "top:K | bottom:K | random:K | matched:K | heads:L.H,... | groups:L.G,... | all"
+DRAWN_KINDS: tuple[str, ...] = ("random", "matched")
+"""The kinds whose head sets are seeded draws (``n_draws`` sets per spec)."""
 
 
 class Head(NamedTuple):
@@ -185,8 +190,7 @@ def random_head_draws(
     (layer-major) drawn from ``numpy.random.default_rng(seed)``, sorted: the same seed gives the
     same draws, and for a larger ``k`` each draw contains the smaller one's heads.
     """
-    if k < 1 or n_draws < 1:
-        raise ValueError(f"random-{k} with {n_draws} draws: K and the draw count must be >= 1")
+    _check_draws("random", k, n_draws)
     excluded = set(validate_heads(exclude, n_layers, n_heads))
     if scores is not None:
         table = score_table(scores, n_layers=n_layers, n_heads=n_heads)
@@ -200,6 +204,46 @@ def random_head_draws(
         )
     rng = np.random.default_rng(seed)
     return tuple(tuple(sorted(pool[i] for i in rng.permutation(len(pool))[:k]))
+                 for _ in range(n_draws))
+
+
+def _check_draws(kind: str, k: int, n_draws: int) -> None:
+    if k < 1:
+        raise ValueError(f"{kind}-{k}: K must be >= 1")
+    if n_draws < 1:
+        raise ValueError(f"{kind}-{k} with {n_draws} draws: the number of draws must be >= 1")
+
+
+def matched_head_draws(
+    k: int, *, scores: HeadTable, exclude: Sequence[HeadLike] = (), seed: int = 0,
+    n_draws: int = 1,
+) -> tuple[tuple[Head, ...], ...]:
+    """``n_draws`` random sets of ``k`` heads with the layer histogram of :func:`top_heads`
+    (``scores``, ``k``), disjoint from those top heads and from ``exclude``.
+
+    Draw ``d`` takes, layer by layer in increasing order, the first ``c_l`` heads of a
+    permutation of layer ``l``'s eligible heads drawn from ``numpy.random.default_rng(seed)``
+    (``c_l``: the top-K heads in layer ``l``); each draw is sorted.  A layer with fewer eligible
+    heads than ``c_l`` is refused, naming it.
+    """
+    table = score_table(scores)
+    _check_draws("matched", k, n_draws)
+    n_layers, n_heads = table.shape
+    top = top_heads(table, k)
+    excluded = set(validate_heads(exclude, n_layers, n_heads)) | set(top)
+    counts = {layer: len(hs) for layer, hs in sorted(heads_by_layer(top).items())}
+    pools = {}
+    for layer, count in counts.items():
+        pools[layer] = [Head(layer, h) for h in range(n_heads) if (layer, h) not in excluded]
+        if count > len(pools[layer]):
+            raise ValueError(
+                f"matched-{k}: top-{k} has {count} heads in layer {layer}, which leaves only "
+                f"{len(pools[layer])} other heads of its {n_heads} to draw from (excluded or in "
+                f"top-{k}); use a smaller K or random:K")
+    rng = np.random.default_rng(seed)
+    return tuple(tuple(sorted(h for layer, count in counts.items()
+                              for h in (pools[layer][i]
+                                        for i in rng.permutation(len(pools[layer]))[:count])))
                  for _ in range(n_draws))
 
 
@@ -221,7 +265,7 @@ def parse_heads(text: str, *, unit: Literal["head", "group"] = "head") -> tuple[
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """A parsed head-set spec: ``kind``, ``k`` (top, bottom, random) or ``items`` (the
+    """A parsed head-set spec: ``kind``, ``k`` (top, bottom, random, matched) or ``items`` (the
     ``(layer, head)`` or ``(layer, group)`` pairs as written, for heads and groups)."""
 
     kind: SpecKind
@@ -231,7 +275,12 @@ class HeadSpec:
 
     @property
     def needs_scores(self) -> bool:
-        return self.kind in ("top", "bottom", "random")
+        return self.kind in ("top", "bottom", "random", "matched")
+
+    @property
+    def drawn(self) -> bool:
+        """Whether the heads are seeded random draws (``n_draws`` sets)."""
+        return self.kind in DRAWN_KINDS
 
 
 def parse_spec(text: str) -> HeadSpec:
@@ -241,7 +290,7 @@ def parse_spec(text: str) -> HeadSpec:
         if colon:
             raise ValueError(f"head set {text!r}: 'all' takes no argument")
         return HeadSpec("all", text=text)
-    if kind in ("top", "bottom", "random"):
+    if kind in ("top", "bottom", "random", "matched"):
         if not arg.strip().isdigit() or int(arg) < 1:
             raise ValueError(f"head set {text!r}: write {kind}:K with K a positive integer")
         return HeadSpec(kind, k=int(arg), text=text)
@@ -259,11 +308,14 @@ def select_heads(
     scores: HeadTable | None = None, threshold: float = THRESHOLD,
     exclude: Sequence[HeadLike] = (), seed: int = 0, n_draws: int = 1,
 ) -> tuple[tuple[Head, ...], ...]:
-    """The head sets of ``spec`` on a model of this shape: ``n_draws`` sets for ``random:K``,
-    one set otherwise.  ``top``/``bottom`` keep their ranking order, ``heads`` the order written
-    (duplicates dropped), ``groups`` group by group; ``exclude`` and ``threshold`` only affect
-    ``random``."""
+    """The head sets of ``spec`` on a model of this shape: ``n_draws`` sets for ``random:K`` and
+    ``matched:K``, one set otherwise.  ``top``/``bottom`` keep their ranking order, ``heads`` the
+    order written (duplicates dropped), ``groups`` group by group; ``exclude`` only affects
+    ``random`` and ``matched``, ``threshold`` only ``random``."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if n_draws < 1:
+        raise ValueError(f"head set {spec.text or spec.kind!r}: the number of draws must be >= 1, "
+                         f"got {n_draws}")
     if spec.needs_scores:
         if scores is None:
             raise ValueError(f"head set {spec.text or spec.kind!r} needs retrieval scores")
@@ -276,6 +328,9 @@ def select_heads(
         return random_head_draws(spec.k, n_layers=n_layers, n_heads=n_heads, scores=scores,
                                  threshold=threshold, exclude=exclude, seed=seed,
                                  n_draws=n_draws)
+    if spec.kind == "matched":
+        return matched_head_draws(spec.k, scores=scores, exclude=exclude, seed=seed,
+                                  n_draws=n_draws)
     if spec.kind == "heads":
         return (validate_heads(spec.items, n_layers, n_heads),)
     if spec.kind == "groups":

@@ -290,6 +290,46 @@ def test_masking_the_copy_head_kills_niah_and_other_heads_change_nothing(copy_se
         assert curve.ks.tolist() == [0]
 
 
+@pytest.mark.slow
+def test_only_one_head_matters_so_the_interval_and_p_value_are_known(copy_setup):
+    # The copy head is top-1; matched-1 draws one of the three heads that write nothing.
+    # Masking top-1 fails all 6 trials, every matched draw fails none: the intervals are points
+    # and the exact two-sided p-value of 6 paired trials of equal sign is 2 / 2**6.
+    model, needles = copy_setup
+    scores = np.array([[0.0, 1.0, 0.0, 0.0]])
+    conds = conditions_from_masks(model, ["top:1", "matched:1", "bottom:1"], scores=scores,
+                                  seed=2, n_draws=3)
+    assert [c.name for c in conds] == ["none", "top-1", "matched-1-d0", "matched-1-d1",
+                                       "matched-1-d2", "bottom-1"]
+    assert all(c.heads != ((0, 1),) and c.group == "matched-1" for c in conds[2:5])
+    sweep = DetectConfig(lengths=(60,), depths=(0.0, 50.0, 100.0), buffer=30, max_new_tokens=5)
+    result = compute_ablation(model, needles, [HAYSTACK] * 2, conds, AblationConfig(sweep),
+                              progress=False)
+    comps = {c.control: c for c in result.controls("success")}
+    assert set(comps) == {"matched", "bottom"}
+    matched = comps["matched"]
+    assert matched.ks.tolist() == [1] and matched.n_trials == 6 and matched.n_draws[0] == 3
+    np.testing.assert_array_equal(matched.top, [[0.0, 0.0, 0.0]])
+    np.testing.assert_array_equal(matched.control_values, [[1.0, 1.0, 1.0]])
+    np.testing.assert_array_equal(matched.diff, [[1.0, 1.0, 1.0]])
+    assert matched.p.tolist() == [2 / 2**6] and matched.q.tolist() == [2 / 2**6]
+    assert matched.significant.tolist() == [True]
+    summary = result.summary()
+    row = summary["controls"]["rouge"][0]
+    assert (row["control"], row["rows"][0]["k"], row["rows"][0]["p"]) == ("matched", 1, 2 / 64)
+    assert result.arrays()["ctl_matched_success_p"].tolist() == [2 / 64]
+
+
+def test_matched_controls_need_enough_heads_per_layer():
+    scores = np.zeros((4, 8))
+    scores[1] = np.linspace(1.0, 0.5, 8)  # every head of layer 1 is a retrieval head
+    assert len(conditions_from_masks(FACTS, ["matched:4"], scores=scores, n_draws=2)) == 3
+    with pytest.raises(ValueError, match="top-5 has 5 heads in layer 1, which leaves only 3"):
+        conditions_from_masks(FACTS, ["matched:5"], scores=scores)
+    with pytest.raises(ValueError, match="number of draws must be >= 1"):
+        conditions_from_masks(FACTS, ["matched:2"], scores=scores, n_draws=0)
+
+
 def test_no_hook_left_after_a_hook_raises(copy_setup, monkeypatch):
     model, needles = copy_setup
 

@@ -126,6 +126,61 @@ def test_specs_resolve_to_known_head_sets():
     assert H.parse_spec("groups:0.1,2.0").items == ((0, 1), (2, 0))
 
 
+def test_matched_draws_have_the_top_heads_layer_histogram_and_avoid_them():
+    # top:4 of TABLE: L1H0, L2H2, L0H1, L2H0 -> one head in layers 0 and 1, two in layer 2.
+    for seed in range(20):
+        draws = select("matched:4", seed=seed, n_draws=5)
+        assert len(draws) == 5
+        for draw in draws:
+            assert sorted(lay for lay, _ in draw) == [0, 1, 2, 2]
+            assert not set(draw) & {(1, 0), (2, 2), (0, 1), (2, 0)}
+            assert list(draw) == sorted(draw) and len(set(draw)) == 4
+        # layer 2 has only L2H1 and L2H3 left, so every draw holds both
+        assert all({(2, 1), (2, 3)} <= set(d) for d in draws)
+    assert select("matched:4", seed=3, n_draws=5) == select("matched:4", seed=3, n_draws=5)
+    assert len({select("matched:1", seed=s)[0] for s in range(30)}) == 3  # L1H1, L1H2, L1H3
+
+
+def test_matched_draws_follow_the_documented_permutations():
+    rng = np.random.default_rng(11)
+    want = []
+    for _ in range(3):  # layer by layer: the first c_l of a permutation of the eligible heads
+        pools = {0: [0, 2, 3], 1: [1, 2, 3], 2: [1, 3]}
+        counts = {0: 1, 1: 1, 2: 2}
+        draw = [(lay, pools[lay][i]) for lay in (0, 1, 2)
+                for i in rng.permutation(len(pools[lay]))[:counts[lay]]]
+        want.append(tuple(sorted(draw)))
+    assert select("matched:4", seed=11, n_draws=3) == tuple(want)
+    excluded = select("matched:3", seed=0, n_draws=10, exclude=[(0, 0), (0, 2)])
+    assert {d[0] for d in excluded} == {(0, 3)}  # layer 0 keeps only L0H3
+
+
+def test_bottom_k_on_a_hand_made_table():
+    table = np.array([[0.4, 0.0, 0.9], [0.0, 0.3, 0.1]])
+    assert select_on(table, "bottom:1") == (((0, 1),),)
+    assert select_on(table, "bottom:3") == (((0, 1), (1, 0), (1, 2)),)  # tie: layer-major
+    assert select_on(table, "bottom:6")[0][-1] == (0, 2)  # the highest comes last
+
+
+def select_on(table, text):
+    return H.select_heads(text, n_layers=table.shape[0], n_heads=table.shape[1], scores=table)
+
+
+@pytest.mark.parametrize("text, draws, message", [
+    ("matched:7", 1, "matched-7: top-7 has 3 heads in layer 1, which leaves only 1 other"),
+    ("matched:12", 1, "top-12 has 4 heads in layer 0, which leaves only 0"),
+    ("matched:2", 0, "'matched:2': the number of draws must be >= 1, got 0"),
+    ("random:2", 0, "'random:2': the number of draws must be >= 1, got 0"),
+    ("other:2", 1, "unknown head set 'other:2': use top:K .* matched:K"),
+])
+def test_bad_draw_requests_give_clear_errors(text, draws, message):
+    with pytest.raises(ValueError, match=message):
+        select(text, n_draws=draws)
+    if draws == 0:
+        with pytest.raises(ValueError, match="number of draws must be >= 1"):
+            H.matched_head_draws(2, scores=TABLE, n_draws=0)
+
+
 @pytest.mark.parametrize("text, message", [
     ("middle:3", "unknown head set 'middle:3': use top:K"),
     ("top:0", "write top:K with K a positive integer"),

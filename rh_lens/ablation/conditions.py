@@ -1,8 +1,9 @@
 """Head sets to mask, named for files and tables: ``none``, ``top-5``, ``random-5-d0``, ...
 
 A thin layer over :mod:`rh_lens.heads`: the specs are its (``top:K``, ``bottom:K``,
-``random:K``, ``heads:L.H,...``, ``groups:L.G,...``, ``all``), the heads are resolved against the
-model's shape, and each set gets the name its record directory and result rows carry.
+``random:K``, ``matched:K``, ``heads:L.H,...``, ``groups:L.G,...``, ``all``), the heads are
+resolved against the model's shape, and each set gets the name its record directory and result
+rows carry.
 """
 
 import hashlib
@@ -10,11 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from rh_lens.heads import THRESHOLD, HeadLike, parse_spec, select_heads
+from rh_lens.heads import DRAWN_KINDS, THRESHOLD, HeadLike, parse_spec, select_heads
 from rh_lens.models import ModelFacts, model_facts
 from rh_lens.types import HeadTable
 
-Kind = Literal["none", "top", "bottom", "random", "heads", "groups", "all"]
+Kind = Literal["none", "top", "bottom", "random", "matched", "heads", "groups", "all"]
 
 
 def model_shape(model) -> tuple[int, int, int]:
@@ -25,7 +26,8 @@ def model_shape(model) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class Condition:
-    """One set of masked heads, named for files and tables (``top-5``, ``random-5-d0``, ...)."""
+    """One set of masked heads, named for files and tables (``top-5``, ``random-5-d0``,
+    ``matched-5-d0``, ...)."""
 
     kind: Kind
     name: str
@@ -35,8 +37,8 @@ class Condition:
 
     @property
     def group(self) -> str:
-        """The display group: the draws of one random-K share ``random-K``."""
-        return f"random-{self.k}" if self.kind == "random" else self.name
+        """The display group: the draws of one random-K share ``random-K`` (``matched-K``)."""
+        return f"{self.kind}-{self.k}" if self.kind in DRAWN_KINDS else self.name
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "name": self.name, "heads": [list(h) for h in self.heads],
@@ -61,7 +63,8 @@ def conditions_from_masks(
     threshold: float = THRESHOLD, exclude: Sequence[HeadLike] = (), seed: int = 0,
     n_draws: int = 1,
 ) -> tuple[Condition, ...]:
-    """``none`` followed by one condition per mask (``n_draws`` for ``random:K``), duplicates
+    """``none`` followed by one condition per mask (``n_draws`` for ``random:K`` and
+    ``matched:K``), duplicates
     dropped.  Masks are :mod:`rh_lens.heads` specs; explicit ``heads`` are sorted, ``groups``
     keep the order written."""
     n_layers, n_heads, n_kv_heads = model_shape(model)
@@ -73,8 +76,8 @@ def conditions_from_masks(
                             n_draws=n_draws)
         if spec.kind in ("top", "bottom"):
             out.append(Condition(spec.kind, f"{spec.kind}-{spec.k}", sets[0], k=spec.k))
-        elif spec.kind == "random":
-            out += [Condition("random", f"random-{spec.k}-d{d}", h, k=spec.k, draw=d)
+        elif spec.drawn:
+            out += [Condition(spec.kind, f"{spec.kind}-{spec.k}-d{d}", h, k=spec.k, draw=d)
                     for d, h in enumerate(sets)]
         elif spec.kind == "heads":
             heads = tuple(sorted(sets[0]))

@@ -11,6 +11,7 @@ from jaxtyping import Float, Int
 
 from rh_lens.ablation.conditions import Condition
 from rh_lens.ablation.config import AblationConfig
+from rh_lens.ablation.controls import CONTROLS, ControlComparison, compare_to_control
 from rh_lens.ablation.records import AblationRecord
 from rh_lens.ablation.taxonomy import ERROR_TYPES, PLACES
 from rh_lens.detect import cells
@@ -115,6 +116,22 @@ class AblationResult:
                 random[d_i, j] = by_name.get(f"random-{k}-d{d}", np.nan)
         return KCurve(metric, np.array(ks, dtype=np.int64), top, random)
 
+    def per_trial(self, metric: Literal["rouge", "success"] = "rouge"
+                  ) -> dict[str, Float[np.ndarray, " trial"]]:
+        """Per condition name, the metric of every trial in cell order."""
+        return {cond.name: np.array([r.rouge1_recall if metric == "rouge" else float(r.success)
+                                     for r in recs])
+                for cond, recs in zip(self.conditions, self.records, strict=True)}
+
+    def controls(self, metric: Literal["rouge", "success"] = "rouge", *, seed: int = 0
+                 ) -> tuple[ControlComparison, ...]:
+        """Top-K against every control kind the sweep ran (random, matched, bottom), with
+        bootstrap intervals and permutation tests (:mod:`rh_lens.ablation.controls`)."""
+        values = self.per_trial(metric)
+        found = (compare_to_control(values, control=c, metric=metric, seed=seed)
+                 for c in CONTROLS)
+        return tuple(c for c in found if c is not None)
+
     def group_names(self) -> list[str]:
         return list(dict.fromkeys(c.group for c in self.conditions))
 
@@ -145,6 +162,13 @@ class AblationResult:
             "k_top_success": curves["success"].top,
             "k_random_success": curves["success"].random,
         }
+        for metric in ("rouge", "success"):
+            for comp in self.controls(metric):
+                name = f"ctl_{comp.control}_{metric}"
+                arrays.update({f"{name}_k": comp.ks, f"{name}_top": comp.top,
+                               f"{name}_control": comp.control_values,
+                               f"{name}_diff": comp.diff, f"{name}_p": comp.p,
+                               f"{name}_q": comp.q})
         if self.mean_z is not None:
             arrays["mean_z"] = self.mean_z
         return arrays
@@ -167,6 +191,8 @@ class AblationResult:
             "conditions": rows,
             "k_curve": {m: {"k": c.ks, "top": c.top, "random": c.random}
                         for m, c in curves.items()},
+            "controls": {m: [c.to_json() for c in self.controls(m)]
+                         for m in ("rouge", "success")},
         }, nan_to_none=True, where="summary")
 
     def save(self, directory: str | Path, *, meta: RunMetadata, identity: dict | None = None,

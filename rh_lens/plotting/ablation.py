@@ -7,33 +7,71 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from rh_lens import stats
 from rh_lens.ablation import ERROR_TYPES, PLACES, AblationResult
-from rh_lens.ablation.result import _nanmean
 from rh_lens.heads import label
 from rh_lens.plotting._style import NIAH_SCALE
+
+_BAND = {"top": "31,119,180", "random": "255,127,14", "matched": "44,160,44",
+         "bottom": "148,103,189"}
+
+
+def _band(fig: go.Figure, x, rows: np.ndarray, *, name: str, color: str) -> None:
+    """A mean line with its interval as a shaded band (``rows``: mean, low, high per x)."""
+    fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]),
+                             y=np.concatenate([rows[:, 2], rows[::-1, 1]]), fill="toself",
+                             fillcolor=f"rgba({color},0.2)", line=dict(width=0),
+                             hoverinfo="skip", showlegend=False, legendgroup=name))
+    fig.add_trace(go.Scatter(x=x, y=rows[:, 0], mode="lines+markers", name=name,
+                             legendgroup=name, line=dict(color=f"rgb({color})"),
+                             customdata=rows[:, 1:],
+                             hovertemplate="K=%{x}: %{y:.3f} [%{customdata[0]:.3f}, "
+                             "%{customdata[1]:.3f}]<extra></extra>"))
 
 
 def plot_k_curve(result: AblationResult, *, metric: Literal["rouge", "success"] = "rouge",
                  title: str = "") -> go.Figure:
-    """Top-K vs random-K masking (mean over needles and cells; random: mean and range of draws)."""
+    """Top-K vs each control the sweep ran (random-K, matched-K, bottom-K): mean over trials
+    (and draws) with its bootstrap interval as a shaded band; ``*`` marks the K where top-K
+    differs from the matched control (else the random one) after Benjamini-Hochberg."""
     curve = result.k_curve(metric)
+    comparisons = result.controls(metric)
     label = "mean ROUGE-1 recall" if metric == "rouge" else "success rate"
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=curve.ks, y=curve.top, mode="lines+markers",
-                             name="top-K retrieval heads"))
-    if np.isfinite(curve.random[:, curve.ks > 0]).any():
-        mean = _nanmean(curve.random)
-        finite = np.isfinite(curve.random)
-        low = np.where(finite.any(0), np.where(finite, curve.random, np.inf).min(0), np.nan)
-        high = np.where(finite.any(0), np.where(finite, curve.random, -np.inf).max(0), np.nan)
+    if not comparisons:
+        fig.add_trace(go.Scatter(x=curve.ks, y=curve.top, mode="lines+markers",
+                                 name="top-K retrieval heads"))
+    start = np.zeros((0, 3))
+    values = result.per_trial(metric)
+    if "none" in values:
+        none = stats.bootstrap_ci(values["none"])
+        start = np.array([[none.mean, none.low, none.high]])
+    for i, comp in enumerate(comparisons):
+        x = np.concatenate([[0] if len(start) else [], comp.ks])
+        if i == 0:
+            _band(fig, x, np.concatenate([start, comp.top]), name="top-K retrieval heads",
+                  color=_BAND["top"])
+        draws = int(comp.n_draws.max())
+        _band(fig, x, np.concatenate([start, comp.control_values]),
+              name=f"{comp.control}-K" + (f" ({draws} draws)" if comp.control != "bottom"
+                                          else ""), color=_BAND[comp.control])
+    tested = {c.control: c for c in comparisons}
+    marked = tested.get("matched") or tested.get("random")
+    if marked is not None and marked.significant.any():
+        keep = marked.significant
         fig.add_trace(go.Scatter(
-            x=curve.ks, y=mean, mode="lines+markers", name=f"random-K ({len(curve.random)} draws)",
-            error_y=dict(type="data", symmetric=False, array=high - mean, arrayminus=mean - low)))
+            x=marked.ks[keep], y=np.full(int(keep.sum()), 1.06), mode="text", text="*",
+            textfont=dict(size=18), name=f"q <= {marked.alpha} vs {marked.control}-K",
+            customdata=np.stack([marked.p[keep], marked.q[keep]], axis=-1),
+            hovertemplate="K=%{x}: p=%{customdata[0]:.2g}, q=%{customdata[1]:.2g}"
+            "<extra></extra>"))
+    level = comparisons[0].level if comparisons else None
     fig.update_xaxes(title_text="masked heads K")
-    fig.update_yaxes(title_text=label, range=[-0.02, 1.02])
+    fig.update_yaxes(title_text=label + (f" ({level:.0%} bootstrap bands)" if level else ""),
+                     range=[-0.02, 1.1])
     cfg = result.config
     fig.update_layout(title=dict(text=title or f"NIAH under {cfg.mode} masking "
-                                 f"({cfg.positions} positions)"), width=640, height=420)
+                                 f"({cfg.positions} positions)"), width=680, height=440)
     return fig
 
 
