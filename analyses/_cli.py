@@ -192,6 +192,23 @@ def control_masks(ks, controls) -> list[str]:
     return [f"{kind}:{k}" for kind in ("top", *controls) for k in ks]
 
 
+def feasible_ks(ks, controls, facts, table, *, threshold: float, exclude=()) -> list[int]:
+    """The K of ``ks`` for which top:K and every control kind can be drawn on this model (the
+    default curves stop where a control runs out of heads)."""
+    from rh_lens.heads import select_heads
+
+    def ok(k: int) -> bool:
+        try:
+            for kind in ("top", *controls):
+                select_heads(f"{kind}:{k}", n_layers=facts.n_layers, n_heads=facts.n_heads,
+                             scores=table, threshold=threshold, exclude=exclude)
+        except ValueError:
+            return False
+        return True
+
+    return [k for k in ks if ok(k)]
+
+
 # ------------------------------------------------------------------------- what they build
 
 

@@ -78,8 +78,8 @@ def _run(args, argv) -> int:
     table, scores_path = _cli.load_scores(args, needed=needs_scores)
     if ks:
         if args.ks is None:  # the default curve: only the K this model can give every set for
-            ks = [k for k in ks if all(_can_select(f"{kind}:{k}", facts, table, args, exclude)
-                                       for kind in args.controls)]
+            ks = _cli.feasible_ks(ks, args.controls, facts, table, threshold=args.threshold,
+                                  exclude=exclude)
         masks += _cli.control_masks(ks, args.controls)
     conditions = conditions_from_masks(model, masks, scores=table, threshold=args.threshold,
                                        exclude=exclude, seed=args.seed, n_draws=args.draws)
@@ -112,17 +112,6 @@ def _run(args, argv) -> int:
     write_outputs(out, result, meta, {**identity, **settings}, table,
                   self_contained=args.self_contained_figures)
     return 0
-
-
-def _can_select(spec: str, facts, table, args, exclude) -> bool:
-    from rh_lens.heads import select_heads
-
-    try:
-        select_heads(spec, n_layers=facts.n_layers, n_heads=facts.n_heads, scores=table,
-                     threshold=args.threshold, exclude=exclude)
-    except ValueError:
-        return False
-    return True
 
 
 def print_controls(result) -> None:

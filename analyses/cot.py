@@ -10,13 +10,17 @@ Without ``--items`` the zoo's four tasks run (``rh_lens.zoo.inputs.zoo_tasks``):
 questions answered with chain of thought and directly, parametric facts asked directly and with a
 CoT preamble.  With ``--items`` (JSONL of ``{"question", "answer", "context"?}``) the tasks are
 ``cot`` and ``direct``, one per template (``{question}`` and ``{context}`` are filled in).
-Conditions: no masking, then ``top:K`` and ``random:K`` (``--draws`` seeded draws of K heads that
-are not retrieval heads) for every ``--ks`` K, plus any ``--mask`` (as in ``analyses.ablate``).
+Conditions: no masking, then ``top:K`` and each ``--controls`` kind (default ``random:K``,
+``--draws`` seeded draws of K heads that are not retrieval heads; ``matched:K``, ``bottom:K``) for
+every ``--ks`` K, plus any ``--mask`` (as in ``analyses.ablate``).  With parametric tasks (the
+zoo's) every masked set's accuracy drop on the retrieval tasks is set against its drop on the
+parametric facts, with bootstrap intervals (``specificity.html`` and the printed table).
 
 Writes into --out: ``conditions/<name>/<task>.json`` (every output and whether it was right;
 a rerun skips finished ones, and is refused if the model's weights or the decoding settings
 differ: ``cot_config.json``), ``result.json`` + ``arrays.npz`` (accuracy per condition and
-task), ``summary.json``, ``cot.html`` (bar chart) and prints the accuracy table.
+task, specificity), ``summary.json``, ``cot.html`` (bar chart), ``specificity.html`` and prints
+the accuracy table.
 """
 
 import argparse
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "head_score.json; default: analyses.detect's default output for --model")
     _cli.add_mask_args(p, modes=("uniform", "zero"), draws=2,
                        mask_help="further masks: {spec} (see rh_lens.heads)",
-                       ks_help=f"K of top:K and random:K (default "
+                       ks_help=f"K of top:K and the --controls (default "
                        f"{' '.join(map(str, DEFAULT_KS))}, as far as the model has heads)")
     p.add_argument("--items", type=Path, help='JSONL of {"question", "answer", "context"?}')
     p.add_argument("--cot-template", default="{context}Question: {question}\nAnswer: Let's "
@@ -81,9 +85,9 @@ def _run(args, argv) -> int:
         tasks = zoo_tasks(model, ZooTaskSizes(n_multihop=args.n_multihop, seed=args.task_seed,
                                               reserve=args.max_new_tokens, **chain))
     table, scores_path = _cli.load_scores(args)
-    n_pool = int((table <= args.threshold).sum())
-    ks = args.ks or [k for k in DEFAULT_KS if k <= n_pool]
-    masks = [f"top:{k}" for k in ks] + [f"random:{k}" for k in ks] + list(args.mask)
+    ks = args.ks or _cli.feasible_ks(DEFAULT_KS, args.controls, facts, table,
+                                     threshold=args.threshold)
+    masks = _cli.control_masks(ks, args.controls) + list(args.mask)
     conditions = conditions_from_masks(model, masks, scores=table, threshold=args.threshold,
                                        seed=args.seed, n_draws=args.draws)
     cfg = cot.CotConfig(mode=args.mode, positions=args.positions,
@@ -110,8 +114,13 @@ def _run(args, argv) -> int:
               "match": {t.name: t.match for t in tasks}, "shape": [facts.n_layers, facts.n_heads]}
     result.save(out, meta=meta, config=config, scores=table,
                 n_items={t.name: len(t.items) for t in tasks})
-    figure = plotting.plot_cot(result, title=f"{args.model}: accuracy under {args.mode} masking")
-    _cli.save_figures(out, {"cot": figure}, self_contained=args.self_contained_figures)
+    figures = {"cot": plotting.plot_cot(result, title=f"{args.model}: accuracy under "
+                                        f"{args.mode} masking")}
+    specificity = plotting.plot_specificity(result, title=f"{args.model}: specificity of "
+                                            f"{args.mode} masking")
+    if specificity is not None:
+        figures["specificity"] = specificity
+    _cli.save_figures(out, figures, self_contained=args.self_contained_figures)
     mean, std = result.by_group()
     groups = result.group_names()
 
@@ -121,6 +130,15 @@ def _run(args, argv) -> int:
         cells = [f"{mean[i, t]:.3f}" + (f" +-{std[i, t]:.3f}" if std[i, t] else "")
                  for t in range(len(result.tasks))]
         print(f"{g:<14} " + " ".join(f"{c:>17}" for c in cells))
+    spec = result.specificity()
+    if spec is not None:
+        print(f"\naccuracy drop vs none ({spec['level']:.0%} bootstrap intervals over draws and "
+              f"items): retrieval = {', '.join(spec['retrieval_tasks'])}; parametric = "
+              f"{', '.join(spec['parametric_tasks'])}")
+        fmt = lambda r: f"{r['mean']:.3f} [{r['low']:.3f},{r['high']:.3f}]"  # noqa: E731
+        print(f"{'condition':<14} {'retrieval':>21} {'parametric':>21}")
+        for g, row in spec["groups"].items():
+            print(f"{g:<14} {fmt(row['retrieval']):>21} {fmt(row['parametric']):>21}")
     return 0
 
 

@@ -266,6 +266,41 @@ class CotResult:
         groups = [acc[[c.group == g for c in self.conditions]] for g in names]
         return (np.stack([g.mean(0) for g in groups]), np.stack([g.std(0) for g in groups]))
 
+    def specificity(self, parametric: Sequence[str] | None = None, *, level: float = 0.95,
+                    seed: int = 0) -> dict | None:
+        """For every masked group: the accuracy drop (none - masked) on the retrieval tasks and
+        on the ``parametric`` tasks (default: the tasks named ``parametric*``; the others are
+        retrieval tasks), each the mean over draws and items with a bootstrap interval
+        resampling both (:func:`rh_lens.stats.bootstrap_ci`).  None without a ``none``
+        condition or without tasks on either side."""
+        from rh_lens.stats import bootstrap_ci
+
+        names = [c.name for c in self.conditions]
+        parametric = [t for t in self.tasks if t.startswith("parametric")] \
+            if parametric is None else list(parametric)
+        retrieval = [t for t in self.tasks if t not in parametric]
+        if "none" not in names or not parametric or not retrieval:
+            return None
+        correct = {(c.name, r.task): np.array(r.correct, dtype=np.float64)
+                   for c, row in zip(self.conditions, self.records, strict=True) for r in row}
+
+        def drops(cond_names: list[str], tasks: list[str]) -> np.ndarray:
+            base = np.concatenate([correct["none", t] for t in tasks])
+            return np.stack([base - np.concatenate([correct[n, t] for t in tasks])
+                             for n in cond_names])
+
+        out = {}
+        for group in self.group_names():
+            if group == "none":
+                continue
+            members = [c.name for c in self.conditions if c.group == group]
+            out[group] = {}
+            for side, tasks in (("retrieval", retrieval), ("parametric", parametric)):
+                ci = bootstrap_ci(drops(members, tasks), level=level, seed=seed)
+                out[group][side] = {"mean": ci.mean, "low": ci.low, "high": ci.high}
+        return {"retrieval_tasks": retrieval, "parametric_tasks": parametric, "level": level,
+                "groups": out}
+
     def summary(self, n_items: dict[str, int] | None = None) -> dict:
         """Accuracy per condition and task, and mean / standard deviation per group of draws."""
         acc = self.accuracy()
@@ -280,6 +315,7 @@ class CotResult:
             "groups": {g: {"mean": dict(zip(self.tasks, mean[i].tolist(), strict=True)),
                            "std": dict(zip(self.tasks, std[i].tolist(), strict=True))}
                        for i, g in enumerate(self.group_names())},
+            "specificity": self.specificity(),
         })
 
     def save(self, directory: str | Path, *, meta: RunMetadata, config: dict | None = None,

@@ -163,6 +163,42 @@ def test_random_draws_are_grouped_with_their_spread(copy_task):
     assert [tr.name for tr in fig.data] == ["copy"] and list(fig.data[0].x) == result.group_names()
 
 
+def hand_made_result() -> cot.CotResult:
+    """none answers everything; top-1 loses every retrieval item and keeps every fact; of two
+    matched draws one loses one fact of four."""
+    rows = {"none": ([1, 1, 1, 1], [1, 1, 1, 1]), "top-1": ([0, 0, 0, 0], [1, 1, 1, 1]),
+            "matched-1-d0": ([1, 1, 1, 1], [1, 1, 1, 1]),
+            "matched-1-d1": ([1, 1, 1, 1], [1, 0, 1, 1])}
+    conds = (Condition("none", "none"), Condition("top", "top-1", ((0, 1),), k=1),
+             Condition("matched", "matched-1-d0", ((0, 0),), k=1, draw=0),
+             Condition("matched", "matched-1-d1", ((0, 2),), k=1, draw=1))
+    tasks = ("multihop_cot", "parametric_direct")
+    records = tuple(tuple(cot.TaskRecord(c.name, t, "x", ("",) * 4,
+                                         tuple(map(bool, rows[c.name][i])))
+                          for i, t in enumerate(tasks)) for c in conds)
+    return cot.CotResult(tasks, conds, records, cot.CotConfig())
+
+
+def test_specificity_drops_and_intervals_on_a_hand_made_result():
+    from rh_lens.plotting import plot_specificity
+
+    spec = hand_made_result().specificity()
+    assert spec["retrieval_tasks"] == ["multihop_cot"]
+    assert spec["parametric_tasks"] == ["parametric_direct"]
+    assert list(spec["groups"]) == ["top-1", "matched-1"]
+    assert spec["groups"]["top-1"]["retrieval"] == {"mean": 1.0, "low": 1.0, "high": 1.0}
+    assert spec["groups"]["top-1"]["parametric"] == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    matched = spec["groups"]["matched-1"]
+    assert matched["retrieval"] == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    assert matched["parametric"]["mean"] == 1 / 8 and matched["parametric"]["low"] == 0.0
+    fig = plot_specificity(hand_made_result())
+    assert list(fig.data[1].x) == [0.0, 1 / 8] and list(fig.data[1].y) == [1.0, 0.0]
+    assert list(fig.data[1].text) == ["top-1", "matched-1"]
+    assert hand_made_result().specificity(parametric=[]) is None
+    assert hand_made_result().summary()["specificity"]["groups"]["top-1"]["retrieval"]["mean"] \
+        == 1.0
+
+
 # ---------------------------------------------------------------- the script
 
 

@@ -32,7 +32,7 @@ _PLOTS = {
                    "plot_universality"),
     "ablation": ("plot_error_types", "plot_failure_attention", "plot_grids", "plot_k_curve"),
     "patching": ("plot_activation_patching", "plot_path_patching"),
-    "cot": ("plot_cot",),
+    "cot": ("plot_cot", "plot_specificity"),
     "kvcache": ("plot_kv_curve",),
     "dynamics": ("plot_niah_over_steps", "plot_onsets", "plot_score_over_steps"),
 }
@@ -45,7 +45,7 @@ __all__ = [
     "plot_head_heatmap", "plot_head_heatmaps", "plot_intrinsic", "plot_intrinsic_heatmaps",
     "plot_k_curve", "plot_kv_curve", "plot_layer_profile", "plot_niah_grid",
     "plot_niah_over_steps", "plot_onsets", "plot_path_patching", "plot_property_summary",
-    "plot_score_over_steps", "plot_sparsity",
+    "plot_score_over_steps", "plot_sparsity", "plot_specificity",
     "plot_switch_on", "plot_switch_on_grid", "plot_top_heads", "plot_universality", "save_figure",
 ]
 
