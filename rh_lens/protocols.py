@@ -51,7 +51,8 @@ NOT_FOUND = (-1, -1)
 SPAN_OVERLAP = 0.9  # the reference's share of the answer's distinct tokens a window must hold
 REFERENCE_NEWLINE = "<0x0A>"
 REFERENCE_STOP_ID = 144
-REFERENCE_CHAT = "<book>{context}</book>\nBased on the content of the book, Question: {question}\nAnswer:"
+REFERENCE_CHAT = ("<book>{context}</book>\nBased on the content of the book, "
+                  "Question: {question}\nAnswer:")
 
 
 def check_protocol(protocol: str) -> Protocol:
