@@ -392,17 +392,9 @@ def _require_weights_reachable(official: str) -> None:
         "{why}. Download it where you have network (huggingface-cli download "
         f"{official}) or pass the path of a local checkpoint directory to load_model."
     )
-    if constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(advice.format(why="HF_HUB_OFFLINE is set"))
-    endpoint = urlparse(constants.ENDPOINT)
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as err:
-        raise ModelLoadError(
-            advice.format(why=f"the Hub at {host} cannot be reached ({err})")
-        ) from None
+    why = _hub_unreachable()
+    if why is not None:
+        raise ModelLoadError(advice.format(why=why))
 
 
 # --------------------------------------------------------------------------------------------
