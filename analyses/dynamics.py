@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 from analyses import _cli
-from analyses.detect import parse_shard
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a retrieval head scores above this")
     p.add_argument("--induction-threshold", type=float, default=INDUCTION_THRESHOLD,
                    help="an induction head scores above this")
-    p.add_argument("--shard", type=parse_shard, default=(0, 1), metavar="I/N",
+    p.add_argument("--shard", type=_cli.parse_shard, default=(0, 1), metavar="I/N",
                    help="run every N-th checkpoint, from the I-th")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="combine the checkpoints of shard directories into --out")
