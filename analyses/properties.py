@@ -19,6 +19,7 @@ from analyses import _cli
 
 def build_parser() -> argparse.ArgumentParser:
     from rh_lens.properties import ALWAYS_ON_LEVEL, THRESHOLD, TOPK
+    from rh_lens.properties.stability import THRESHOLDS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scores", type=Path, nargs="+", required=True,
@@ -37,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5, help="top heads per model in the table")
     p.add_argument("--kv-heads", nargs="+", default=[], metavar="NAME=K",
                    help="KV heads of a model whose input does not say (reference files)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS),
+                   help="thresholds of the retrieval-head count sweep")
+    p.add_argument("--stability-k", type=int, default=10,
+                   help="top-K set whose stability over the number of trials is measured")
+    p.add_argument("--stability-draws", type=int, default=100,
+                   help="bootstrap resamples per trial count in the stability curve")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stability resamples")
     p.add_argument("--switch-on-heads", type=int, default=10,
                    help="context-dependent heads per model in the switch-on analysis")
     return p
@@ -93,7 +101,9 @@ def _run(args, argv) -> int:
     models = [replace(m, n_kv_heads=kv[m.name]) if m.name in kv else m for m in models]
     result = compute_property_summary(models, threshold=args.threshold, level=args.level,
                                       topk=args.topk, top=args.top,
-                                      switch_on_heads=args.switch_on_heads)
+                                      switch_on_heads=args.switch_on_heads,
+                                      thresholds=args.thresholds, stability_k=args.stability_k,
+                                      stability_draws=args.stability_draws, seed=args.seed)
     result.save(args.out)
     figures = plotting.plot_property_summary(result, file_name=_file_name)
     _cli.save_figures(args.out, figures, self_contained=args.self_contained_figures)

@@ -28,8 +28,8 @@ _PLOTS = {
                "plot_niah_grid", "plot_top_heads"),
     "properties": ("plot_activation", "plot_correlation_matrix", "plot_groups", "plot_intrinsic",
                    "plot_intrinsic_heatmaps", "plot_layer_profile", "plot_sparsity",
-                   "plot_property_summary", "plot_switch_on", "plot_switch_on_grid",
-                   "plot_universality"),
+                   "plot_property_summary", "plot_stability", "plot_switch_on",
+                   "plot_switch_on_grid", "plot_threshold_sweep", "plot_universality"),
     "ablation": ("plot_error_types", "plot_failure_attention", "plot_grids", "plot_k_curve"),
     "patching": ("plot_activation_patching", "plot_path_patching"),
     "cot": ("plot_cot", "plot_specificity"),
@@ -45,8 +45,9 @@ __all__ = [
     "plot_head_heatmap", "plot_head_heatmaps", "plot_intrinsic", "plot_intrinsic_heatmaps",
     "plot_k_curve", "plot_kv_curve", "plot_layer_profile", "plot_niah_grid",
     "plot_niah_over_steps", "plot_onsets", "plot_path_patching", "plot_property_summary",
-    "plot_score_over_steps", "plot_sparsity", "plot_specificity",
-    "plot_switch_on", "plot_switch_on_grid", "plot_top_heads", "plot_universality", "save_figure",
+    "plot_score_over_steps", "plot_sparsity", "plot_specificity", "plot_stability",
+    "plot_switch_on", "plot_switch_on_grid", "plot_threshold_sweep", "plot_top_heads",
+    "plot_universality", "save_figure",
 ]
 
 

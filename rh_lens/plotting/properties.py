@@ -18,6 +18,7 @@ from rh_lens.properties import (
     SwitchOnResult,
     UniversalityResult,
 )
+from rh_lens.properties.stability import STABLE_JACCARD, StabilityCurve, ThresholdSweep
 
 
 def plot_sparsity(results: dict[str, SparsityResult]) -> go.Figure:
@@ -38,6 +39,43 @@ def plot_layer_profile(results: dict[str, SparsityResult]) -> go.Figure:
                      for name, r in results.items()])
     fig.update_layout(title=dict(text="Where retrieval heads sit (score > threshold)"),
                       xaxis_title="layer", yaxis_title="retrieval heads")
+    return fig
+
+
+def plot_threshold_sweep(results: dict[str, ThresholdSweep]) -> go.Figure:
+    """Retrieval heads at each threshold, one line per model; the hover adds the share of heads
+    and the overlap with the set at the default threshold."""
+    fig = go.Figure()
+    for name, r in results.items():
+        fig.add_trace(go.Scatter(
+            x=list(r.thresholds), y=r.n_retrieval, name=name, mode="lines+markers",
+            customdata=np.stack([r.share, r.jaccard_with_default], axis=1),
+            hovertemplate=f"{name} > %{{x}}: %{{y}} heads (%{{customdata[0]:.1%}}), Jaccard "
+                          f"with > {r.default:g}: %{{customdata[1]:.2f}}<extra></extra>"))
+    fig.update_layout(title=dict(text="Retrieval heads by threshold"),
+                      xaxis_title="threshold (mean score >)", yaxis_title="retrieval heads")
+    return fig
+
+
+def plot_stability(curve: StabilityCurve, *, title: str = "") -> go.Figure:
+    """Agreement of resampled trials with all trials against their number: the mean over draws
+    of each measure, the top-K Jaccard with its 5th-95th percentile band."""
+    x = curve.sizes
+    low, high = (np.nanpercentile(curve.topk_jaccard, q, axis=1) for q in (5, 95))
+    fig = go.Figure([
+        go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([high, low[::-1]]),
+                   fill="toself", line=dict(width=0), opacity=0.25, hoverinfo="skip",
+                   name=f"top-{curve.k} Jaccard, 5-95 %"),
+        *(go.Scatter(x=x, y=np.nanmean(values, axis=1), mode="lines+markers", name=name)
+          for name, values in ((f"top-{curve.k} Jaccard", curve.topk_jaccard),
+                               (f"retrieval heads (> {curve.threshold:g}) Jaccard",
+                                curve.retrieval_jaccard),
+                               ("Spearman of all scores", curve.spearman))),
+    ])
+    fig.add_hline(y=STABLE_JACCARD, line_dash="dot")
+    fig.update_layout(title=dict(text=title or f"{curve.name}: stability over trials"),
+                      xaxis=dict(title="trials", type="log"),
+                      yaxis=dict(title="agreement with all trials", range=[0, 1.02]))
     return fig
 
 
@@ -163,6 +201,10 @@ def plot_property_summary(result, *, file_name=str) -> dict[str, go.Figure]:
             figures[f"switch_on_{file_name(name)}"] = plot_switch_on(
                 sw, title=f"{name}: activation rate of context-dependent heads")
             figures[f"switch_on_grid_{file_name(name)}"] = plot_switch_on_grid(sw, sw.heads[0])
+    for name, curve in (result.stability or {}).items():
+        figures[f"stability_{file_name(name)}"] = plot_stability(curve)
+    if result.thresholds:
+        figures["thresholds"] = plot_threshold_sweep(result.thresholds)
     for r in result.intrinsic:
         a, b = r.names
         stem = f"intrinsic_{file_name(a)}_vs_{file_name(b)}"

@@ -26,7 +26,8 @@ One module per property: :mod:`~rh_lens.properties.scores` (the input),
 :mod:`~rh_lens.properties.sparsity`, :mod:`~rh_lens.properties.activation`,
 :mod:`~rh_lens.properties.switch_on`, :mod:`~rh_lens.properties.universality`,
 :mod:`~rh_lens.properties.intrinsic`, :mod:`~rh_lens.properties.groups` (grouped-query
-attention), and :mod:`~rh_lens.properties.summary` (all of them for several models, as
+attention), :mod:`~rh_lens.properties.stability` (over thresholds and numbers of trials), and
+:mod:`~rh_lens.properties.summary` (all of them for several models, as
 ``python -m analyses.properties`` saves them).  Every public name is importable from here.
 Nothing here needs torch.
 """
@@ -48,6 +49,13 @@ from rh_lens.properties.sparsity import (
     compute_sparsity,
     retrieval_heads,
 )
+from rh_lens.properties.stability import (
+    THRESHOLDS,
+    StabilityCurve,
+    ThresholdSweep,
+    compute_stability,
+    compute_threshold_sweep,
+)
 from rh_lens.properties.summary import (
     SUMMARY_JSON,
     TABLE_TXT,
@@ -58,11 +66,12 @@ from rh_lens.properties.switch_on import FACTORS, SwitchOnResult, compute_switch
 from rh_lens.properties.universality import ModelSummary, UniversalityResult, compute_universality
 
 __all__ = [
-    "ALWAYS_ON_LEVEL", "BIN_LABELS", "FACTORS", "SUMMARY_JSON", "TABLE_TXT", "THRESHOLD", "TOPK",
-    "ActivationResult", "CorrelationMatrix", "GroupResult", "HeadScores", "IntrinsicResult",
-    "ModelSummary", "PropertySummary", "SparsityResult", "SwitchOnResult", "Table",
-    "TrialContext", "UniversalityResult", "compute_activation", "compute_correlation_matrix",
-    "compute_groups", "compute_intrinsic", "compute_property_summary", "compute_sparsity",
-    "compute_switch_on", "compute_universality", "group_scores", "load_head_scores",
+    "ALWAYS_ON_LEVEL", "BIN_LABELS", "FACTORS", "SUMMARY_JSON", "TABLE_TXT", "THRESHOLD",
+    "THRESHOLDS", "TOPK", "ActivationResult", "CorrelationMatrix", "GroupResult", "HeadScores",
+    "IntrinsicResult", "ModelSummary", "PropertySummary", "SparsityResult", "StabilityCurve",
+    "SwitchOnResult", "Table", "ThresholdSweep", "TrialContext", "UniversalityResult",
+    "compute_activation", "compute_correlation_matrix", "compute_groups", "compute_intrinsic",
+    "compute_property_summary", "compute_sparsity", "compute_stability", "compute_switch_on",
+    "compute_threshold_sweep", "compute_universality", "group_scores", "load_head_scores",
     "retrieval_heads",
 ]

@@ -13,7 +13,11 @@ figures are drawn from.  ``summary.json`` holds::
                        "always_on_at_level", "context_dependent", "retrieval_per_layer",
                        "n_kv_heads", "n_trials_run", "n_silent_trials" (trials in which
                        no head copied), "source", "score",
-                       "groups": {...} or null (GQA models), "switch_on": [...] or null}},
+                       "groups": {...} or null (GQA models), "switch_on": [...] or null,
+                       "thresholds": [{"threshold", "n_retrieval", "share",
+                                       "jaccard_with_default"}],
+                       "stability": {"k", "draws", "seed", "level", "stable_after",
+                                     "curve": [{"n_trials", "topk_jaccard", ...}]}}},
      "pairs": [{"a", "b", "pearson", "spearman", "topk_jaccard": {K: J}, "retrieval_jaccard"}],
      "not_compared": [{"a", "b", "reason"}]}
 
@@ -38,6 +42,14 @@ from rh_lens.properties.intrinsic import (
 )
 from rh_lens.properties.scores import HeadScores
 from rh_lens.properties.sparsity import BIN_LABELS, compute_sparsity, retrieval_heads
+from rh_lens.properties.stability import (
+    STABLE_JACCARD,
+    THRESHOLDS,
+    StabilityCurve,
+    ThresholdSweep,
+    compute_stability,
+    compute_threshold_sweep,
+)
 from rh_lens.properties.switch_on import SwitchOnResult, compute_switch_on
 from rh_lens.properties.universality import UniversalityResult, compute_universality
 from rh_lens.results import ResultFileError, read_json, to_jsonable, write_json_atomic
@@ -59,6 +71,8 @@ class PropertySummary:
     switch_on: dict[str, SwitchOnResult] | None = None
     intrinsic: tuple[IntrinsicResult, ...] = ()
     correlations: CorrelationMatrix | None = None
+    thresholds: dict[str, ThresholdSweep] | None = None
+    stability: dict[str, StabilityCurve] | None = None
 
     def save(self, directory: str | Path) -> Path:
         """``summary.json`` and ``table.txt`` in ``directory`` (created if needed)."""
@@ -83,9 +97,12 @@ class PropertySummary:
 def compute_property_summary(
     models: Sequence[HeadScores], *, threshold: float = THRESHOLD,
     level: float = ALWAYS_ON_LEVEL, topk: Sequence[int] = TOPK, top: int = 5,
-    switch_on_heads: int = 10,
+    switch_on_heads: int = 10, thresholds: Sequence[float] = THRESHOLDS, stability_k: int = 10,
+    stability_draws: int = 100, seed: int = 0,
 ) -> PropertySummary:
-    """Every property of every model, and the correlations of every same-shape pair."""
+    """Every property of every model, and the correlations of every same-shape pair.  The
+    threshold sweep and the stability curve (top-``stability_k``, ``stability_draws`` seeded
+    resamples per trial count) are per model."""
     if any(k < 1 for k in topk):
         raise ValueError(f"top-K values must be >= 1, got {list(topk)}")
     names = [m.name for m in models]
@@ -93,7 +110,7 @@ def compute_property_summary(
         raise ValueError(f"two inputs have the same name: {names}")
     uni = compute_universality(models, threshold=threshold, level=level, top=top)
     acts = {m.name: compute_activation(m, threshold=threshold, level=level) for m in models}
-    groups, switch_on, entries = {}, {}, {}
+    groups, switch_on, entries, sweeps, curves = {}, {}, {}, {}, {}
     lines = [uni.format_table(), ""]
     for m, row in zip(models, uni.models, strict=True):
         act, sp = acts[m.name], row.sparsity
@@ -135,6 +152,24 @@ def compute_property_summary(
                                                        max_heads=switch_on_heads)
             entry["switch_on"] = sw.table()
             lines.extend(_switch_on_lines(sw))
+        sweep = sweeps[m.name] = compute_threshold_sweep(m.mean, thresholds=thresholds,
+                                                         default=threshold)
+        curve = curves[m.name] = compute_stability(
+            m, k=min(stability_k, m.mean.size), threshold=threshold, draws=stability_draws,
+            seed=seed)
+        stable = {"topk_jaccard_mean": curve.stable_after(),
+                  "topk_jaccard_p05": curve.stable_after(percentile=5),
+                  "retrieval_jaccard_mean": curve.stable_after("retrieval_jaccard")}
+        entry["thresholds"] = sweep.table()
+        entry["stability"] = {"k": curve.k, "draws": stability_draws, "seed": seed,
+                              "level": STABLE_JACCARD, "stable_after": stable,
+                              "curve": curve.table()}
+        lines.append(f"  top-{curve.k} set (Jaccard with all {m.n_trials} trials >= "
+                     f"{STABLE_JACCARD}): from {_n(stable['topk_jaccard_mean'])} trials on "
+                     f"average, {_n(stable['topk_jaccard_p05'])} in 95 % of resamples; "
+                     f"retrieval-head set: {_n(stable['retrieval_jaccard_mean'])}")
+        lines.append("  retrieval heads by threshold: " + ", ".join(
+            f"{t:g}: {n}" for t, n in zip(sweep.thresholds, sweep.n_retrieval, strict=True)))
         entries[m.name] = entry
 
     pairs, skipped, intrinsic = [], [], []
@@ -167,7 +202,11 @@ def compute_property_summary(
                "not_compared": skipped}
     corr = compute_correlation_matrix({m.name: m.mean for m in models})
     return PropertySummary(summary, "\n".join(lines), uni, acts, groups, switch_on,
-                           tuple(intrinsic), corr)
+                           tuple(intrinsic), corr, sweeps, curves)
+
+
+def _n(trials: int | None) -> str:
+    return "never" if trials is None else str(trials)
 
 
 def _switch_on_lines(sw: SwitchOnResult) -> list[str]:

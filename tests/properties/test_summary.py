@@ -42,6 +42,9 @@ def test_script_writes_the_summary(tmp_path, capsys):
     assert m["groups"]["n_kv_heads"] == 2 and summary["models"]["derived"]["groups"] is None
     assert summary["models"]["zoo:x"]["switch_on"][0]["factor"] == "needle"
     assert summary["models"]["base"]["switch_on"] is None
+    assert [row["n_retrieval"] for row in m["thresholds"]] == [2] * 6  # 0.9 and 0.45
+    assert m["stability"]["k"] == 8  # 10 capped at the model's 8 heads: every set is all of them
+    assert m["stability"]["stable_after"]["topk_jaccard_p05"] == 1
     pairs = {(p["a"], p["b"]): p for p in summary["pairs"]}
     assert set(pairs) == {("base", "derived"), ("wide", "zoo:x")}
     assert pairs[("base", "derived")]["topk_jaccard"] == {"1": 1.0, "2": 1.0, "7": 0.75}
@@ -53,7 +56,7 @@ def test_script_writes_the_summary(tmp_path, capsys):
     for name in ("heatmaps", "sparsity_bins", "layer_profile", "activation",
                  "correlation_pearson", "correlation_spearman", "groups_base",
                  "intrinsic_base_vs_derived_scatter", "intrinsic_base_vs_derived_heatmaps",
-                 "switch_on_zoo_x", "switch_on_grid_zoo_x"):
+                 "switch_on_zoo_x", "switch_on_grid_zoo_x", "thresholds", "stability_base"):
         assert (out / f"{name}.html").is_file(), name
     assert (out / "plotly.min.js").is_file() and (out / "table.txt").read_text() in text + "\n"
     assert "always-on (frequency 1): L0H1" in text
