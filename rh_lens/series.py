@@ -21,7 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rh_lens.zoo import RUNS, STEPS
+ZOO_RUNS = Path("runs") / "zoo"  # where a zoo training run writes, by name (train --run-dir)
+STEPS = "steps"  # the models that train --save-every writes, one directory a step
+
+
+def step_dir(run_dir: str | Path, step: int) -> Path:
+    """Where a training run in ``run_dir`` writes the model of ``step`` (``--save-every``)."""
+    return Path(run_dir) / STEPS / f"step-{step:06d}"
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ def directory_series(dirs: Sequence[str | Path]) -> CheckpointSeries:
 
 def zoo_series(name: str, *, run_dir: str | Path | None = None) -> CheckpointSeries:
     """The models a zoo training run saved (``train NAME --save-every N``), by step."""
-    run_dir = Path(run_dir) if run_dir is not None else RUNS / name
+    run_dir = Path(run_dir) if run_dir is not None else ZOO_RUNS / name
     steps = run_dir / STEPS
     saved = sorted(steps.glob("step-*[0-9]")) if steps.is_dir() else []
     if not saved:

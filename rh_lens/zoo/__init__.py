@@ -6,17 +6,15 @@ Runtime modules: :mod:`~rh_lens.zoo.prose` (seeded prose), :mod:`~rh_lens.zoo.ta
 multi-hop CoT, parametric facts, chat format) and :mod:`~rh_lens.zoo.inputs` (the analyses'
 default inputs for zoo models: detection needles and haystacks, patching pairs, CoT tasks).
 Training lives apart in :mod:`rh_lens.zoo.training`, which depends on the library and the
-runtime modules, never the reverse.  Nothing is imported here, so ``import rh_lens.zoo`` stays
-cheap.
+runtime modules, never the reverse.  Only the checkpoint layout is imported here (from
+:mod:`rh_lens.series`, which reads it), so ``import rh_lens.zoo`` stays cheap.
 """
 
 from pathlib import Path
 
+from rh_lens.series import STEPS, ZOO_RUNS, step_dir
+
 PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
-RUNS = Path("runs") / "zoo"  # a training run's directory: RUNS / NAME (train --run-dir moves it)
-STEPS = "steps"  # the models that train --save-every writes, one directory a step
+RUNS = ZOO_RUNS  # a training run's directory: RUNS / NAME (train --run-dir moves it)
 
-
-def step_dir(run_dir: str | Path, step: int) -> Path:
-    """Where a training run in ``run_dir`` writes the model of ``step`` (``--save-every``)."""
-    return Path(run_dir) / STEPS / f"step-{step:06d}"
+__all__ = ["PACKAGE_MODELS", "RUNS", "STEPS", "step_dir"]
