@@ -55,14 +55,16 @@ def new_cache(model: TransformerBridge, batch: int):
 def forward_chunk(
     model: TransformerBridge, tokens: Int[Tensor, "batch pos"], cache, n_past: int,
     mask: Int[Tensor, "batch past_and_pos"] | None = None, *, argmax: bool = False,
-) -> tuple[Float[Tensor, "batch pos d_vocab"], Int[Tensor, "batch n_layers n_heads"] | None]:
+    logits: bool = True,
+) -> tuple[Float[Tensor, "batch pos d_vocab"] | None, Int[Tensor, "batch n_layers n_heads"] | None]:
     """Forward ``tokens`` after ``n_past`` cached positions; ``cache`` grows by their keys/values.
 
     ``mask`` covers the cached and the new positions (0 at left padding); None means all
     ones, so that real tokens sharing the pad token's id are never masked.  With padding, the
     position ids count real tokens only (Hugging Face numbers them by column otherwise).
-    Returns the logits and, with ``argmax`` and :func:`records_unhooked`, every head's argmax
-    key position for the last query, read from the eager twin's attention weights (else None).
+    Returns the logits (None with ``logits=False``, when the SDPA twin then unembeds only the
+    last position) and, with ``argmax`` and :func:`records_unhooked`, every head's argmax key
+    position for the last query, read from the eager twin's attention weights (else None).
     """
     batch, n_new = tokens.shape
     kw = {_cache_kwarg(model.original_model): cache}
@@ -80,9 +82,11 @@ def forward_chunk(
     twin = model.__dict__.get(TWIN_ATTR)
     if twin is not None and n_new > 1 and not hooks_attached(model):
         twin.tie()
-        logits = twin.model(input_ids=tokens, attention_mask=mask, use_cache=True, **kw).logits
-        return logits, None
-    return model(tokens, attention_mask=mask, use_cache=True, **kw), None
+        keep = {} if logits else {"logits_to_keep": 1}
+        out = twin.model(input_ids=tokens, attention_mask=mask, use_cache=True, **kw, **keep)
+        return (out.logits if logits else None), None
+    out = model(tokens, attention_mask=mask, use_cache=True, **kw)
+    return (out if logits else None), None
 
 
 def records_unhooked(model: TransformerBridge) -> bool:

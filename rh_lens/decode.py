@@ -143,7 +143,7 @@ def decode_greedy(
         for start in range(0, width - 1, chunk_size):
             end = min(start + chunk_size, width - 1)
             forward_chunk(model, tokens[:, start:end], state,
-                          None if mask is None else mask[:, start:end])
+                          None if mask is None else mask[:, start:end], logits=False)
 
     def step_forward(ids):
         if record:

@@ -222,9 +222,13 @@ def new_kv_state(model: Model, batch: int = 1) -> KVState:
 
 def forward_chunk(
     model: Model, tokens: Int[Tensor, "batch pos"], state: KVState,
-    attention_mask: Int[Tensor, "batch pos"] | None = None,
-) -> Float[Tensor, "batch pos d_vocab"]:
+    attention_mask: Int[Tensor, "batch pos"] | None = None, *, logits: bool = True,
+) -> Float[Tensor, "batch pos d_vocab"] | None:
     """Forward ``tokens`` after everything already in ``state`` and append their keys/values.
+
+    ``logits=False`` (a prefill chunk whose predictions nobody reads) returns None and skips
+    the unembedding where the engine allows: at a vocabulary of 128K words it costs more than
+    a few layers.
 
     ``attention_mask`` (default all ones) marks the real tokens of ``tokens``; a batch of
     prompts of different lengths is left-padded, with 0 at the padding.  Both engines get the
@@ -235,7 +239,7 @@ def forward_chunk(
     multi-token chunk with Hugging Face's SDPA kernels when no hook is attached (see
     :mod:`rh_lens._bridge`).
     """
-    return _forward(model, tokens, state, attention_mask, argmax=False)[0]
+    return _forward(model, tokens, state, attention_mask, argmax=False, logits=logits)[0]
 
 
 def forward_argmax(
@@ -253,7 +257,7 @@ def forward_argmax(
     return logits, table
 
 
-def _forward(model, tokens, state, attention_mask, *, argmax):
+def _forward(model, tokens, state, attention_mask, *, argmax, logits=True):
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     check_context(model, state.n_tokens + tokens.shape[1], what="sequence")
@@ -272,14 +276,16 @@ def _forward(model, tokens, state, attention_mask, *, argmax):
         recorder = hooks.LastQueryArgmax(model.cfg.n_layers)
     with attached(model, recorder.hooks if recorder else []):
         if bridge:
-            logits, table = _bridge.forward_chunk(model, tokens, state.cache, state.n_tokens,
-                                                  state.mask, argmax=argmax)
+            out, table = _bridge.forward_chunk(model, tokens, state.cache, state.n_tokens,
+                                               state.mask, argmax=argmax, logits=logits)
         else:
             new = (torch.ones_like(tokens) if state.mask is None
                    else state.mask[:, state.n_tokens :])
-            logits, table = model(tokens, past_kv_cache=state.cache, attention_mask=new), None
+            out = model(tokens, past_kv_cache=state.cache, attention_mask=new,
+                        return_type="logits" if logits else None)
+            table = None
     state.n_tokens += tokens.shape[1]
-    return logits, (recorder.table() if recorder else table)
+    return (out if logits else None), (recorder.table() if recorder else table)
 
 
 def select_rows(model: Model, state: KVState, rows: Int[Tensor, " keep"]) -> None:
