@@ -108,3 +108,25 @@ def require_rotary(positional: str | None, trained: int, wanted: int, source) ->
             f"{source}: n_ctx={wanted} exceeds the trained context {trained}, and only rotary "
             f"models can be extended (this one uses {positional!r} positions)"
         )
+
+
+def store_for_linear(model: HookedTransformer) -> HookedTransformer:
+    """Store the unembedding and a gated MLP's matrices transposed, so that the copy
+    TransformerLens makes of each on every forward (``F.linear(x, W.T.contiguous())``) is a
+    view instead.
+
+    The values and the tensor that reaches ``F.linear`` are the same, in the same layout, so
+    every result is bit for bit what it was; a forward no longer copies those weights (at a
+    128K-word vocabulary, 2 GB in float32 for the unembedding alone).  The parameters keep
+    their shapes and names; only their strides change.  The attention matrices keep
+    TransformerLens's layout: path patching reads them through ``einsum``, whose rounding
+    depends on it.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            leaf = name.rpartition(".")[2]
+            if leaf == "W_U" or (leaf in ("W_in", "W_gate", "W_out") and model.cfg.gated_mlp):
+                param.data = param.data.T.contiguous().T
+    return model

@@ -16,7 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from rh_lens import _bridge
-from rh_lens._loading import HookedTransformer, HookedTransformerConfig, quiet_loading
+from rh_lens._loading import (
+    HookedTransformer,
+    HookedTransformerConfig,
+    quiet_loading,
+    store_for_linear,
+)
 from rh_lens.engine import backend_of, require_hooked
 from rh_lens.errors import ModelLoadError
 
@@ -64,10 +69,10 @@ def hooked_from_hf(hf_model: nn.Module, tokenizer, *, n_ctx: int | None = None,
     """The HookedTransformer computing what the Hugging Face Llama model ``hf_model`` does.
 
     ``share=True``: its parameters are views of ``hf_model``'s (no memory of its own beyond
-    zero biases and rotary tables).  ``share=False``: contiguous copies in TransformerLens's
-    layout, as a model loaded from disk has them (TransformerLens then transposes its MLP and
-    unembedding matrices on every forward; a benchmark of the engine should pay that too).
-    Token embeddings are shared either way.
+    zero biases and rotary tables).  ``share=False``: copies of its own, in the layout
+    :func:`rh_lens.models.load_model` gives a loaded model (each matrix stored as ``F.linear``
+    reads it; see :func:`rh_lens._loading.store_for_linear`).  Token embeddings are shared
+    either way.
     """
     require_hooked("hooked_from_hf")
     c = hf_model.config
@@ -110,7 +115,7 @@ def hooked_from_hf(hf_model: nn.Module, tokenizer, *, n_ctx: int | None = None,
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
     with quiet_loading():
         model.to(first.device)  # the buffers (rotary tables); parameters are there already
-    return model.eval()
+    return store_for_linear(model).eval()
 
 
 def _views(hf_model: nn.Module, cfg) -> dict[str, Tensor]:

@@ -44,6 +44,7 @@ from rh_lens._loading import (
     is_rebuilt_buffer,
     quiet_loading,
     require_rotary,
+    store_for_linear,
 )
 from rh_lens.engine import (
     BACKENDS,
@@ -168,6 +169,8 @@ def load_model(
         model = _load_named(text, device, torch_dtype, n_ctx, how)
     model.eval()
     _validate(model)
+    if backend == "hooked":
+        store_for_linear(model)
     return model
 
 

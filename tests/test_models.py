@@ -234,3 +234,18 @@ def test_corrupt_rh_lens_weights(tmp_path, tokenizer):
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ModelLoadError, match="corrupt or truncated"):
         load_model(path)
+
+
+@pytest.mark.parametrize("spec", ["zoo:llama-s", "zoo:gpt2-s"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matrices_stored_as_f_linear_reads_them_change_no_bit(spec, dtype):
+    model = load_model(spec, dtype=dtype, backend="hooked")
+    assert model.unembed.W_U.T.is_contiguous()  # TransformerLens's .T.contiguous() is a view
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 90), generator=gen)
+    with torch.no_grad():
+        stored = model(tokens)
+        for param in model.parameters():  # TransformerLens's own layout
+            param.data = param.data.contiguous()
+        plain = model(tokens)
+    assert torch.equal(stored, plain)

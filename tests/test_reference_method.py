@@ -38,7 +38,9 @@ def test_converted_model_gives_the_same_logits(llama_s):
 def test_hooked_model_of_hf_weights_gives_the_same_logits(llama_s, share):
     hf = to_hf(llama_s)
     hooked = hooked_from_hf(hf, llama_s.tokenizer, n_ctx=256, share=share)
-    assert hooked.blocks[0].mlp.W_in.is_contiguous() == (not share)
+    up = hf.model.layers[0].mlp.up_proj.weight
+    shared = hooked.blocks[0].mlp.W_in.data_ptr() == up.data_ptr()
+    assert shared == share
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, llama_s.cfg.d_vocab, (1, 120), generator=gen)
     with torch.no_grad():
