@@ -72,7 +72,8 @@ def forward_chunk(
         mask = torch.ones((batch, n_past + n_new), dtype=torch.long, device=tokens.device)
     else:
         kw["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, n_past:]
-    if argmax and records_unhooked(model):
+    unhooked = not hooks_attached(model)  # one scan of the hook points a forward
+    if argmax and unhooked and model.__dict__.get(EAGER_ATTR) is not None:
         eager = model.__dict__[EAGER_ATTR]
         eager.tie()
         out = eager.model(input_ids=tokens, attention_mask=mask, use_cache=True,
@@ -80,7 +81,7 @@ def forward_chunk(
         table = torch.stack([a[:, :, -1].argmax(dim=-1) for a in out.attentions], dim=1)
         return out.logits, table
     twin = model.__dict__.get(TWIN_ATTR)
-    if twin is not None and n_new > 1 and not hooks_attached(model):
+    if twin is not None and n_new > 1 and unhooked:
         twin.tie()
         keep = {} if logits else {"logits_to_keep": 1}
         out = twin.model(input_ids=tokens, attention_mask=mask, use_cache=True, **kw, **keep)

@@ -110,23 +110,40 @@ def require_rotary(positional: str | None, trained: int, wanted: int, source) ->
         )
 
 
-def store_for_linear(model: HookedTransformer) -> HookedTransformer:
-    """Store the unembedding and a gated MLP's matrices transposed, so that the copy
-    TransformerLens makes of each on every forward (``F.linear(x, W.T.contiguous())``) is a
-    view instead.
+ATTENTION_MATRICES = {  # name -> the order of its dimensions in which F.linear reads it
+    "W_Q": (0, 2, 1), "W_K": (0, 2, 1), "W_V": (0, 2, 1), "_W_K": (0, 2, 1), "_W_V": (0, 2, 1),
+    "W_O": (2, 0, 1),
+}
+
+
+def store_for_linear(model: HookedTransformer, *, attention: bool = True) -> HookedTransformer:
+    """Store each matrix that TransformerLens hands to ``F.linear`` in the layout ``F.linear``
+    reads, so that the copy TransformerLens makes of it on every forward (``W_U.T.contiguous()``,
+    a gated MLP's transposed matrices, the rearranged ``W_Q`` ... ``W_O``) is a view instead.
 
     The values and the tensor that reaches ``F.linear`` are the same, in the same layout, so
-    every result is bit for bit what it was; a forward no longer copies those weights (at a
-    128K-word vocabulary, 2 GB in float32 for the unembedding alone).  The parameters keep
-    their shapes and names; only their strides change.  The attention matrices keep
-    TransformerLens's layout: path patching reads them through ``einsum``, whose rounding
-    depends on it.
+    every result is bit for bit what it was, and a forward no longer copies its weights (at a
+    7B shape, half a gigabyte a layer in float32, with a strided read).  The parameters keep
+    their shapes and names; only their strides change.  ``attention=False`` gives the attention
+    matrices TransformerLens's own layout back (see :func:`attention_layout`).
     """
     import torch
 
     with torch.no_grad():
         for name, param in model.named_parameters():
             leaf = name.rpartition(".")[2]
-            if leaf == "W_U" or (leaf in ("W_in", "W_gate", "W_out") and model.cfg.gated_mlp):
+            if leaf in ATTENTION_MATRICES:
+                order = ATTENTION_MATRICES[leaf] if attention else (0, 1, 2)
+                inverse = [order.index(i) for i in range(3)]
+                param.data = param.data.permute(*order).contiguous().permute(*inverse)
+            elif leaf == "W_U" or (leaf in ("W_in", "W_gate", "W_out") and model.cfg.gated_mlp):
                 param.data = param.data.T.contiguous().T
     return model
+
+
+def attention_layout(model: HookedTransformer, flags: dict[str, bool]) -> None:
+    """The attention matrices' layout for TransformerLens's hook flags: with split inputs or
+    per-head results on, TransformerLens reads them through ``einsum``, whose rounding depends
+    on their layout, so they get TransformerLens's own; otherwise the ``F.linear`` layout."""
+    split = any(flags.get(name) for name in ("use_split_qkv_input", "use_attn_result"))
+    store_for_linear(model, attention=not split)

@@ -9,6 +9,9 @@ Each measurement is a function that returns a small frozen dataclass:
   lengths: :class:`PrefillMemory` per length.
 - :func:`measure_engines`: the engines of :data:`ENGINES` side by side, detection time and
   unchunked prefill memory: :class:`EngineFigures` per engine.
+- :func:`measure_against_hf`: detection on every engine, unbatched and batched, against the
+  reference's decoding method and plain greedy generation run by Hugging Face Transformers on
+  the same weights and trials (CPU time per trial, interleaved repeats): :class:`TrialTimes`.
 
 Times are medians over repeats after one warm-up (:func:`median_seconds`).  Memory on CUDA is
 ``torch.cuda.max_memory_allocated``; on the CPU each measurement runs in a fresh process
@@ -236,6 +239,86 @@ def measure_engines(spec: str, needles: Sequence, haystacks: Sequence, *, device
             c: probe_memory(spec, n_ctx=n_ctx, context=c, chunk=c, device=device, engine=engine)
             for c in contexts}))
     return out
+
+
+@dataclass(frozen=True)
+class TrialTimes:
+    """CPU seconds per trial of one way of decoding a sweep's trials, one figure a repeat."""
+
+    label: str
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+REFERENCE_METHOD = "reference method (HF)"
+HF_FLOOR = "HF greedy generation"
+
+
+def measure_against_hf(spec: str, needles: Sequence, haystacks: Sequence, todo: Sequence,
+                       cfg, *, repeats: int, batch_sizes: Sequence[int] = (1, 8),
+                       device: str = "cpu") -> list[TrialTimes]:
+    """Detection of the cells ``todo`` under ``cfg`` on every engine at every batch size,
+    against the reference's decoding method (:func:`rh_lens.reference_method.reference_detect`)
+    and plain greedy generation (:func:`~rh_lens.reference_method.hf_greedy`) on the Hugging
+    Face model of the same weights, building and decoding the same prompts with the same stop
+    rule (the reference's script builds its prompts too; scoring is left out there).  Each
+    way runs once to warm up, then ``repeats`` times, the ways taking turns; the figure is
+    process CPU time per trial (steady on a shared machine; set the thread count first)."""
+    from dataclasses import replace
+
+    import torch
+
+    from rh_lens import protocols
+    from rh_lens.decode import is_stop_token
+    from rh_lens.detect import run_trials
+    from rh_lens.hf_export import to_hf
+    from rh_lens.models import BACKENDS, HAS_HOOKED, load_model
+    from rh_lens.reference_method import hf_greedy, reference_detect
+
+    if repeats < 1 or not todo or min(batch_sizes, default=0) < 1:
+        raise ValueError(f"need repeats >= 1, some cells and positive batch sizes; got "
+                         f"{repeats}, {len(todo)} cells, {list(batch_sizes)}")
+    models = {b: load_model(spec, device=device, backend=b) for b in BACKENDS
+              if b != "hooked" or HAS_HOOKED}
+    ways = {}
+    for backend, model in models.items():
+        for size in batch_sizes:
+            sized = replace(cfg, batch_size=size)
+            ways[f"{backend}, batch {size}"] = (
+                lambda m=model, c=sized: run_trials(m, needles, haystacks, todo, c))
+    model = models.get("bridge") or models["hooked"]
+    hf = to_hf(model)
+    rule = protocols.stop_rule(cfg.protocol)
+
+    def stop(token_id: int) -> bool:
+        return is_stop_token(model, token_id, stop=rule)
+
+    def on_hf(decode) -> list:  # builds each prompt as run_trials does, then decodes it
+        out = []
+        for c in todo:
+            trial = protocols.build(cfg.protocol, model, needles[c.needle], haystacks[c.needle],
+                                    context_length=c.length, depth=c.depth, buffer=cfg.buffer,
+                                    max_new_tokens=cfg.max_new_tokens, chat=cfg.chat,
+                                    lengths=cfg.lengths)
+            out.append(decode(hf, trial.tokens[None], max_new_tokens=cfg.max_new_tokens,
+                              stop=stop))
+        return out
+
+    for label, method in ((REFERENCE_METHOD, reference_detect), (HF_FLOOR, hf_greedy)):
+        ways[label] = lambda f=method: on_hf(f)
+    times: dict[str, list[float]] = {label: [] for label in ways}
+    with torch.no_grad():
+        for fn in ways.values():
+            fn()
+        for _ in range(repeats):
+            for label, fn in ways.items():
+                start = time.process_time()
+                fn()
+                times[label].append((time.process_time() - start) / len(todo))
+    return [TrialTimes(label, tuple(t)) for label, t in times.items()]
 
 
 if __name__ == "__main__":  # the memory probe: python -m rh_lens.benchmark '{"spec": ...}'

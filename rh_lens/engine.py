@@ -174,6 +174,11 @@ def set_hook_flags(model: Model, flags: dict[str, bool]) -> dict[str, bool]:
             setattr(cfg, name, value)
         elif name in _BRIDGE_FLAG_SETTERS:
             getattr(model, _BRIDGE_FLAG_SETTERS[name])(value)
+    if not bridge:
+        from rh_lens._loading import attention_layout
+
+        attention_layout(model, {name: getattr(cfg, name, False) for name in
+                                 ("use_split_qkv_input", "use_attn_result")})
     return saved
 
 

@@ -249,3 +249,23 @@ def test_matrices_stored_as_f_linear_reads_them_change_no_bit(spec, dtype):
             param.data = param.data.contiguous()
         plain = model(tokens)
     assert torch.equal(stored, plain)
+
+
+def test_split_inputs_read_attention_matrices_in_transformer_lens_layout():
+    from rh_lens.models import set_hook_flags
+
+    model = load_model("zoo:llama-s", backend="hooked")
+    assert model.blocks[0].attn.W_O.permute(2, 0, 1).is_contiguous()
+    plain = load_model("zoo:llama-s", backend="hooked")
+    for param in plain.parameters():
+        param.data = param.data.contiguous()
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.cfg.d_vocab, (1, 70), generator=gen)
+    flags = {"use_split_qkv_input": True, "use_attn_result": True}
+    saved = set_hook_flags(model, flags)
+    set_hook_flags(plain, flags)
+    assert model.blocks[0].attn.W_Q.is_contiguous()  # einsum's rounding follows the layout
+    with torch.no_grad():
+        assert torch.equal(model(tokens), plain(tokens))
+    set_hook_flags(model, saved)
+    assert model.blocks[0].attn.W_Q.transpose(1, 2).is_contiguous()

@@ -34,6 +34,7 @@ _PLOTS = {
     "patching": ("plot_activation_patching", "plot_path_patching"),
     "cot": ("plot_cot", "plot_specificity"),
     "kvcache": ("plot_kv_curve",),
+    "scale": ("plot_scale",),
     "dynamics": ("plot_niah_over_steps", "plot_onsets", "plot_score_over_steps"),
 }
 _EXPORTS = {name: module for module, names in _PLOTS.items() for name in names}
