@@ -98,7 +98,7 @@ def random_model(shape: Shape, *, n_ctx: int, seed: int = 0, dtype: torch.dtype 
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # no float32 copy first
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
         if name.endswith("norm.weight") or "layernorm" in name:
