@@ -8,7 +8,8 @@ figure, scripts call :func:`save_figure`.
 
 One module per analysis: :mod:`~rh_lens.plotting.detect`, :mod:`~rh_lens.plotting.properties`,
 :mod:`~rh_lens.plotting.ablation`, :mod:`~rh_lens.plotting.patching`,
-:mod:`~rh_lens.plotting.cot`, :mod:`~rh_lens.plotting.dynamics`.  Every ``plot_*`` is re-exported
+:mod:`~rh_lens.plotting.cot`, :mod:`~rh_lens.plotting.dynamics`,
+:mod:`~rh_lens.plotting.kvcache`, :mod:`~rh_lens.plotting.scale`.  Every ``plot_*`` is re-exported
 here and imported on first use, so that the property figures load without torch.
 """
 
