@@ -172,6 +172,7 @@ def _against_hf(args) -> None:
 
 def _run_shape(args, argv) -> int:
     import dataclasses
+    import json
     from pathlib import Path
 
     import torch
@@ -210,33 +211,41 @@ def _run_shape(args, argv) -> int:
     for name, ok in agree.items():
         print(f"same tokens and argmax positions as the reference's method at {contexts[0]} "
               f"tokens, {scale.LABELS[name]}: {'yes' if ok else 'NO'}")
-    rows = []
+    meta = RunMetadata.collect(model_spec=f"random:{shape.name}", seed=args.seed, argv=argv)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, limits = [], []
+
+    def save() -> None:  # after every measurement: a run killed later keeps what it measured
+        write_json_atomic(out / "bench_scale.json", {
+            "meta": meta.to_dict(), "shape": dataclasses.asdict(shape), "dtype": str(dtype),
+            "device": str(device), "chunk": chunk, "steps": steps,
+            "weights_bytes": scale.weights_bytes(engines, "greedy"),
+            "same_answers": agree, "measurements": [dataclasses.asdict(r) for r in rows],
+            "limits": [dataclasses.asdict(lim) for lim in limits],
+            "threads": torch.get_num_threads(), "complete": False,
+        })
+
     for context in contexts:
         for method in methods:
             rows.append(scale.measure(engines, method, context, steps=steps, chunk=chunk,
                                       seed=args.seed))
+            save()
     _print_rows(rows, methods, contexts, steps)
-    limits = []
     if args.memory_budget is not None:
         budget = int(args.memory_budget * 2**30)
-        limits = [scale.find_limit(engines, m, budget_bytes=budget, start=contexts[0],
-                                   steps=steps, chunk=chunk, max_context=top, known=rows)
-                  for m in methods]
         print(f"longest context within {args.memory_budget:g} GB (weights included), "
-              "doubling from " f"{contexts[0]}:")
-        for lim in limits:
-            print(f"    {scale.LABELS[lim.method]:<34}{lim.longest or '-':>8}   ({lim.stopped_by})")
-    meta = RunMetadata.collect(model_spec=f"random:{shape.name}", seed=args.seed, argv=argv)
-    out.mkdir(parents=True, exist_ok=True)
-    measured = [dataclasses.asdict(r) for r in rows]
-    write_json_atomic(out / "bench_scale.json", {
-        "meta": meta.to_dict(), "shape": dataclasses.asdict(shape), "dtype": str(dtype),
-        "device": str(device), "chunk": chunk, "steps": steps,
-        "weights_bytes": scale.weights_bytes(engines, "greedy"),
-        "same_answers": agree, "measurements": measured,
-        "limits": [dataclasses.asdict(lim) for lim in limits],
-        "threads": torch.get_num_threads(),
-    })
+              f"doubling from {contexts[0]}:")
+        for m in methods:
+            lim = scale.find_limit(engines, m, budget_bytes=budget, start=contexts[0],
+                                   steps=steps, chunk=chunk, max_context=top, known=rows)
+            limits.append(lim)
+            save()
+            print(f"    {scale.LABELS[lim.method]:<34}{lim.longest or '-':>8}   ({lim.stopped_by})",
+                  flush=True)
+    save()
+    saved = json.loads((out / "bench_scale.json").read_text())
+    write_json_atomic(out / "bench_scale.json", {**saved, "complete": True})
+    measured = saved["measurements"]
     _cli.save_figures(out, {"bench_scale": plot_scale(
         measured, labels=scale.LABELS, title=f"{shape.name}, {shape.n_layers} layers, {dtype}")},
         self_contained=args.self_contained_figures)

@@ -117,7 +117,7 @@ def test_the_8b_shape_at_two_layers_runs_every_method_with_the_reference_answers
     assert bench_detect.main(["--shape", "llama-3.1-8b", "--layers", "2", "--contexts", "1024",
                               "--steps", "3", "--out", str(out)]) == 0  # 1: answers differ
     saved = json.loads((out / "bench_scale.json").read_text())
-    assert saved["same_answers"] and all(saved["same_answers"].values())
+    assert saved["complete"] and saved["same_answers"] and all(saved["same_answers"].values())
     engines = set(scale.METHODS) if HAS_HOOKED else {"bridge", "reference", "greedy"}
     assert {m["method"] for m in saved["measurements"]} == engines
     assert saved["shape"]["n_layers"] == 2 and saved["shape"]["d_vocab"] == 128256
