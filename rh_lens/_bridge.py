@@ -29,6 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens.model_bridge import TransformerBridge
 
+from rh_lens import _llama_step
 from rh_lens._loading import quiet_loading, require_rotary
 from rh_lens.errors import ModelLoadError
 
@@ -64,10 +65,13 @@ def forward_chunk(
     position ids count real tokens only (Hugging Face numbers them by column otherwise).
     Returns the logits (None with ``logits=False``, when the SDPA twin then unembeds only the
     last position) and, with ``argmax`` and :func:`records_unhooked`, every head's argmax key
-    position for the last query, read from the eager twin's attention weights (else None).
+    position for the last query, read from the eager twin's attention weights (else None); a
+    Llama model's one-token step runs the twin's operations without its module machinery
+    (:mod:`rh_lens._llama_step`, bit for bit the same).
     """
     batch, n_new = tokens.shape
     kw = {_cache_kwarg(model.original_model): cache}
+    given = mask
     if mask is None:
         mask = torch.ones((batch, n_past + n_new), dtype=torch.long, device=tokens.device)
     else:
@@ -76,6 +80,8 @@ def forward_chunk(
     if argmax and unhooked and model.__dict__.get(EAGER_ATTR) is not None:
         eager = model.__dict__[EAGER_ATTR]
         eager.tie()
+        if n_new == 1 and _llama_step.supports(eager.model):  # the same step, bit for bit
+            return _llama_step.step(eager.model, tokens, cache, given, kw.get("position_ids"))
         out = eager.model(input_ids=tokens, attention_mask=mask, use_cache=True,
                           output_attentions=True, **kw)
         table = torch.stack([a[:, :, -1].argmax(dim=-1) for a in out.attentions], dim=1)

@@ -1,0 +1,89 @@
+"""One decode step of a Hugging Face Llama model, recording every head's argmax, without the
+module machinery around it.
+
+A decode step of a small model is mostly Python: module calls, output capturing, mask building,
+keyword plumbing.  :func:`step` runs the same tensor operations as the eager
+``LlamaForCausalLM`` forward with ``output_attentions=True``, in the same order and on the same
+weights and key/value cache, so that its logits, cache and attention weights are bit for bit
+those of that forward (the tests hold it to that), and reads each head's argmax from the
+current query's attention row.  The Bridge's hook-free decode step uses it for Llama models
+(:func:`supports`); anything else goes through the Hugging Face forward.
+"""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+
+def supports(hf_model: nn.Module) -> bool:
+    """Whether :func:`step` reproduces ``hf_model``'s eager forward: a Llama model in eval
+    mode whose attention implementation is eager."""
+    return (type(hf_model).__name__ == "LlamaForCausalLM" and not hf_model.training
+            and hf_model.config._attn_implementation == "eager")
+
+
+def _rms(norm: nn.Module, x: Tensor) -> Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * h.to(dtype)
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    return F.linear(x, layer.weight, layer.bias)
+
+
+@torch.no_grad()
+def step(
+    hf_model: nn.Module, tokens: Int[Tensor, "batch 1"], cache,
+    attention_mask: Int[Tensor, "batch key_pos"] | None = None,
+    position_ids: Int[Tensor, "batch 1"] | None = None,
+) -> tuple[Float[Tensor, "batch 1 d_vocab"], Int[Tensor, "batch n_layers n_heads"]]:
+    """Forward one token per row after the cached positions; the cache grows by its keys and
+    values.  ``attention_mask`` (0 at left padding) covers cached and new positions and
+    ``position_ids`` count real tokens, as the Hugging Face forward takes them; None for both
+    means no padding.  Returns the logits and every head's argmax key position."""
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    model = hf_model.model
+    x = model.embed_tokens(tokens)
+    if position_ids is None:
+        position_ids = (torch.arange(tokens.shape[1], device=x.device)
+                        + cache.get_seq_length()).unsqueeze(0)
+    mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        mask = create_causal_mask(config=hf_model.config, inputs_embeds=x,
+                                  attention_mask=attention_mask, cache=cache,
+                                  position_ids=position_ids)
+    cos, sin = model.rotary_emb(x, position_ids=position_ids)
+    tables = []
+    for layer in model.layers[: hf_model.config.num_hidden_layers]:
+        attn = layer.self_attn
+        residual = x
+        h = _rms(layer.input_layernorm, x)
+        shape = (*h.shape[:-1], -1, attn.head_dim)
+        q = _linear(attn.q_proj, h).view(shape).transpose(1, 2)
+        k = _linear(attn.k_proj, h).view(shape).transpose(1, 2)
+        v = _linear(attn.v_proj, h).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = cache.update(k, v, attn.layer_idx)
+        k = repeat_kv(k, attn.num_key_value_groups)
+        v = repeat_kv(v, attn.num_key_value_groups)
+        weights = torch.matmul(q, k.transpose(2, 3)) * attn.scaling
+        if mask is not None:
+            weights = weights + mask
+        weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+        tables.append(weights[:, :, -1].argmax(dim=-1))
+        out = torch.matmul(weights, v).transpose(1, 2).contiguous()
+        out = _linear(attn.o_proj, out.reshape(*shape[:-2], -1).contiguous())
+        x = residual + out
+        residual = x
+        h = _rms(layer.post_attention_layernorm, x)
+        mlp = layer.mlp
+        h = _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
+        x = residual + h
+    x = _rms(model.norm, x)
+    return _linear(hf_model.lm_head, x), torch.stack(tables, dim=1)

@@ -1,0 +1,55 @@
+"""The Bridge's lean Llama decode step against the eager Hugging Face forward it replaces: the
+same logits, key/value cache and argmax positions, bit for bit."""
+
+import pytest
+import torch
+
+from rh_lens import _bridge, _llama_step
+from rh_lens.engine import forward_chunk, new_kv_state
+from rh_lens.models import load_model
+
+
+def _two_caches(model, tokens, mask):
+    import copy
+
+    state = new_kv_state(model, tokens.shape[0])
+    forward_chunk(model, tokens, state, mask)
+    return state.cache, copy.deepcopy(state.cache)
+
+
+@pytest.mark.tl4
+@pytest.mark.parametrize(("spec", "dtype"), [("zoo:llama-s", None), ("zoo:llama-m", None),
+                                             ("zoo:llama-s", "bfloat16")])
+@pytest.mark.parametrize("padded", [False, True])
+@torch.no_grad()
+def test_the_lean_step_is_the_eager_forward_bit_for_bit(spec, dtype, padded):
+    model = load_model(spec, backend="bridge", dtype=dtype)
+    eager = model.__dict__[_bridge.EAGER_ATTR]
+    eager.tie()
+    hf = eager.model
+    assert _llama_step.supports(hf)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(5, model.cfg.d_vocab, (3, 120), generator=gen)
+    mask = torch.ones(3, 121, dtype=torch.long)
+    if padded:
+        mask[1, :17] = 0
+        mask[2, :4] = 0
+    theirs, ours = _two_caches(model, tokens, mask[:, :120] if padded else None)
+    step = torch.randint(5, model.cfg.d_vocab, (3, 1), generator=gen)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)[:, 120:] if padded else None
+    kw = {} if positions is None else {"position_ids": positions}
+    out = hf(input_ids=step, attention_mask=mask, use_cache=True, output_attentions=True,
+             cache=theirs, **kw)
+    logits, table = _llama_step.step(hf, step, ours, mask if padded else None, positions)
+    assert torch.equal(logits, out.logits)
+    assert torch.equal(table, torch.stack([a[:, :, -1].argmax(-1) for a in out.attentions], 1))
+    for a, b in zip(theirs.layers, ours.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.tl4
+def test_only_eager_llama_models_take_the_lean_step():
+    gpt2 = load_model("zoo:gpt2-s", backend="bridge")
+    assert not _llama_step.supports(gpt2.__dict__[_bridge.EAGER_ATTR].model)
+    llama = load_model("zoo:llama-s", backend="bridge")
+    assert not _llama_step.supports(llama.__dict__[_bridge.TWIN_ATTR].model)  # SDPA
