@@ -13,7 +13,8 @@ Everything a notebook or script needs is here, ``import rh_lens as rl``:
   (:func:`compute_detect`), properties (:class:`HeadScores`, :func:`compute_property_summary`),
   ablation (:func:`compute_ablation`), patching (:func:`compute_activation_patching`,
   :func:`compute_path_patching`), chain of thought (:func:`compute_cot`), training dynamics
-  over a :class:`CheckpointSeries` (:func:`compute_dynamics`, :func:`induction_scores`);
+  over a :class:`CheckpointSeries` (:func:`compute_dynamics`, :func:`induction_scores`),
+  detection across precisions (:func:`compute_precision`);
 - figures: :mod:`rl.plotting` (every ``plot_*`` returns a plotly figure);
 - the same weights in Hugging Face Transformers (:func:`to_hf`, :func:`hooked_from_hf`) and the
   reference implementation's decoding method on them (:func:`reference_detect`,
@@ -59,6 +60,7 @@ _MODULES = {
     "rh_lens.series": ("Checkpoint", "CheckpointSeries", "parse_series"),
     "rh_lens.induction": ("InductionConfig", "induction_scores"),
     "rh_lens.dynamics": ("DynamicsConfig", "DynamicsResult", "compute_dynamics"),
+    "rh_lens.precision": ("PrecisionResult", "compute_precision"),
 }
 _SUBMODULES = ("benchmark", "heads", "hooks", "interventions", "plotting", "store")
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}

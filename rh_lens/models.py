@@ -93,7 +93,9 @@ __all__ = [
 FORMAT_VERSION = 1
 ZOO_DIR = Path(__file__).resolve().parent / "zoo" / "models"
 
-DTypeSpec = torch.dtype | str | None  # "float32", "float16", "bfloat16", "float64"
+DTypeSpec = torch.dtype | str | None  # a name of DTYPES or a torch.dtype
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ def load_model(
     if backend == "hooked" and fast_prefill:
         raise ValueError("fast_prefill needs backend='bridge'")
     device = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     if n_ctx is not None and n_ctx < 1:
         raise ValueError(f"n_ctx must be a positive number of tokens, got {n_ctx}")
     how = _How(backend, fast_prefill)
@@ -214,16 +216,15 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def _resolve_dtype(dtype: DTypeSpec) -> torch.dtype:
+def resolve_dtype(dtype: DTypeSpec) -> torch.dtype:
+    """The torch dtype of a :data:`DTYPES` name (float32 for None); unknown names are refused."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "float64": torch.float64}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
-    return names[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def _load_zoo(name: str, device, dtype, n_ctx, how: _How) -> Model:

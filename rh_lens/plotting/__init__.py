@@ -9,7 +9,8 @@ figure, scripts call :func:`save_figure`.
 One module per analysis: :mod:`~rh_lens.plotting.detect`, :mod:`~rh_lens.plotting.properties`,
 :mod:`~rh_lens.plotting.ablation`, :mod:`~rh_lens.plotting.patching`,
 :mod:`~rh_lens.plotting.cot`, :mod:`~rh_lens.plotting.dynamics`,
-:mod:`~rh_lens.plotting.kvcache`, :mod:`~rh_lens.plotting.scale`.  Every ``plot_*`` is re-exported
+:mod:`~rh_lens.plotting.kvcache`, :mod:`~rh_lens.plotting.scale`,
+:mod:`~rh_lens.plotting.precision`.  Every ``plot_*`` is re-exported
 here and imported on first use, so that the property figures load without torch.
 """
 
@@ -37,6 +38,7 @@ _PLOTS = {
     "kvcache": ("plot_kv_curve",),
     "scale": ("plot_scale",),
     "dynamics": ("plot_niah_over_steps", "plot_onsets", "plot_score_over_steps"),
+    "precision": ("plot_precision",),
 }
 _EXPORTS = {name: module for module, names in _PLOTS.items() for name in names}
 
@@ -46,8 +48,9 @@ __all__ = [
     "plot_decode_steps", "plot_error_types", "plot_failure_attention", "plot_grids", "plot_groups",
     "plot_head_heatmap", "plot_head_heatmaps", "plot_intrinsic", "plot_intrinsic_heatmaps",
     "plot_k_curve", "plot_kv_curve", "plot_layer_profile", "plot_niah_grid",
-    "plot_niah_over_steps", "plot_onsets", "plot_path_patching", "plot_property_summary",
-    "plot_score_over_steps", "plot_sparsity", "plot_specificity", "plot_stability",
+    "plot_niah_over_steps", "plot_onsets", "plot_path_patching", "plot_precision",
+    "plot_property_summary", "plot_score_over_steps", "plot_sparsity", "plot_specificity",
+    "plot_stability",
     "plot_switch_on", "plot_switch_on_grid", "plot_threshold_sweep", "plot_top_heads",
     "plot_universality", "save_figure",
 ]
