@@ -418,9 +418,19 @@ def model_identity(spec: str) -> str:
 
 
 def select_heads(text: str, *, scores, shape: dict, seed: int, what: str,
-           allow_all: bool = False) -> tuple[tuple[int, int], ...]:
+                 allow_all: bool = False) -> tuple[tuple[int, int], ...]:
     """One head set of a ``rh_lens.heads`` spec given as option ``what`` (``all`` only where
-    allowed), for a model of ``shape`` (``n_layers``, ``n_heads``, ``n_kv_heads``)."""
+    allowed), for a model of ``shape`` (``n_layers``, ``n_heads``, ``n_kv_heads``); the first
+    draw of ``random:K`` and ``matched:K``."""
+    return select_head_sets(text, scores=scores, shape=shape, seed=seed, what=what,
+                            allow_all=allow_all)[0]
+
+
+def select_head_sets(text: str, *, scores, shape: dict, seed: int, what: str,
+                     allow_all: bool = False, n_draws: int = 1
+                     ) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """:func:`select_heads`' head sets: ``n_draws`` seeded draws of ``random:K`` and
+    ``matched:K`` (:func:`rh_lens.heads.select_heads`), one set of any other kind."""
     from rh_lens import heads
 
     spec = heads.parse_spec(text)
@@ -429,7 +439,7 @@ def select_heads(text: str, *, scores, shape: dict, seed: int, what: str,
     if spec.needs_scores and scores is None:
         raise ValueError(f"{what} {text}: {spec.kind}:K needs --scores (a detection directory)")
     try:
-        return heads.select_heads(spec, scores=scores, seed=seed, **shape)[0]
+        return heads.select_heads(spec, scores=scores, seed=seed, n_draws=n_draws, **shape)
     except ValueError as err:
         raise ValueError(f"{what} {text}: {err}") from None
 

@@ -362,3 +362,60 @@ def test_path_patching_figure(tiny_gqa):
     fig = plot_path_patching(res)
     assert list(fig.data[0].x) == ["L1H0.q", "L1H2.q", "direct", "all paths"]
     assert list(fig.data[0].y) == ["L0H1", "L1H2"]
+
+
+# ------------------------------------------------------------------ head sets and draws
+
+
+def test_set_patching_of_known_sets():
+    """{A} into B's key carries A's whole effect, {IDLE} none; two draws average them."""
+    model, pair = build_path_model(), path_pair()
+    cfg = PatchConfig(positions="all")
+    into = P.head_receivers([HEAD_B], ["k"])
+    res = P.compute_set_patching(model, [pair, pair], [[HEAD_A], [IDLE]], [into], cfg)
+    assert res.n_draws == 2 and res.logit_diff.shape == (2, 2)
+    assert_close(res.effect, np.array([1.0, 0.0]), atol=1e-6, rtol=0)
+    ci = res.interval(n_boot=200)
+    assert ci.mean == pytest.approx(0.5, abs=1e-6)
+    # resampling draws: some resamples hold only {A} or only {IDLE}
+    assert ci.low == pytest.approx(0.0, abs=1e-6) and ci.high == pytest.approx(1.0, abs=1e-6)
+    one = P.compute_set_patching(model, [pair], [[HEAD_A]], [into], cfg)
+    assert_close(one.logit_diff[0], P.path_patch(model, [pair], [HEAD_A], into, cfg))
+    got = one.to_json()
+    assert got["draws"] == [{"senders": ["L0H0"], "receivers": ["L1H0.k"],
+                             "effect": pytest.approx(1.0, abs=1e-6)}]
+    with pytest.raises(ValueError, match="2 sender sets but 3 receiver sets"):
+        P.compute_set_patching(model, [pair], [[HEAD_A], [IDLE]], [into] * 3, cfg)
+
+
+PATCH_ARGS = ["--model", "zoo:llama-s", "--receivers", "top:2", "--n-pairs", "2", "--quiet",
+              "--components", "direct"]
+
+
+@pytest.mark.slow
+def test_path_patch_draws_are_seeded_and_saved(tmp_path, capsys):
+    from analyses import path_patch
+    from rh_lens.heads import select_heads
+    from rh_lens.properties import load_head_scores
+    from tests.test_cli_guards import RELEASE_DETECT
+
+    out = tmp_path / "out"
+    assert path_patch.main([*PATCH_ARGS, "--scores", str(RELEASE_DETECT), "--out", str(out),
+                            "--senders", "matched:2", "--draws", "3", "--seed", "1"]) == 0
+    assert "as one set into the receivers" in capsys.readouterr().out
+    saved = P.PatchingResult.load(out)
+    want = select_heads("matched:2", n_layers=4, n_heads=8, n_draws=3, seed=1,
+                        scores=load_head_scores(RELEASE_DETECT).mean)
+    assert saved.sets.senders == want and len(set(want)) == 3
+    assert saved.path.senders == want[0]  # the sender x receiver matrices are the first draw's
+    assert saved.sets.logit_diff.shape == (3, 2) and np.isfinite(saved.sets.logit_diff).all()
+
+
+def test_path_patch_refuses_bad_draws(capsys):
+    from analyses import path_patch
+
+    with pytest.raises(SystemExit):
+        path_patch.main([*PATCH_ARGS, "--draws", "0"])
+    assert "--draws must be >= 1, got 0" in capsys.readouterr().err
+    assert path_patch.main([*PATCH_ARGS, "--senders", "top:2", "--draws", "3"]) == 2
+    assert "neither --senders top:2 nor --receivers top:2 is drawn" in capsys.readouterr().err

@@ -43,6 +43,7 @@ metric), :mod:`~rh_lens.patching.activation`, :mod:`~rh_lens.patching.paths`, bo
 """
 
 from rh_lens.patching.activation import ActivationPatchingResult, compute_activation_patching
+from rh_lens.patching.draws import SetPatchingResult, compute_set_patching
 from rh_lens.patching.pairs import PairError, PatchPair, make_pair
 from rh_lens.patching.paths import (
     HEAD_COMPONENTS,
@@ -62,6 +63,7 @@ from rh_lens.patching.runs import Direction, PatchConfig, PositionSpec
 __all__ = [
     "HEAD_COMPONENTS", "ActivationPatchingResult", "Component", "Direction", "PairError",
     "PatchConfig", "PatchPair", "PatchingResult", "PathPatchingResult", "PositionSpec",
-    "Receiver", "all_receivers", "compute_activation_patching", "compute_path_patching",
-    "head_receivers", "make_pair", "path_patch", "path_patching_hooks", "receiver_mode",
+    "Receiver", "SetPatchingResult", "all_receivers", "compute_activation_patching",
+    "compute_path_patching", "compute_set_patching", "head_receivers", "make_pair",
+    "path_patch", "path_patching_hooks", "receiver_mode",
 ]

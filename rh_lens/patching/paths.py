@@ -209,7 +209,13 @@ def path_patch(model: Model, pairs: Sequence[PatchPair], senders: Sequence[HeadL
                receivers: Sequence[Receiver], cfg: PatchConfig | None = None) -> np.ndarray:
     """The metric (logit difference per pair, ``[n_pairs]``) with the senders, jointly, patched
     along the paths that start with an edge into one of ``receivers``."""
-    cfg = cfg or PatchConfig()
+    return _path_patch(model, pairs, senders, receivers, cfg or PatchConfig())[0]
+
+
+def _path_patch(model: Model, pairs: Sequence[PatchPair], senders: Sequence[HeadLike],
+                receivers: Sequence[Receiver], cfg: PatchConfig
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`path_patch`'s metric and the clean and corrupted runs' (each ``[n_pairs]``)."""
     senders = validate_heads(senders, model.cfg.n_layers, model.cfg.n_heads)
     receivers = _validate_receivers(model, receivers)
     out = np.full(len(pairs), np.nan)
@@ -221,7 +227,7 @@ def path_patch(model: Model, pairs: Sequence[PatchPair], senders: Sequence[HeadL
             fwd = path_patching_hooks(model, senders, receivers, source_z,
                                       positions=batch.positions)
             out[batch.index] = _logit_diff(_run(model, batch.base, fwd), batch)
-    return out
+    return out, clean, corrupted
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Activation and path patching of one set of pairs, saved and loaded as one result."""
+"""Activation and path patching of one set of pairs, saved and loaded as one result (with, when
+computed, the senders patched as whole sets: :mod:`rh_lens.patching.draws`)."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ import numpy as np
 
 from rh_lens.heads import label
 from rh_lens.patching.activation import ActivationPatchingResult
+from rh_lens.patching.draws import SetPatchingResult
 from rh_lens.patching.paths import PathPatchingResult, Receiver
 from rh_lens.patching.runs import PatchConfig
 from rh_lens.results import RunMetadata, load_result, save_result, to_jsonable
@@ -25,10 +27,12 @@ def ranked_cells(table: np.ndarray, name: Callable[[int, int], str]) -> list[tup
 
 @dataclass(frozen=True)
 class PatchingResult:
-    """Activation patching per head and path patching sender x receiver on the same pairs."""
+    """Activation patching per head and path patching sender x receiver on the same pairs;
+    ``sets``: each drawn sender set patched as a whole (None when not computed)."""
 
     activation: ActivationPatchingResult
     path: PathPatchingResult
+    sets: SetPatchingResult | None = None
 
     def arrays(self) -> dict[str, np.ndarray]:
         act, path = self.activation, self.path
@@ -44,6 +48,20 @@ class PatchingResult:
             "receiver_layer": np.array([-1 if r.layer is None else r.layer for r in receivers]),
             "receiver_head": np.array([-1 if r.head is None else r.head for r in receivers]),
             "receiver_component": np.array([r.component for r in receivers], dtype="<U6"),
+            **(self._set_arrays() if self.sets is not None else {}),
+        }
+
+    def _set_arrays(self) -> dict[str, np.ndarray]:
+        sets = self.sets
+        receivers = [[(r.component, -1 if r.layer is None else r.layer,
+                       -1 if r.head is None else r.head) for r in into] for into in sets.receivers]
+        return {
+            "set_logit_diff": sets.logit_diff,
+            "set_senders": np.array(sets.senders, dtype=np.int64).reshape(sets.n_draws, -1, 2),
+            "set_receiver_component": np.array([[c for c, _, _ in r] for r in receivers],
+                                               dtype="<U6"),
+            "set_receiver_layer": np.array([[x for _, x, _ in r] for r in receivers]),
+            "set_receiver_head": np.array([[h for _, _, h in r] for r in receivers]),
         }
 
     def top_heads(self) -> list[tuple[str, float]]:
@@ -56,9 +74,11 @@ class PatchingResult:
         return ranked_cells(path.effect, lambda i, j: f"{path.sender_labels[i]} -> "
                             f"{path.receiver_labels[j]}")
 
-    def summary(self, *, top: int = 10) -> dict:
+    def summary(self, *, top: int = 10, seed: int = 0) -> dict:
+        """``seed`` seeds the bootstrap interval of the set effect."""
         clean, corrupted = self.activation.clean_logit_diff, self.activation.corrupted_logit_diff
         path = self.path
+        sets = {} if self.sets is None else {"set_patching": self.sets.to_json(seed=seed)}
         return to_jsonable({
             "n_pairs": int(clean.size),
             "clean_logit_diff": float(clean.mean()),
@@ -68,13 +88,14 @@ class PatchingResult:
             "top_heads": self.top_heads()[:top], "top_paths": self.top_paths()[:top],
             "sender_total_effect": dict(zip(path.sender_labels, path.total_effect.tolist(),
                                             strict=True)),
+            **sets,
         }, nan_to_none=True, where="summary")
 
     def save(self, directory: str | Path, *, meta: RunMetadata, config: dict | None = None,
-             top: int = 10) -> dict:
+             top: int = 10, seed: int = 0) -> dict:
         """``result.json`` + ``arrays.npz`` in ``directory``; ``config`` (model, pairs, ...)
         joins the patch settings.  Returns the summary."""
-        summary = self.summary(top=top)
+        summary = self.summary(top=top, seed=seed)
         save_result(directory, kind=KIND, config={**(config or {}),
                                                   **self.activation.config.to_dict()},
                     meta=meta, summary=summary, arrays=self.arrays())
@@ -96,4 +117,14 @@ class PatchingResult:
         act = ActivationPatchingResult(a["act_logit_diff"], clean, corrupted, cfg)
         path = PathPatchingResult(tuple((int(x), int(y)) for x, y in a["senders"]), receivers,
                                   a["path_logit_diff"], a["path_total"], clean, corrupted, cfg)
-        return cls(act, path)
+        sets = None
+        if "set_logit_diff" in a:
+            sets = SetPatchingResult(
+                tuple(tuple((int(x), int(y)) for x, y in draw) for draw in a["set_senders"]),
+                tuple(tuple(Receiver(str(c), None if lay < 0 else int(lay),
+                                     None if h < 0 else int(h))
+                            for c, lay, h in zip(*row, strict=True))
+                      for row in zip(a["set_receiver_component"], a["set_receiver_layer"],
+                                     a["set_receiver_head"], strict=True)),
+                a["set_logit_diff"], clean, corrupted, cfg)
+        return cls(act, path, sets)
