@@ -325,8 +325,12 @@ def find_limit(engines: Engines, method: str, *, budget_bytes: int, start: int, 
             m = done.get(context) or measure(engines, method, context, steps=steps,
                                              chunk=chunk)
             tried.append(m)
-            if m.out_of_memory or weights + m.peak_bytes > budget_bytes:
+            if m.out_of_memory:
                 stopped_by = f"{context} tokens out of memory"
+                break
+            if weights + m.peak_bytes > budget_bytes:
+                stopped_by = (f"{context} tokens need {(weights + m.peak_bytes) / 2**30:.2f} GiB, "
+                              "over the budget")
                 break
             longest, context = context, context * 2
     finally:
