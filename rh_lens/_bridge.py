@@ -32,6 +32,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from rh_lens import _llama_step
 from rh_lens._loading import quiet_loading, require_rotary
 from rh_lens.errors import ModelLoadError
+from rh_lens.scoring import span_mass
 
 TWIN_ATTR = "_rh_lens_sdpa_twin"
 EAGER_ATTR = "_rh_lens_eager_twin"
@@ -56,8 +57,9 @@ def new_cache(model: TransformerBridge, batch: int):
 def forward_chunk(
     model: TransformerBridge, tokens: Int[Tensor, "batch pos"], cache, n_past: int,
     mask: Int[Tensor, "batch past_and_pos"] | None = None, *, argmax: bool = False,
-    logits: bool = True,
-) -> tuple[Float[Tensor, "batch pos d_vocab"] | None, Int[Tensor, "batch n_layers n_heads"] | None]:
+    logits: bool = True, spans: Int[Tensor, "batch 2"] | None = None,
+) -> tuple[Float[Tensor, "batch pos d_vocab"] | None, Int[Tensor, "batch n_layers n_heads"] | None,
+           Float[Tensor, "batch n_layers n_heads"] | None]:
     """Forward ``tokens`` after ``n_past`` cached positions; ``cache`` grows by their keys/values.
 
     ``mask`` covers the cached and the new positions (0 at left padding); None means all
@@ -65,8 +67,9 @@ def forward_chunk(
     position ids count real tokens only (Hugging Face numbers them by column otherwise).
     Returns the logits (None with ``logits=False``, when the SDPA twin then unembeds only the
     last position) and, with ``argmax`` and :func:`records_unhooked`, every head's argmax key
-    position for the last query, read from the eager twin's attention weights (else None); a
-    Llama model's one-token step runs the twin's operations without its module machinery
+    position for the last query, read from the eager twin's attention weights (else None), and
+    with ``spans`` too, the last query's attention mass on them (else None); a Llama model's
+    one-token step without ``spans`` runs the twin's operations without its module machinery
     (:mod:`rh_lens._llama_step`, bit for bit the same).
     """
     batch, n_new = tokens.shape
@@ -80,20 +83,23 @@ def forward_chunk(
     if argmax and unhooked and model.__dict__.get(EAGER_ATTR) is not None:
         eager = model.__dict__[EAGER_ATTR]
         eager.tie()
-        if n_new == 1 and _llama_step.supports(eager.model):  # the same step, bit for bit
-            return _llama_step.step(eager.model, tokens, cache, given, kw.get("position_ids"))
+        if n_new == 1 and spans is None and _llama_step.supports(eager.model):  # bit for bit
+            return (*_llama_step.step(eager.model, tokens, cache, given, kw.get("position_ids")),
+                    None)
         out = eager.model(input_ids=tokens, attention_mask=mask, use_cache=True,
                           output_attentions=True, **kw)
         table = torch.stack([a[:, :, -1].argmax(dim=-1) for a in out.attentions], dim=1)
-        return out.logits, table
+        mass = None if spans is None else torch.stack(
+            [span_mass(a[:, :, -1], spans) for a in out.attentions], dim=1)
+        return out.logits, table, mass
     twin = model.__dict__.get(TWIN_ATTR)
     if twin is not None and n_new > 1 and unhooked:
         twin.tie()
         keep = {} if logits else {"logits_to_keep": 1}
         out = twin.model(input_ids=tokens, attention_mask=mask, use_cache=True, **kw, **keep)
-        return (out.logits if logits else None), None
+        return (out.logits if logits else None), None, None
     out = model(tokens, attention_mask=mask, use_cache=True, **kw)
-    return (out if logits else None), None
+    return (out if logits else None), None, None
 
 
 def records_unhooked(model: TransformerBridge) -> bool:

@@ -16,11 +16,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from rh_lens import hooks
-from rh_lens.engine import forward_argmax, select_rows
+from rh_lens.engine import forward_reads, select_rows
 from rh_lens.models import check_context, forward_chunk, new_kv_state
 from rh_lens.protocols import reference_stop
 
@@ -33,11 +33,14 @@ class Decoded:
 
     ``positions[t, l, h]`` is the key position of head ``(l, h)``'s largest attention weight
     for the query that produced ``tokens[t]``.  The stop token (a newline) is included.
+    ``span_mass[t, l, h]`` (decoded with ``spans`` only) is that query's attention mass on the
+    row's span (:func:`rh_lens.scoring.span_mass`).
     """
 
     tokens: Int[np.ndarray, " step"]
     positions: Int[np.ndarray, "step n_layers n_heads"]
     text: str
+    span_mass: Float[np.ndarray, "step n_layers n_heads"] | None = None
 
 
 _STOP_CACHE: "weakref.WeakKeyDictionary[object, dict[int, bool]]" = weakref.WeakKeyDictionary()
@@ -94,6 +97,7 @@ def decode_greedy(
     prefill_hooks: Sequence[tuple[str, Callable]] = (),
     decode_hooks: Sequence[tuple[str, Callable]] = (),
     stop: Stop = "newline",
+    spans: Sequence[tuple[int, int]] | None = None,
 ) -> list[Decoded]:
     """Greedy decoding of a batch of prompts with a chunked prefill.
 
@@ -111,6 +115,10 @@ def decode_greedy(
     paper does, is therefore ``decode_hooks`` alone.  With ``record=False`` and no hooks this
     is plain cached generation: the benchmark's baseline.  ``stop="eos"`` decodes across
     newlines (multi-line chain-of-thought answers) until end-of-sequence or the cap.
+
+    ``spans`` (one ``(start, end)`` of prompt positions per prompt) also records, at every
+    step, each head's attention mass on its row's span, in the same reduction as the argmax
+    (``Decoded.span_mass``); without it nothing more is computed.
     """
     if isinstance(prompts, Tensor) and prompts.ndim != 2:
         raise ValueError(f"prompts must be [batch, pos], got shape {tuple(prompts.shape)}")
@@ -122,6 +130,9 @@ def decode_greedy(
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if stop not in ("newline", "eos", "reference"):
         raise ValueError(f"stop must be 'newline', 'eos' or 'reference', got {stop!r}")
+    if spans is not None and (len(spans) != len(prompts) or not record):
+        raise ValueError(f"spans needs record=True and one (start, end) per prompt: {len(spans)} "
+                         f"spans for {len(prompts)} prompts")
     if isinstance(prompts, Tensor):
         tokens, mask, n_pad = prompts, None, torch.zeros(len(prompts), dtype=torch.long)
     else:
@@ -137,6 +148,9 @@ def decode_greedy(
     state = new_kv_state(model, batch)
     emitted: list[list[int]] = [[] for _ in range(batch)]
     looked: list[list[Tensor]] = [[] for _ in range(batch)]
+    massed: list[list[Tensor]] = [[] for _ in range(batch)]
+    columns = None if spans is None else (  # span columns, padding included
+        torch.tensor([list(sp) for sp in spans], dtype=torch.long).reshape(-1, 2) + n_pad[:, None])
     rows = torch.arange(batch)  # the original index of each row still in the batch
     shrink = not decode_hooks
     with _hooks(model, prefill_hooks):
@@ -147,15 +161,18 @@ def decode_greedy(
 
     def step_forward(ids):
         if record:
-            return forward_argmax(model, ids, state)
-        return forward_chunk(model, ids, state), None
+            return forward_reads(model, ids, state,
+                                 spans=None if columns is None else columns[rows])
+        return forward_chunk(model, ids, state), None, None
 
     with _hooks(model, decode_hooks):
-        logits, table = step_forward(tokens[:, -1:])
+        logits, table, mass = step_forward(tokens[:, -1:])
         for step in range(max_new_tokens):
             next_ids = logits[:, -1].argmax(dim=-1).cpu()
             if table is not None:
                 table = table.cpu() - n_pad[rows, None, None]
+            if mass is not None:
+                mass = mass.cpu()
             keep = []
             for j, b in enumerate(rows.tolist()):
                 if len(emitted[b]) > step:  # stopped earlier, kept in the batch for hooks
@@ -164,6 +181,8 @@ def decode_greedy(
                 emitted[b].append(token)
                 if table is not None:
                     looked[b].append(table[j])
+                if mass is not None:
+                    massed[b].append(mass[j])
                 if not is_stop_token(model, token, stop=stop):
                     keep.append(j)
             if not keep or step == max_new_tokens - 1:
@@ -172,13 +191,15 @@ def decode_greedy(
                 kept = torch.tensor(keep, dtype=torch.long)
                 select_rows(model, state, kept)
                 rows, next_ids = rows[kept], next_ids[kept]
-            logits, table = step_forward(next_ids[:, None])
+            logits, table, mass = step_forward(next_ids[:, None])
     out = []
     for b in range(batch):
         ids = np.array(emitted[b], dtype=np.int64)
         positions = (torch.stack(looked[b]).numpy().astype(np.int32) if record
                      else np.zeros((len(ids), n_layers, n_heads), dtype=np.int32))
-        out.append(Decoded(ids, positions, model.tokenizer.decode(ids.tolist())))
+        span_mass = (torch.stack(massed[b]).numpy().astype(np.float64) if spans is not None
+                     else None)
+        out.append(Decoded(ids, positions, model.tokenizer.decode(ids.tolist()), span_mass))
     return out
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "check_context",
     "forward_argmax",
     "forward_chunk",
+    "forward_reads",
     "model_facts",
     "new_kv_state",
     "require_hooked",
@@ -258,11 +259,23 @@ def forward_argmax(
     heads at once; none on a Bridge with the fast path and no hook attached, whose eager twin
     returns the attention weights itself.
     """
-    logits, table = _forward(model, tokens, state, attention_mask, argmax=True)
+    logits, table, _ = _forward(model, tokens, state, attention_mask, argmax=True)
     return logits, table
 
 
-def _forward(model, tokens, state, attention_mask, *, argmax, logits=True):
+def forward_reads(
+    model: Model, tokens: Int[Tensor, "batch pos"], state: KVState,
+    attention_mask: Int[Tensor, "batch pos"] | None = None, *,
+    spans: Int[Tensor, "batch 2"] | None = None,
+) -> tuple[Float[Tensor, "batch pos d_vocab"], Int[Tensor, "batch n_layers n_heads"],
+           Float[Tensor, "batch n_layers n_heads"] | None]:
+    """:func:`forward_argmax`, and with ``spans`` (key columns ``[start, end)`` of each row,
+    padding included) the attention mass of each row's last query on its span, for every
+    layer and head (:func:`rh_lens.scoring.span_mass`), read in the same reduction."""
+    return _forward(model, tokens, state, attention_mask, argmax=True, spans=spans)
+
+
+def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans=None):
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     check_context(model, state.n_tokens + tokens.shape[1], what="sequence")
@@ -278,11 +291,13 @@ def _forward(model, tokens, state, attention_mask, *, argmax, logits=True):
     bridge = _bridge.is_bridge(model)
     recorder = None
     if argmax and not (bridge and _bridge.records_unhooked(model)):
-        recorder = hooks.LastQueryArgmax(model.cfg.n_layers)
+        recorder = hooks.LastQueryArgmax(model.cfg.n_layers, spans=spans)
+    mass = None
     with attached(model, recorder.hooks if recorder else []):
         if bridge:
-            out, table = _bridge.forward_chunk(model, tokens, state.cache, state.n_tokens,
-                                               state.mask, argmax=argmax, logits=logits)
+            out, table, mass = _bridge.forward_chunk(
+                model, tokens, state.cache, state.n_tokens, state.mask, argmax=argmax,
+                logits=logits, spans=spans)
         else:
             new = (torch.ones_like(tokens) if state.mask is None
                    else state.mask[:, state.n_tokens :])
@@ -290,7 +305,10 @@ def _forward(model, tokens, state, attention_mask, *, argmax, logits=True):
                         return_type="logits" if logits else None)
             table = None
     state.n_tokens += tokens.shape[1]
-    return (out if logits else None), (recorder.table() if recorder else table)
+    out = out if logits else None
+    if recorder is not None:
+        return out, recorder.table(), recorder.mass_table()
+    return out, table, mass
 
 
 def select_rows(model: Model, state: KVState, rows: Int[Tensor, " keep"]) -> None:

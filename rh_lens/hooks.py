@@ -17,6 +17,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from rh_lens.scoring import span_mass
+
 HookList = list[tuple[str, Callable]]
 
 
@@ -113,10 +115,14 @@ class LastQueryArgmax:
 
     ``hooks`` reads each layer's ``hook_pattern`` and keeps only the argmax of its last query
     row (``[batch, head_index]``), for all heads at once; the pattern itself is not stored.
+    With ``spans`` (key columns ``[start, end)`` per batch row) it also keeps the row's
+    attention mass on those columns (:func:`rh_lens.scoring.span_mass`).
     """
 
     n_layers: int
     positions: dict[int, Int[Tensor, "batch head_index"]] = field(default_factory=dict)
+    spans: Int[Tensor, "batch 2"] | None = None
+    mass: dict[int, Float[Tensor, "batch head_index"]] = field(default_factory=dict)
 
     @property
     def hooks(self) -> HookList:
@@ -124,7 +130,10 @@ class LastQueryArgmax:
 
     def _hook(self, layer: int) -> Callable:
         def hook(pat: Float[Tensor, "batch head_index query_pos key_pos"], hook) -> None:
-            self.positions[layer] = pat[:, :, -1].argmax(dim=-1)
+            row = pat[:, :, -1]
+            self.positions[layer] = row.argmax(dim=-1)
+            if self.spans is not None:
+                self.mass[layer] = span_mass(row, self.spans)
 
         return hook
 
@@ -134,3 +143,10 @@ class LastQueryArgmax:
         if missing:
             raise RuntimeError(f"no attention recorded for layers {missing}: run a forward first")
         return torch.stack([self.positions[layer] for layer in range(self.n_layers)], dim=1)
+
+    def mass_table(self) -> Float[Tensor, "batch n_layers n_heads"] | None:
+        """The recorded span masses of the last forward (None without ``spans``)."""
+        if self.spans is None:
+            return None
+        self.table()  # the same check: every layer recorded
+        return torch.stack([self.mass[layer] for layer in range(self.n_layers)], dim=1)

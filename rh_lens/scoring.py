@@ -9,6 +9,9 @@ the answer span ``[s, e)`` of the prompt and the token at ``j`` equals ``w_t``.
 - set score (the paper's formula): distinct answer token ids copied / distinct token ids in the
   answer, in [0, 1].
 - activation: the head copied at least one token.
+- span mass (the "needle mass" score): the attention probability that the current query puts
+  on the answer span (its softmax row summed over ``[s, e)``), averaged over decoding steps;
+  in [0, 1], from the same rows as the copy events (:func:`span_mass`).
 
 A trial counts only when it succeeded: ROUGE-1 recall (with Porter stemming, as the reference's
 ``rouge_score`` use) of the answer in the generated text above 0.5.
@@ -60,6 +63,22 @@ def set_scores(
 
 def activation(copies: Bool[Tensor, "step n_layers n_heads"]) -> Bool[Tensor, "n_layers n_heads"]:
     return copies.any(dim=0)
+
+
+def span_mass(
+    rows: Float[Tensor, "batch head_index key_pos"], spans: Int[Tensor, "batch 2"]
+) -> Float[Tensor, "batch head_index"]:
+    """Each row's attention probability summed over its own key columns ``[start, end)``
+    (float32 whatever the rows' dtype)."""
+    cols = torch.arange(rows.shape[-1], device=rows.device)
+    spans = spans.to(rows.device)
+    inside = (cols >= spans[:, :1]) & (cols < spans[:, 1:])  # [batch, key_pos]
+    return (rows.float() * inside[:, None, :]).sum(dim=-1)
+
+
+def mass_scores(mass: Float[Tensor, "step n_layers n_heads"]) -> Float[Tensor, "n_layers n_heads"]:
+    """The span mass of every decoding step, averaged over steps."""
+    return mass.double().mean(dim=0)
 
 
 # --------------------------------------------------------------------------------------------
