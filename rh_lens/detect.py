@@ -6,6 +6,13 @@ directory is given, one file written atomically (``cells/<id>.json`` + ``.npz``)
 skips finished cells, and ``shard=(i, n)`` takes every n-th cell so that n machines can split a
 sweep and :meth:`DetectResult.merge` can combine their directories.  A result saves itself
 (:meth:`DetectResult.save`) beside its cells and loads back from them (:meth:`DetectResult.load`).
+
+Every trial has the copy scores (``step``, ``set``).  Two attention scores are computed when
+asked (``compute_detect(..., scores=...)``), on the same trials: ``mass``, the mean over decoding
+steps of each head's attention mass on the answer span (read in the decode's own reduction,
+:func:`rh_lens.scoring.span_mass`), and ``qr``, QRHead's question-to-needle mass calibrated by a
+null question (one more prefill of the prompt, :mod:`rh_lens.qr`).  A cell stores the scores it
+was run with; a sweep resumed with a score its stored cells lack runs those cells again.
 """
 
 import dataclasses
@@ -19,7 +26,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Float
 
-from rh_lens import protocols, scoring
+from rh_lens import protocols, qr, scoring
 from rh_lens.decode import decode_greedy
 from rh_lens.heads import THRESHOLD, group_table, ranked_heads
 from rh_lens.models import model_facts
@@ -45,7 +52,17 @@ from rh_lens.store import shard as shard_cells
 HEAD_SCORE_JSON = "head_score.json"
 TRIALS_JSONL = "trials.jsonl"
 SUMMARY_JSON = "summary.json"
-Score = Literal["step", "set"]
+Score = Literal["step", "set", "mass", "qr"]
+SCORES: tuple[str, ...] = ("step", "set", "mass", "qr")
+EXTRA_SCORES: tuple[str, ...] = ("mass", "qr")  # computed only when asked
+
+
+def check_scores(kinds) -> tuple[str, ...]:
+    """The attention scores among ``kinds`` (step and set are always computed), in order."""
+    unknown = sorted(set(kinds) - set(SCORES))
+    if unknown:
+        raise ValueError(f"unknown scores {unknown}; expected some of {', '.join(SCORES)}")
+    return tuple(k for k in EXTRA_SCORES if k in kinds)
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,13 @@ class TrialRecord:
     active: Bool[np.ndarray, "n_layers n_heads"]
     tokens: np.ndarray
     positions: np.ndarray
+    mass_score: Float[np.ndarray, "n_layers n_heads"] | None = None
+    qr_score: Float[np.ndarray, "n_layers n_heads"] | None = None
+
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """The attention scores this trial holds (:data:`EXTRA_SCORES`)."""
+        return tuple(k for k in EXTRA_SCORES if getattr(self, f"{k}_score") is not None)
 
     def to_json(self) -> dict:
         return {
@@ -143,7 +167,8 @@ class TrialRecord:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"step_score": self.step_score, "set_score": self.set_score,
-                "active": self.active, "tokens": self.tokens, "positions": self.positions}
+                "active": self.active, "tokens": self.tokens, "positions": self.positions,
+                **{f"{k}_score": getattr(self, f"{k}_score") for k in self.scores}}
 
     @classmethod
     def from_record(cls, record: Record) -> "TrialRecord":
@@ -156,6 +181,7 @@ class TrialRecord:
                 rouge1_recall=data["rouge1_recall"], success=data["success"],
                 step_score=arr["step_score"], set_score=arr["set_score"], active=arr["active"],
                 tokens=arr["tokens"], positions=arr["positions"],
+                mass_score=arr.get("mass_score"), qr_score=arr.get("qr_score"),
             )
         except (KeyError, TypeError) as err:
             raise StoreError(f"cell {record.key}: not a detection trial record (missing or bad "
@@ -164,11 +190,13 @@ class TrialRecord:
 
 def run_trials(
     model, needles: Sequence[Needle], haystacks: Sequence[Haystack], todo: Sequence[Cell],
-    cfg: DetectConfig,
+    cfg: DetectConfig, *, scores: Sequence[str] = (),
 ) -> list[TrialRecord]:
     """Build, decode and score the given cells, in ``todo``'s order.  Trials are decoded
     ``cfg.batch_size`` at a time, shortest prompts together (left-padded to the longest of
-    their batch; each decodes exactly what it decodes alone)."""
+    their batch; each decodes exactly what it decodes alone).  ``scores`` adds attention
+    scores (:data:`EXTRA_SCORES`) to the copy scores."""
+    extra = check_scores(scores)
     trials = [
         protocols.build(
             cfg.protocol, model, needles[c.needle], haystacks[c.needle], context_length=c.length,
@@ -183,16 +211,22 @@ def run_trials(
         batch = order[start : start + cfg.batch_size]
         outs = decode_greedy(model, [trials[i].tokens for i in batch],
                              max_new_tokens=cfg.max_new_tokens, chunk_size=cfg.chunk_size,
-                             stop=protocols.stop_rule(cfg.protocol))
+                             stop=protocols.stop_rule(cfg.protocol),
+                             spans=([trials[i].answer_span for i in batch] if "mass" in extra
+                                    else None))
         for i, out in zip(batch, outs, strict=True):
             text = protocols.response(cfg.protocol, model.tokenizer, out.tokens, out.text)
-            records[i] = score_trial(todo[i], trials[i], out, text=text)
+            qr_table = (qr.qr_scores(model, trials[i], chunk_size=cfg.chunk_size)
+                        if "qr" in extra else None)
+            records[i] = score_trial(todo[i], trials[i], out, text=text, qr_score=qr_table)
     return [r for r in records if r is not None]
 
 
-def score_trial(cell: Cell, trial, out, *, text: str | None = None) -> TrialRecord:
+def score_trial(cell: Cell, trial, out, *, text: str | None = None,
+                qr_score: np.ndarray | None = None) -> TrialRecord:
     """``text`` (default ``out.text``) is what ROUGE reads.  A trial whose answer span was not
-    found (the reference protocol) has NaN scores and no copy."""
+    found (the reference protocol) has NaN scores and no copy.  The mass score is read from
+    ``out.span_mass`` when the decode recorded it; ``qr_score`` is stored as given."""
     text = out.text if text is None else text
     sequence = torch.cat([trial.tokens, torch.from_numpy(out.tokens)])
     emitted = torch.from_numpy(out.tokens)
@@ -216,6 +250,9 @@ def score_trial(cell: Cell, trial, out, *, text: str | None = None) -> TrialReco
         active=scoring.activation(copies).numpy(),
         tokens=out.tokens,
         positions=out.positions,
+        mass_score=None if out.span_mass is None else (
+            scoring.mass_scores(torch.from_numpy(out.span_mass)) if found else nan).numpy(),
+        qr_score=qr_score,
     )
 
 
@@ -271,10 +308,20 @@ class DetectResult:
     def n_scored(self) -> int:
         return int(self.scored.sum())
 
+    @property
+    def scores(self) -> tuple[str, ...]:
+        """Every score that all trials hold: step, set, and the attention scores run."""
+        held = [k for k in EXTRA_SCORES if all(k in r.scores for r in self.records)]
+        return ("step", "set", *held) if self.records else ("step", "set")
+
     def trial_scores(self, kind: str = "step") -> Float[np.ndarray, "trial n_layers n_heads"]:
-        """Per scored trial: ``"step"`` or ``"set"`` scores, or ``"active"`` (0/1)."""
-        if kind not in ("step", "set", "active"):
-            raise ValueError(f"kind must be 'step', 'set' or 'active', got {kind!r}")
+        """Per scored trial: one of :data:`SCORES`, or ``"active"`` (0/1)."""
+        if kind not in (*SCORES, "active"):
+            raise ValueError(f"kind must be one of {', '.join(SCORES)} or 'active', got {kind!r}")
+        if kind in EXTRA_SCORES and kind not in self.scores:
+            lacking = sum(kind not in r.scores for r in self.records)
+            raise ValueError(f"{lacking} of {len(self.records)} trials have no {kind} score: run "
+                             f"the sweep again with the {kind} score (its cells are rerun)")
         rows = [getattr(r, "active" if kind == "active" else f"{kind}_score").astype(np.float64)
                 for r, scored in zip(self.records, self.scored, strict=True) if scored]
         if not rows:
@@ -329,6 +376,9 @@ class DetectResult:
             "rouge_grid": self.rouge_grid(),
             "success": self.success,
             "span_found": self.span_found,
+            **{f"{prefix}_{kind}": fn(kind) for kind in self.scores if kind in EXTRA_SCORES
+               for prefix, fn in (("mean", self.mean_scores), ("trial", self.trial_scores),
+                                  ("group", self.group_scores))},
         }
 
     def summary(self, score: Score = "step") -> dict:
@@ -338,6 +388,7 @@ class DetectResult:
             "n_trials": len(self.records),
             "n_success": self.n_success,
             "score": score,
+            "scores": list(self.scores),
             "retrieval_heads": [[lay, h, s] for lay, h, s in self.ranked(score) if s > THRESHOLD],
             "mean_rouge1_recall": float(np.mean([r.rouge1_recall for r in self.records]))
             if self.records else None,
@@ -382,7 +433,7 @@ class DetectResult:
         config.setdefault("shape", shape)
         save_result(directory, kind="detect", config=config, meta=meta, summary=summary,
                     arrays=arrays)
-        if self.n_scored:
+        if self.n_scored and np.isfinite(arrays[f"trial_{score}"]).all():
             export_reference_json(directory / HEAD_SCORE_JSON, arrays[f"trial_{score}"])
         lines = [json.dumps({**r.to_json(), "step_score_max": float(r.step_score.max())
                               if protocols.span_found(r.answer_span) else None})
@@ -441,14 +492,20 @@ def compute_detect(
     identity: dict | None = None,
     progress: bool = True,
     recompute_bad_cells: bool = False,
+    scores: Sequence[str] = (),
 ) -> DetectResult:
     """Run (or resume) a sweep.  With ``out_dir`` every finished cell is written at once to the
     directory's :class:`~rh_lens.store.SweepStore` and cells already there are read instead of
     rerun; ``identity`` (model spec, needle source, ...) is stored with the config so a directory
     never mixes two sweeps.  A stored cell that cannot be read is refused, naming its file, or
-    computed again with ``recompute_bad_cells``."""
+    computed again with ``recompute_bad_cells``.
+
+    ``scores`` asks for attention scores beside the copy scores (``"mass"``, ``"qr"``; step and
+    set are always there).  A stored cell that lacks one of them is run again, keeping the
+    scores it had, and rewritten."""
     from tqdm.auto import tqdm
 
+    extra = check_scores(scores)
     if len(needles) != len(haystacks):
         raise ValueError(f"{len(needles)} needles but {len(haystacks)} haystacks")
     todo = cells(len(needles), cfg, shard)
@@ -463,13 +520,17 @@ def compute_detect(
     if store is not None:
         by_key = read_finished(store, [c.key for c in todo], TrialRecord.from_record,
                                recompute_bad=recompute_bad_cells)
+    stale = [r for r in by_key.values() if set(extra) - set(r.scores)]
+    extra = check_scores({*extra, *(k for r in stale for k in r.scores)})
+    for record in stale:
+        del by_key[record.cell.key]
     pending = [c for c in todo if c.key not in by_key]
     step = max(cfg.batch_size, 1) * 4
     with tqdm(total=len(todo), initial=len(by_key), desc="NIAH trials",
               disable=not progress) as bar:
         for start in range(0, len(pending), step):
             for record in run_trials(model, needles, haystacks, pending[start : start + step],
-                                     cfg):
+                                     cfg, scores=extra):
                 if store is not None:
                     write_cell(store, record)
                 by_key[record.cell.key] = record
