@@ -28,8 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     _cli.add_figure_args(p)
     p.add_argument("--names", nargs="+", help="one display name per input (default: the model "
                    "spec of a directory, the stem of a file)")
-    p.add_argument("--score", choices=("step", "set"), default="step",
-                   help="which rh_lens score to read from directories")
+    p.add_argument("--score", choices=("step", "set", "mass"), default="step",
+                   help="which rh_lens score to read from directories (mass: attention on the "
+                   "answer span, when detection ran it); a directory's other scores (set, "
+                   "mass, qr) are compared with it in a table of the scores of one model")
     p.add_argument("--threshold", type=float, default=THRESHOLD,
                    help="a retrieval head has mean score > this")
     p.add_argument("--level", type=float, default=ALWAYS_ON_LEVEL,

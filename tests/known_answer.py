@@ -11,6 +11,12 @@ zero query and key weights (uniform attention, top-1 key = position 0) and write
 LayerNorm rescales each position but keeps every sign the circuit reads.  Detection must give
 the copy head score 1 and the rest 0.
 
+With ``question_ids``, a *question head* (``question_head``, writing nothing) attends to needle
+tokens from the tokens ``question_ids`` only, and uniformly from every other token: its query
+reads a question flag minus an always-zero coordinate (exactly 0 off the question, whatever
+LayerNorm does), its key reads the needle flag minus the same zero coordinate.  Its QR score is
+known by construction: question mass 1, null-question mass the needle's share of the keys.
+
 ``backend="bridge"`` saves the model and loads it back as a TransformerBridge around the
 equivalent Hugging Face GPT-2 (``rh_lens.models.load_model``), so the same known answer checks
 that backend.
@@ -26,7 +32,8 @@ from rh_lens.models import load_model, save_model_dir
 
 
 def build_copy_model(tokenizer, needle_ids: list[int], *, copy_head: int = 1, n_heads: int = 4,
-                     n_ctx: int = 512, backend: str = "hooked"):
+                     n_ctx: int = 512, backend: str = "hooked", question_ids: list[int] = (),
+                     question_head: int = 2):
     vocab = len(tokenizer)
     newline = tokenizer.encode("\n", add_special_tokens=False)
     if len(newline) != 1:
@@ -53,6 +60,15 @@ def build_copy_model(tokenizer, needle_ids: list[int], *, copy_head: int = 1, n_
         attn.W_O[copy_head, :, vocab : 2 * vocab] = torch.eye(vocab)
         model.unembed.W_U[vocab : 2 * vocab, :] = 10.0 * torch.eye(vocab)
         model.unembed.W_U[flag, newline[0]] = 1000.0
+        if question_ids:
+            if question_head == copy_head:
+                raise ValueError("the question head must differ from the copy head")
+            qflag, zero = flag + 1, flag + 2
+            model.embed.W_E[list(question_ids), qflag] = 1.0
+            attn.W_Q[question_head, qflag, 0] = 1.0
+            attn.W_Q[question_head, zero, 0] = -1.0
+            attn.W_K[question_head, flag, 0] = 100.0 * vocab**0.5
+            attn.W_K[question_head, zero, 0] = -100.0 * vocab**0.5
     model.eval()
     if backend == "hooked":
         return model

@@ -14,6 +14,8 @@ reference-format ``{"layer-head": [score per trial]}`` file.  Definitions used t
   strictly above ``threshold`` (0.1);
 - score bins are ``=0``, ``(0, 0.1]``, ``(0.1, 0.5]``, ``(0.5, inf)``: the paper's top bin is
   ``(0.5, 1]``, but the reference's step score can exceed 1 (Qwen1.5-14B has a head at 1.003);
+- a detection directory may hold other scores of the same trials (``mass``, ``qr``): they are
+  compared with the model's score as two models are (:mod:`~rh_lens.properties.kinds`);
 - a head is *active* in a trial when it copied at least one token (rh_lens: ``trial_active``;
   reference file: score > 0, which is the same for step and set scores); its *activation
   frequency* is the share of successful trials in which it was active; *always-on* means
@@ -25,6 +27,7 @@ reference-format ``{"layer-head": [score per trial]}`` file.  Definitions used t
 One module per property: :mod:`~rh_lens.properties.scores` (the input),
 :mod:`~rh_lens.properties.sparsity`, :mod:`~rh_lens.properties.activation`,
 :mod:`~rh_lens.properties.switch_on`, :mod:`~rh_lens.properties.universality`,
+:mod:`~rh_lens.properties.kinds` (the scores of one model),
 :mod:`~rh_lens.properties.intrinsic`, :mod:`~rh_lens.properties.groups` (grouped-query
 attention), :mod:`~rh_lens.properties.stability` (over thresholds and numbers of trials), and
 :mod:`~rh_lens.properties.summary` (all of them for several models, as
@@ -42,7 +45,8 @@ from rh_lens.properties.intrinsic import (
     compute_correlation_matrix,
     compute_intrinsic,
 )
-from rh_lens.properties.scores import HeadScores, Table, TrialContext, load_head_scores
+from rh_lens.properties.kinds import ScoreComparison, compute_score_comparison
+from rh_lens.properties.scores import SCORES, HeadScores, Table, TrialContext, load_head_scores
 from rh_lens.properties.sparsity import (
     BIN_LABELS,
     SparsityResult,
@@ -66,12 +70,12 @@ from rh_lens.properties.switch_on import FACTORS, SwitchOnResult, compute_switch
 from rh_lens.properties.universality import ModelSummary, UniversalityResult, compute_universality
 
 __all__ = [
-    "ALWAYS_ON_LEVEL", "BIN_LABELS", "FACTORS", "SUMMARY_JSON", "TABLE_TXT", "THRESHOLD",
-    "THRESHOLDS", "TOPK", "ActivationResult", "CorrelationMatrix", "GroupResult", "HeadScores",
-    "IntrinsicResult", "ModelSummary", "PropertySummary", "SparsityResult", "StabilityCurve",
-    "SwitchOnResult", "Table", "ThresholdSweep", "TrialContext", "UniversalityResult",
-    "compute_activation", "compute_correlation_matrix", "compute_groups", "compute_intrinsic",
-    "compute_property_summary", "compute_sparsity", "compute_stability", "compute_switch_on",
-    "compute_threshold_sweep", "compute_universality", "group_scores", "load_head_scores",
-    "retrieval_heads",
+    "ALWAYS_ON_LEVEL", "BIN_LABELS", "FACTORS", "SCORES", "SUMMARY_JSON", "TABLE_TXT",
+    "THRESHOLD", "THRESHOLDS", "TOPK", "ActivationResult", "CorrelationMatrix", "GroupResult",
+    "HeadScores", "IntrinsicResult", "ModelSummary", "PropertySummary", "ScoreComparison",
+    "SparsityResult", "StabilityCurve", "SwitchOnResult", "Table", "ThresholdSweep",
+    "TrialContext", "UniversalityResult", "compute_activation", "compute_correlation_matrix",
+    "compute_groups", "compute_intrinsic", "compute_property_summary", "compute_score_comparison",
+    "compute_sparsity", "compute_stability", "compute_switch_on", "compute_threshold_sweep",
+    "compute_universality", "group_scores", "load_head_scores", "retrieval_heads",
 ]

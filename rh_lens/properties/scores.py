@@ -7,6 +7,11 @@ reference-format ``{"layer-head": [score per trial]}`` file, or built in memory 
 trial when it copied at least one token (rh_lens: ``trial_active``; reference file: score > 0,
 which is the same for step and set scores).  Which context (needle, length, depth) a trial had
 only rh_lens directories say (``trials.jsonl``); reference files carry no context.
+
+An rh_lens directory may hold several scores of the same trials (``step``, ``set``, and the
+attention scores ``mass`` and ``qr`` when detection ran them); one is read as the trial scores,
+the mean tables of the others come along in :attr:`HeadScores.others`.  Scores are never
+negative, except QR scores (a difference of two attention masses).
 """
 
 import json
@@ -21,6 +26,14 @@ from rh_lens.results import ResultFileError, import_reference_json, load_result
 from rh_lens.types import HeadTable
 
 Table = HeadTable
+SCORES = ("step", "set", "mass", "qr")
+SIGNED = ("qr",)  # scores that may be negative
+Score = Literal["step", "set", "mass", "qr"]
+
+
+def _check_score(score: str) -> None:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
 
 
 @dataclass(frozen=True)
@@ -45,6 +58,7 @@ class HeadScores:
     n_trials_run: int | None = None
     source: str = ""
     score: str = "step"
+    others: dict[str, Table] | None = None  # mean tables of the directory's other scores
 
     def __post_init__(self):
         scores = np.asarray(self.trial_scores, dtype=np.float64)
@@ -54,8 +68,12 @@ class HeadScores:
         if scores.shape[0] == 0:
             raise ValueError(f"{self.name}: zero successful trials, so no head has a retrieval "
                              "score (a failed trial is dropped, not scored 0)")
-        if not np.isfinite(scores).all() or (scores < 0).any():
+        if not np.isfinite(scores).all() or (self.score not in SIGNED and (scores < 0).any()):
             raise ValueError(f"{self.name}: scores must be finite and >= 0")
+        for kind, table in (self.others or {}).items():
+            if np.shape(table) != scores.shape[1:]:
+                raise ValueError(f"{self.name}: the {kind} table has shape {np.shape(table)}, "
+                                 f"the heads are {scores.shape[1:]}")
         active = scores > 0 if self.trial_active is None else np.asarray(self.trial_active, bool)
         if active.shape != scores.shape:
             raise ValueError(f"{self.name}: trial_active has shape {active.shape}, "
@@ -71,18 +89,18 @@ class HeadScores:
         object.__setattr__(self, "trial_active", active)
 
     @classmethod
-    def from_detect(cls, result, *, name: str = "model", score: Literal["step", "set"] = "step",
+    def from_detect(cls, result, *, name: str = "model", score: Score = "step",
                     source: str = "") -> "HeadScores":
         """The scores of an in-memory :class:`~rh_lens.detect.DetectResult` (the same as
         :func:`load_head_scores` reads from the directory it is saved in)."""
-        if score not in ("step", "set"):
-            raise ValueError(f"score must be 'step' or 'set', got {score!r}")
+        _check_score(score)
         contexts = tuple(TrialContext(int(r.cell.needle), int(r.cell.length), float(r.cell.depth))
                          for r in result.records if r.success)
         return cls(name, result.trial_scores(score),
                    trial_active=result.trial_scores("active") > 0, n_kv_heads=result.n_kv_heads,
                    contexts=contexts, n_trials_run=len(result.records), source=source,
-                   score=score)
+                   score=score, others={k: result.mean_scores(k) for k in result.scores
+                                        if k != score} or None)
 
     @property
     def n_trials(self) -> int:
@@ -109,7 +127,7 @@ class HeadScores:
 
 
 def load_head_scores(path: str | Path, *, name: str | None = None,
-                     score: Literal["step", "set"] = "step",
+                     score: Score = "step",
                      n_kv_heads: int | None = None,
                      shape: tuple[int, int] | None = None) -> HeadScores:
     """Read an rh_lens detection directory, a reference-format score file, a DuoAttention
@@ -117,13 +135,13 @@ def load_head_scores(path: str | Path, *, name: str | None = None,
     elsewhere; needs the model's ``shape``, ``(n_layers, n_heads)``).
 
     ``score`` picks the rh_lens score (a reference file holds one kind: step scores in the
-    reference's own files).  ``n_kv_heads`` sets the GQA grouping where the input does not say.
+    reference's own files); a directory's other scores come along as mean tables
+    (:attr:`HeadScores.others`).  ``n_kv_heads`` sets the GQA grouping where the input does not say.
     The default name is the directory's model spec, or the file's stem (its folder's name for
     ``head_score.json``).  Bad input raises a ``ValueError`` naming the file.
     """
     path = Path(path)
-    if score not in ("step", "set"):
-        raise ValueError(f"score must be 'step' or 'set', got {score!r}")
+    _check_score(score)
     if path.is_dir():
         return _load_detect_dir(path, name=name, score=score, n_kv_heads=n_kv_heads)
     if path.suffix in (".tsv", ".yaml", ".yml"):
@@ -151,7 +169,9 @@ def _load_detect_dir(path: Path, *, name, score, n_kv_heads) -> HeadScores:
     res = load_result(path, kind="detect")
     missing = {f"trial_{score}", "trial_active", "success"} - set(res.arrays)
     if missing:
-        raise ResultFileError(f"{path}: arrays.npz lacks {sorted(missing)}")
+        hint = (f" (detection ran without the {score} score)" if f"trial_{score}" in missing
+                and score in ("mass", "qr") else "")
+        raise ResultFileError(f"{path}: arrays.npz lacks {sorted(missing)}{hint}")
     success = res.arrays["success"].astype(bool)
     if "span_found" in res.arrays:  # the reference protocol scores no trial without its span
         success &= res.arrays["span_found"].astype(bool)
@@ -171,6 +191,8 @@ def _load_detect_dir(path: Path, *, name, score, n_kv_heads) -> HeadScores:
         trial_active=res.arrays["trial_active"] > 0,
         n_kv_heads=n_kv_heads or shape.get("n_kv_heads"), contexts=contexts,
         n_trials_run=int(success.size), source=str(path), score=score,
+        others={k: res.arrays[f"trial_{k}"].mean(axis=0) for k in SCORES
+                if k != score and f"trial_{k}" in res.arrays} or None,
     )
 
 

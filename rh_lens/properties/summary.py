@@ -17,7 +17,11 @@ figures are drawn from.  ``summary.json`` holds::
                        "thresholds": [{"threshold", "n_retrieval", "share",
                                        "jaccard_with_default"}],
                        "stability": {"k", "draws", "seed", "level", "stable_after",
-                                     "curve": [{"n_trials", "topk_jaccard", ...}]}}},
+                                     "curve": [{"n_trials", "topk_jaccard", ...}]},
+                       "scores_of_one_model": [{"a" (the model's score), "b" (another score
+                                                of the same trials), "pearson", "spearman",
+                                                "topk_jaccard": {K: J},
+                                                "retrieval_jaccard"}] or null}},
      "pairs": [{"a", "b", "pearson", "spearman", "topk_jaccard": {K: J}, "retrieval_jaccard"}],
      "not_compared": [{"a", "b", "reason"}]}
 
@@ -40,6 +44,7 @@ from rh_lens.properties.intrinsic import (
     compute_correlation_matrix,
     compute_intrinsic,
 )
+from rh_lens.properties.kinds import ScoreComparison, compute_score_comparison
 from rh_lens.properties.scores import HeadScores
 from rh_lens.properties.sparsity import BIN_LABELS, compute_sparsity, retrieval_heads
 from rh_lens.properties.stability import (
@@ -73,6 +78,7 @@ class PropertySummary:
     correlations: CorrelationMatrix | None = None
     thresholds: dict[str, ThresholdSweep] | None = None
     stability: dict[str, StabilityCurve] | None = None
+    score_kinds: dict[str, ScoreComparison] | None = None
 
     def save(self, directory: str | Path) -> Path:
         """``summary.json`` and ``table.txt`` in ``directory`` (created if needed)."""
@@ -110,7 +116,7 @@ def compute_property_summary(
         raise ValueError(f"two inputs have the same name: {names}")
     uni = compute_universality(models, threshold=threshold, level=level, top=top)
     acts = {m.name: compute_activation(m, threshold=threshold, level=level) for m in models}
-    groups, switch_on, entries, sweeps, curves = {}, {}, {}, {}, {}
+    groups, switch_on, entries, sweeps, curves, kinds = {}, {}, {}, {}, {}, {}
     lines = [uni.format_table(), ""]
     for m, row in zip(models, uni.models, strict=True):
         act, sp = acts[m.name], row.sparsity
@@ -170,6 +176,11 @@ def compute_property_summary(
                      f"retrieval-head set: {_n(stable['retrieval_jaccard_mean'])}")
         lines.append("  retrieval heads by threshold: " + ", ".join(
             f"{t:g}: {n}" for t, n in zip(sweep.thresholds, sweep.n_retrieval, strict=True)))
+        comparison = compute_score_comparison(m, topk=topk, threshold=threshold)
+        entry["scores_of_one_model"] = None if comparison is None else comparison.table()
+        if comparison is not None:
+            kinds[m.name] = comparison
+            lines.extend(comparison.lines())
         entries[m.name] = entry
 
     pairs, skipped, intrinsic = [], [], []
@@ -202,7 +213,7 @@ def compute_property_summary(
                "not_compared": skipped}
     corr = compute_correlation_matrix({m.name: m.mean for m in models})
     return PropertySummary(summary, "\n".join(lines), uni, acts, groups, switch_on,
-                           tuple(intrinsic), corr, sweeps, curves)
+                           tuple(intrinsic), corr, sweeps, curves, kinds)
 
 
 def _n(trials: int | None) -> str:

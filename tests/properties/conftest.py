@@ -8,8 +8,10 @@ import numpy as np
 from rh_lens.results import RunMetadata, save_result
 
 
-def detect_dir(path, trial_step, success, cells, *, n_kv_heads=None, model="hand-made"):
-    """A detection directory as analyses.detect writes it (only what properties reads)."""
+def detect_dir(path, trial_step, success, cells, *, n_kv_heads=None, model="hand-made",
+               arrays=None):
+    """A detection directory as analyses.detect writes it (only what properties reads), with
+    more ``arrays`` (``trial_mass``, ...) if given."""
     trial_step = np.asarray(trial_step, dtype=np.float64)
     n_layers, n_heads = trial_step.shape[1:]
     save_result(
@@ -18,7 +20,7 @@ def detect_dir(path, trial_step, success, cells, *, n_kv_heads=None, model="hand
                                           "n_kv_heads": n_kv_heads or n_heads}},
         arrays={"trial_step": trial_step, "trial_set": np.minimum(trial_step, 1.0),
                 "trial_active": (trial_step > 0).astype(np.float64),
-                "success": np.asarray(success, dtype=bool)},
+                "success": np.asarray(success, dtype=bool), **(arrays or {})},
     )
     with open(path / "trials.jsonl", "w") as f:
         for (needle, length, depth), ok in zip(cells, success, strict=True):
