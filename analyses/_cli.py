@@ -100,8 +100,9 @@ def add_scores_args(parser: argparse.ArgumentParser, *, scores_help: str,
     from rh_lens.heads import THRESHOLD
 
     parser.add_argument("--scores", type=Path, help=scores_help)
-    parser.add_argument("--score", choices=("step", "set"), default="step",
-                        help="which score of a detection directory ranks the heads")
+    parser.add_argument("--score", choices=("step", "set", "mass", "qr"), default="step",
+                        help="which score of a detection directory ranks the heads (mass and "
+                        "qr: when detection ran them)")
     parser.add_argument("--scores-from-other-model", action="store_true",
                         help="accept a detection directory computed on another model than "
                         "--model (refused by default; reference-format files name no model)")

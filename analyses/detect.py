@@ -7,10 +7,12 @@
     python -m analyses.detect ... --shard 0/4 --out runs/a     # split a sweep over machines
     python -m analyses.detect --merge runs/a runs/b ... --out runs/all
 
+    python -m analyses.detect --score qr --extra-scores mass  # attention scores as well
+
 Writes into --out: ``cells/`` (one file per trial, written atomically; a rerun skips finished
 cells), ``result.json`` + ``arrays.npz`` (config, provenance, per-head aggregates),
-``head_score.json`` (the reference's ``{"layer-head": [...]}`` format), ``trials.jsonl`` and HTML
-figures; it prints the top heads.
+``head_score.json`` (the reference's ``{"layer-head": [...]}`` format, of the --score score),
+``trials.jsonl`` and HTML figures; it prints the top heads.
 """
 
 import argparse
@@ -31,8 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="paper: rh_lens's trials; reference: the reference code's prompt "
                    "construction, answer-span search and stop rule, exactly (trials whose span "
                    "it cannot find are reported, not scored)")
-    p.add_argument("--score", choices=("step", "set"), default="step",
-                   help="step: the reference code's score; set: the paper's formula")
+    p.add_argument("--score", choices=("step", "set", "mass", "qr"), default="step",
+                   help="the score that ranks and prints the heads and goes into "
+                   "head_score.json; step: the reference code's score; set: the paper's "
+                   "formula; mass: attention on the answer span while decoding; qr: "
+                   "attention from the question to the needle minus that from a null question "
+                   "(mass and qr are computed when named here or in --extra-scores)")
+    p.add_argument("--extra-scores", nargs="+", choices=("mass", "qr"), default=[],
+                   help="attention scores to compute beside the copy scores (stored cells "
+                   "without them are run again)")
     p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
                    help="combine the cells of shard directories into --out")
     p.add_argument("--allow-partial", action="store_true",
@@ -80,7 +89,8 @@ def _run(args, argv) -> int:
         return 0
     result = compute_detect(model, needles, haystacks, cfg, out_dir=out, shard=args.shard,
                             identity=identity, progress=not args.quiet,
-                            recompute_bad_cells=args.recompute_bad_cells)
+                            recompute_bad_cells=args.recompute_bad_cells,
+                            scores=[args.score, *args.extra_scores])
     if args.shard != (0, 1):
         done = len(list((out / "cells").glob("*.json")))
         print(f"shard {args.shard[0]}/{args.shard[1]}: {done} cells in {out}; combine shards "
@@ -97,6 +107,9 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
     from rh_lens import plotting
     from rh_lens.heads import label
 
+    if score not in result.scores:
+        raise ValueError(f"the trials have no {score} score (they hold "
+                         f"{', '.join(result.scores)}): run the sweep with --score {score}")
     summary = result.save(out, meta=meta, identity=identity, score=score)
     if not result.n_scored:
         print("warning: no trial succeeded (ROUGE-1 recall > 0.5) with its answer span found, "
@@ -105,9 +118,9 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
     table = result.mean_scores(score)
     name = identity["model"]
     figures = {
-        "heatmap": plotting.plot_head_heatmap(
-            np.nan_to_num(table), title=f"{name}: retrieval score ({score})",
-            zmax=max(1.0, float(np.nanmax(table))) if result.n_scored else 1.0),
+        "heatmap": _heatmap(plotting, result, score, name),
+        **{f"heatmap_{kind}": _heatmap(plotting, result, kind, name)
+           for kind in result.scores if kind not in ("step", "set", score)},
         "niah_grid": plotting.plot_niah_grid(
             result.rouge_grid(), depths=list(cfg.depths), lengths=list(cfg.lengths),
             title=f"{name}: NIAH ROUGE-1 recall"),
@@ -130,6 +143,19 @@ def write_outputs(out: Path, result, meta, identity: dict, *, score: str, top: i
 
 
 SHOWN = 8  # span-not-found cells printed (summary.json lists them all)
+TITLES = {"step": "retrieval score (step)", "set": "retrieval score (set)",
+          "mass": "answer-span attention mass (mass)", "qr": "QR score (qr)"}
+
+
+def _heatmap(plotting, result, kind: str, name: str):
+    """The mean ``kind`` score per head; signed QR scores on a diverging scale."""
+    table = np.nan_to_num(result.mean_scores(kind))
+    if kind == "qr":
+        return plotting.plot_head_heatmap(table, title=f"{name}: {TITLES[kind]}",
+                                          diverging=True, zmax=float(np.abs(table).max()) or 1.0)
+    return plotting.plot_head_heatmap(
+        table, title=f"{name}: {TITLES[kind]}",
+        zmax=max(1.0, float(np.nanmax(table))) if result.n_scored else 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,31 @@ def test_detect_script_can_write_self_contained_figures(copy_inputs, tmp_path):
         assert (out / name).stat().st_size > 1_000_000
 
 
+def test_detect_script_writes_the_attention_scores(copy_inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert detect.main(detect_args(copy_inputs, out)) == 0  # copy scores only, as before
+    assert detect.main(detect_args(copy_inputs, out, "--score", "mass", "--extra-scores",
+                                   "qr")) == 0
+    printed = capsys.readouterr().out
+    assert printed.split("active")[1].strip().splitlines()[0].split()[0] == "L0H1"
+    result = load_result(out)
+    for name in ("mean_mass", "trial_mass", "group_mass", "mean_qr", "trial_qr", "mean_step"):
+        assert name in result.arrays, name
+    assert result.summary["score"] == "mass"
+    assert result.summary["scores"] == ["step", "set", "mass", "qr"]
+    np.testing.assert_array_equal(import_reference_json(out / "head_score.json"),
+                                  result.arrays["trial_mass"])
+    for name in ("heatmap.html", "heatmap_qr.html"):
+        assert (out / name).is_file()
+    assert detect.main(["--merge", str(out), "--out", str(tmp_path / "m"), "--quiet",
+                        "--score", "qr"]) == 0
+    plain = tmp_path / "plain"
+    assert detect.main(detect_args(copy_inputs, plain)) == 0
+    assert detect.main(["--merge", str(plain), "--out", str(tmp_path / "m2"), "--quiet",
+                        "--score", "qr"]) == 2
+    assert "have no qr score" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_detect_shards_merge_to_the_same_aggregates(copy_inputs, tmp_path, capsys):
     assert detect.main(detect_args(copy_inputs, tmp_path / "full")) == 0
