@@ -10,11 +10,16 @@ Everything a notebook or script needs is here, ``import rh_lens as rl``:
   :func:`haystack_from_folder`, and the zoo's (:func:`zoo_inputs`, :func:`zoo_pairs`,
   :func:`zoo_tasks`, :func:`zoo_chain`);
 - analyses, each a ``compute_*`` returning a result that saves and loads itself: detection
-  (:func:`compute_detect`), properties (:class:`HeadScores`, :func:`compute_property_summary`),
+  (:func:`compute_detect`, with the attention scores of :mod:`rl.qr`), properties
+  (:class:`HeadScores`, :func:`compute_property_summary`, :func:`compute_score_comparison`),
   ablation (:func:`compute_ablation`), patching (:func:`compute_activation_patching`,
   :func:`compute_path_patching`), chain of thought (:func:`compute_cot`), training dynamics
   over a :class:`CheckpointSeries` (:func:`compute_dynamics`, :func:`induction_scores`),
-  detection across precisions (:func:`compute_precision`);
+  detection across precisions (:func:`compute_precision`), key/value-cache compression by head
+  (:func:`compute_kv_compress`, :class:`KVPolicy`);
+- head files of other methods: DuoAttention's gates (:func:`read_duo_tsv`,
+  :func:`write_duo_tsv`) and QRHead's head sets (:func:`read_qrhead_yaml`,
+  :func:`write_qrhead_yaml`, :func:`head_set_table`);
 - figures: :mod:`rl.plotting` (every ``plot_*`` returns a plotly figure);
 - the same weights in Hugging Face Transformers (:func:`to_hf`, :func:`hooked_from_hf`) and the
   reference implementation's decoding method on them (:func:`reference_detect`,
@@ -47,11 +52,18 @@ _MODULES = {
     "rh_lens.results": ("RunMetadata", "export_reference_json", "import_reference_json",
                         "load_result"),
     "rh_lens.detect": ("DetectConfig", "DetectResult", "compute_detect"),
+    "rh_lens.qr": ("NULL_QUESTION", "prompt_spans", "qr_scores", "question_mass"),
     "rh_lens.properties": ("HeadScores", "PropertySummary", "compute_activation",
-                           "compute_correlation_matrix", "compute_groups", "compute_intrinsic",
-                           "compute_property_summary", "compute_sparsity", "compute_stability",
+                           "ScoreComparison", "compute_correlation_matrix", "compute_groups",
+                           "compute_intrinsic", "compute_property_summary",
+                           "compute_score_comparison", "compute_sparsity", "compute_stability",
                            "compute_switch_on", "compute_threshold_sweep",
                            "compute_universality", "load_head_scores"),
+    "rh_lens.headfiles": ("head_set_table", "read_duo_tsv", "read_qrhead_yaml",
+                          "write_duo_tsv", "write_qrhead_yaml"),
+    "rh_lens.kvcache": ("KVPolicy", "cache_bytes", "decode_kv_policy_slow", "kept_positions",
+                        "kv_policies", "matched_window", "policy_hooks"),
+    "rh_lens.kvcache.sweep": ("compute_kv_compress",),
     "rh_lens.ablation": ("AblationConfig", "AblationResult", "Condition", "compute_ablation",
                          "conditions_from_masks"),
     "rh_lens.patching": ("PatchConfig", "PatchingResult", "compute_activation_patching",
@@ -62,7 +74,8 @@ _MODULES = {
     "rh_lens.dynamics": ("DynamicsConfig", "DynamicsResult", "compute_dynamics"),
     "rh_lens.precision": ("PrecisionResult", "compute_precision"),
 }
-_SUBMODULES = ("benchmark", "heads", "hooks", "interventions", "plotting", "store")
+_SUBMODULES = ("benchmark", "headfiles", "heads", "hooks", "interventions", "kvcache",
+               "plotting", "qr", "store")
 _EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])

@@ -32,6 +32,24 @@ def test_dir_lists_the_exports():
     assert {"load_model", "compute_detect", "HeadScores", "plotting", "heads"} <= set(rl.__all__)
 
 
+def test_kv_cache_head_file_and_score_names_are_exported():
+    from rh_lens import headfiles, kvcache, qr
+    from rh_lens.kvcache import sweep
+
+    for module in (kvcache, headfiles, qr):
+        assert module.__name__.rsplit(".", 1)[1] in rl.__all__
+        assert getattr(rl, module.__name__.rsplit(".", 1)[1]) is module
+    for name in ("KVPolicy", "kv_policies", "policy_hooks", "decode_kv_policy_slow",
+                 "cache_bytes", "matched_window", "kept_positions"):
+        assert name in rl.__all__ and getattr(rl, name) is getattr(kvcache, name), name
+    assert rl.compute_kv_compress is sweep.compute_kv_compress
+    for name in ("read_duo_tsv", "write_duo_tsv", "read_qrhead_yaml", "write_qrhead_yaml",
+                 "head_set_table"):
+        assert name in rl.__all__ and getattr(rl, name) is getattr(headfiles, name), name
+    assert rl.qr_scores is qr.qr_scores and rl.question_mass is qr.question_mass
+    assert rl.compute_score_comparison.__module__ == "rh_lens.properties.kinds"
+
+
 def test_unknown_name_is_an_attribute_error():
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         rl.no_such_name  # noqa: B018
