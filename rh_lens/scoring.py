@@ -69,7 +69,10 @@ def span_mass(
     rows: Float[Tensor, "batch head_index key_pos"], spans: Int[Tensor, "batch 2"]
 ) -> Float[Tensor, "batch head_index"]:
     """Each row's attention probability summed over its own key columns ``[start, end)``
-    (float32 whatever the rows' dtype)."""
+    (float32 whatever the rows' dtype).  One span (a batch of one) is a slice."""
+    if spans.shape[0] == 1:
+        start, end = (int(v) for v in spans[0])
+        return rows[..., max(start, 0) : max(end, 0)].sum(dim=-1, dtype=torch.float32)
     cols = torch.arange(rows.shape[-1], device=rows.device)
     spans = spans.to(rows.device)
     inside = (cols >= spans[:, :1]) & (cols < spans[:, 1:])  # [batch, key_pos]
