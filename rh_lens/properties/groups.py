@@ -19,7 +19,9 @@ def group_scores(scores: HeadScores, *, reduce: Literal["mean", "max"] = "mean")
     active = group_table(scores.trial_active, scores.n_kv_heads, reduce="any")
     return replace(scores, name=f"{scores.name} (KV groups)", n_kv_heads=None,
                    trial_scores=group_table(scores.trial_scores, scores.n_kv_heads, reduce=reduce),
-                   trial_active=active)
+                   trial_active=active,
+                   others={k: group_table(t, scores.n_kv_heads, reduce=reduce)
+                           for k, t in scores.others.items()} if scores.others else None)
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,13 @@ def test_directory_with_several_scores(tmp_path, capsys):
     with pytest.raises(Exception, match="ran without the qr score|lacks"):
         load_head_scores(detect_dir(tmp_path / "plain", trials, np.ones(len(cells), bool),
                                     cells), score="qr")
+
+
+def test_kv_groups_carry_the_other_scores_grouped():
+    from rh_lens.properties import group_scores
+
+    table = np.array([[0.9, 0.5, 0.0, 0.2], [0.3, 0.0, 0.2, 0.4]])
+    scores = HeadScores("m", table[None], n_kv_heads=2, others={"mass": table * 2})
+    grouped = group_scores(scores)
+    np.testing.assert_allclose(grouped.others["mass"], [[1.4, 0.2], [0.3, 0.6]])
+    assert compute_score_comparison(grouped, topk=(1,)).results[0].spearman == pytest.approx(1.0)
