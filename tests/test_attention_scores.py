@@ -217,3 +217,25 @@ def test_resume_adds_a_score_to_old_cells(known, tmp_path):
     loaded = load_head_scores(out, score="mass")
     np.testing.assert_allclose(loaded.mean, both.mean_scores("mass"))
     assert set(load_head_scores(out, score="qr").others) >= {"step", "set", "mass"}
+
+
+@pytest.mark.slow
+def test_release_directory_resumes_with_the_attention_scores(tmp_path):
+    """A detection directory written by rh_lens 0.1.0 (no attention scores): a rerun with
+    ``--score mass --extra-scores qr`` reruns its cells, and the copy scores come back as
+    0.1.0 wrote them."""
+    import shutil
+
+    from analyses import detect
+    from rh_lens.results import load_result
+    from tests.test_release_equivalence import DETECT, RELEASE
+
+    copy = tmp_path / "detect"
+    shutil.copytree(RELEASE / "detect", copy)
+    assert detect.main([*DETECT, "--out", str(copy), "--score", "mass",
+                        "--extra-scores", "qr"]) == 0
+    new, old = load_result(copy).arrays, load_result(RELEASE / "detect").arrays
+    for name in ("trial_step", "trial_set", "trial_active", "success"):
+        np.testing.assert_array_equal(new[name], old[name], err_msg=name)
+    assert new["trial_mass"].shape == new["trial_qr"].shape == old["trial_step"].shape
+    assert DetectResult.load(copy).scores == ("step", "set", "mass", "qr")
