@@ -75,7 +75,8 @@ def question_mass(
     n_layers = model.cfg.n_layers
     state = new_kv_state(model, 1)
     for start in range(0, qs, chunk_size):
-        forward_chunk(model, tokens[None, start : min(start + chunk_size, qs)], state)
+        forward_chunk(model, tokens[None, start : min(start + chunk_size, qs)], state,
+                      logits=False)
     select_rows(model, state, torch.zeros(2, dtype=torch.long))
     rest = tokens[qe:]
     pair = torch.stack([tokens[qs:], torch.cat([null_ids.to(tokens.dtype), rest])])
@@ -89,7 +90,7 @@ def question_mass(
         return hook
 
     with attached(model, [(hooks.pattern(layer), keep(layer)) for layer in range(n_layers)]):
-        forward_chunk(model, pair, state)
+        forward_chunk(model, pair, state, logits=False)
     table = torch.stack([kept[layer] for layer in range(n_layers)], dim=1).double().numpy()
     return table[0], table[1]
 
