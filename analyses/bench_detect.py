@@ -178,14 +178,14 @@ def _run_shape(args, argv) -> int:
     import torch
 
     from rh_lens import scale
-    from rh_lens.models import _resolve_device, _resolve_dtype
+    from rh_lens.models import _resolve_device, resolve_dtype
     from rh_lens.plotting import plot_scale
     from rh_lens.results import RunMetadata, write_json_atomic
     from rh_lens.shapes import get_shape
 
     shape = get_shape(args.shape, layers=args.layers)
     device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     chunk, steps = args.chunk or 512, args.steps
     if steps < 1 or chunk < 1 or min(args.contexts) < 2:
         raise ValueError(f"--steps and --chunk must be positive and every context at least 2 "

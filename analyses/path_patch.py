@@ -106,7 +106,13 @@ def _run(args, argv) -> int:
     act = P.compute_activation_patching(model, pairs, cfg, progress=not args.quiet)
     path = P.compute_path_patching(model, pairs, senders, receivers, cfg,
                                    progress=not args.quiet)
-    sets = P.compute_set_patching(model, pairs, sender_sets, receiver_sets, cfg)
+    if len(receiver_sets) != len(sender_sets):
+        receiver_sets = receiver_sets[:1] * len(sender_sets)
+    # a set's paths start at receivers after its earliest sender; without any there is no path
+    reading = [[r for r in into if r.reads_layer(model) > min(layer for layer, _ in heads)]
+               for heads, into in zip(sender_sets, receiver_sets, strict=True)]
+    sets = (P.compute_set_patching(model, pairs, sender_sets, reading, cfg)
+            if all(reading) else None)
     out = args.out or _cli.run_dir("path_patch", args.model)
     config = {
         "model": args.model, "scores": None if scores_path is None else str(scores_path),

@@ -160,9 +160,9 @@ def test_path_patch_gives_the_release_numbers(tmp_path):
     _arrays_equal(out, RELEASE / "path_patch")
     from rh_lens.patching import PatchingResult
 
-    for name, value in PatchingResult.load(out).arrays().items():
-        np.testing.assert_array_equal(value, load_result(RELEASE / "path_patch").arrays[name],
-                                      err_msg=name)
+    reloaded = PatchingResult.load(out).arrays()
+    for name, value in load_result(RELEASE / "path_patch").arrays.items():
+        np.testing.assert_array_equal(reloaded[name], value, err_msg=name)
 
 
 def test_properties_give_the_release_summary(tmp_path):
