@@ -95,6 +95,9 @@ def forward_chunk(
     twin = model.__dict__.get(TWIN_ATTR)
     if twin is not None and n_new > 1 and unhooked:
         twin.tie()
+        if not logits and _llama_step.supports_sdpa(twin.model):  # bit for bit, no logits
+            _llama_step.prefill(twin.model, tokens, cache, mask, kw.get("position_ids"))
+            return None, None, None
         keep = {} if logits else {"logits_to_keep": 1}
         out = twin.model(input_ids=tokens, attention_mask=mask, use_cache=True, **kw, **keep)
         return (out.logits if logits else None), None, None

@@ -8,6 +8,11 @@ weights and key/value cache, so that its logits, cache and attention weights are
 those of that forward (the tests hold it to that), and reads each head's argmax from the
 current query's attention row.  The Bridge's hook-free decode step uses it for Llama models
 (:func:`supports`); anything else goes through the Hugging Face forward.
+
+:func:`prefill` is the same for a prefill chunk on the SDPA twin (:func:`supports_sdpa`): the
+operations of its forward, calling Hugging Face's own SDPA attention function, with the last
+layer stopping once its keys and values are cached (no hook is attached, and no logits are
+asked for, so nothing reads the rest).
 """
 
 import torch
@@ -21,6 +26,13 @@ def supports(hf_model: nn.Module) -> bool:
     mode whose attention implementation is eager."""
     return (type(hf_model).__name__ == "LlamaForCausalLM" and not hf_model.training
             and hf_model.config._attn_implementation == "eager")
+
+
+def supports_sdpa(hf_model: nn.Module) -> bool:
+    """Whether :func:`prefill` reproduces ``hf_model``'s forward: a Llama model in eval mode
+    whose attention implementation is SDPA."""
+    return (type(hf_model).__name__ == "LlamaForCausalLM" and not hf_model.training
+            and hf_model.config._attn_implementation == "sdpa")
 
 
 def _rms(norm: nn.Module, x: Tensor) -> Tensor:
@@ -87,3 +99,47 @@ def step(
         x = residual + h
     x = _rms(model.norm, x)
     return _linear(hf_model.lm_head, x), torch.stack(tables, dim=1)
+
+
+@torch.no_grad()
+def prefill(
+    hf_model: nn.Module, tokens: Int[Tensor, "batch pos"], cache,
+    attention_mask: Int[Tensor, "batch key_pos"], position_ids: Int[Tensor, "batch pos"] | None,
+) -> None:
+    """Forward a chunk after the cached positions on the SDPA twin and cache its keys and
+    values, computing no logits: ``hf_model(input_ids=tokens, attention_mask=attention_mask,
+    cache=cache, position_ids=position_ids, use_cache=True)`` as far as the cache can tell."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import create_causal_mask
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = hf_model.model
+    x = model.embed_tokens(tokens)
+    if position_ids is None:
+        position_ids = (torch.arange(tokens.shape[1], device=x.device)
+                        + cache.get_seq_length()).unsqueeze(0)
+    mask = create_causal_mask(config=hf_model.config, inputs_embeds=x,
+                              attention_mask=attention_mask, cache=cache,
+                              position_ids=position_ids)
+    cos, sin = model.rotary_emb(x, position_ids=position_ids)
+    layers = model.layers[: hf_model.config.num_hidden_layers]
+    for index, layer in enumerate(layers):
+        attn = layer.self_attn
+        residual = x
+        h = _rms(layer.input_layernorm, x)
+        shape = (*h.shape[:-1], -1, attn.head_dim)
+        q = _linear(attn.q_proj, h).view(shape).transpose(1, 2)
+        k = _linear(attn.k_proj, h).view(shape).transpose(1, 2)
+        v = _linear(attn.v_proj, h).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = cache.update(k, v, attn.layer_idx)
+        if index == len(layers) - 1:
+            return  # nothing reads the last layer's output
+        out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
+        out = _linear(attn.o_proj, out.reshape(*shape[:-2], -1).contiguous())
+        x = residual + out
+        residual = x
+        h = _rms(layer.post_attention_layernorm, x)
+        mlp = layer.mlp
+        h = _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
+        x = residual + h

@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from rh_lens import _bridge, hooks
+from rh_lens import _bridge, _hooked_step, hooks
 from rh_lens._loading import HAS_HOOKED, HookedTransformer
 from rh_lens.errors import ContextTooLongError, ModelLoadError, RhLensError
 
@@ -255,9 +255,10 @@ def forward_argmax(
     """:func:`forward_chunk`, and for every layer and head the key column of the largest
     attention weight of each row's last query (left padding never is one: its weight is 0).
 
-    The fewest hooks each engine allows: one per layer on a HookedTransformer, reducing all
-    heads at once; none on a Bridge with the fast path and no hook attached, whose eager twin
-    returns the attention weights itself.
+    No hook at all when none is attached: a Llama-family HookedTransformer then runs its own
+    operations without the module machinery (:mod:`rh_lens._hooked_step`), a Bridge with the
+    fast path an eager twin that returns the attention weights itself; otherwise one hook per
+    layer, reducing all heads at once.
     """
     logits, table, _ = _forward(model, tokens, state, attention_mask, argmax=True)
     return logits, table
@@ -289,6 +290,13 @@ def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans
                else attention_mask.to(device=device, dtype=torch.long))
         state.mask = torch.cat([state.mask, new], dim=1)
     bridge = _bridge.is_bridge(model)
+    if not bridge and _lean(model, state.n_tokens + tokens.shape[1]):
+        new = (torch.ones_like(tokens) if state.mask is None
+               else state.mask[:, state.n_tokens :])
+        out, table, mass = _hooked_step.forward(model, tokens, state.cache, new, logits=logits,
+                                                argmax=argmax, spans=spans)
+        state.n_tokens += tokens.shape[1]
+        return out, table, mass
     recorder = None
     if argmax and not (bridge and _bridge.records_unhooked(model)):
         recorder = hooks.LastQueryArgmax(model.cfg.n_layers, spans=spans)
@@ -309,6 +317,15 @@ def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans
     if recorder is not None:
         return out, recorder.table(), recorder.mass_table()
     return out, table, mass
+
+
+def _lean(model: Model, n_keys: int) -> bool:
+    """Whether a HookedTransformer forward can skip the module machinery
+    (:mod:`rh_lens._hooked_step`, bit for bit the same): a configuration it reproduces, no hook
+    attached anywhere, and rotary tables long enough for ``n_keys`` positions (TransformerLens
+    extends them itself)."""
+    return (_hooked_step.supports(model) and n_keys <= model.blocks[0].attn.rotary_cos.shape[0]
+            and _hooked_step.unhooked(model))
 
 
 def select_rows(model: Model, state: KVState, rows: Int[Tensor, " keep"]) -> None:

@@ -53,3 +53,33 @@ def test_only_eager_llama_models_take_the_lean_step():
     assert not _llama_step.supports(gpt2.__dict__[_bridge.EAGER_ATTR].model)
     llama = load_model("zoo:llama-s", backend="bridge")
     assert not _llama_step.supports(llama.__dict__[_bridge.TWIN_ATTR].model)  # SDPA
+
+
+@pytest.mark.tl4
+@pytest.mark.parametrize("spec", ["zoo:llama-s", "zoo:llama-m"])
+@pytest.mark.parametrize("padded", [False, True])
+@torch.no_grad()
+def test_the_lean_prefill_caches_what_the_sdpa_forward_caches(spec, padded):
+    from transformers import DynamicCache
+
+    model = load_model(spec, backend="bridge")
+    twin = model.__dict__[_bridge.TWIN_ATTR]
+    twin.tie()
+    hf = twin.model
+    assert _llama_step.supports_sdpa(hf)
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(5, model.cfg.d_vocab, (3, 90), generator=gen)
+    mask = torch.ones_like(tokens)
+    if padded:
+        mask[0, :30] = 0
+        mask[2, :5] = 0
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    theirs, ours = DynamicCache(config=hf.config), DynamicCache(config=hf.config)
+    for start, end in ((0, 60), (60, 90)):  # a second chunk reads the first one's cache
+        kw = {"position_ids": positions[:, start:end]} if padded else {}
+        hf(input_ids=tokens[:, start:end], attention_mask=mask[:, :end], use_cache=True,
+           cache=theirs, logits_to_keep=1, **kw)
+        _llama_step.prefill(hf, tokens[:, start:end], ours, mask[:, :end],
+                            kw.get("position_ids"))
+    for a, b in zip(theirs.layers, ours.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)

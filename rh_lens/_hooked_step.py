@@ -1,0 +1,186 @@
+"""A HookedTransformer's forward against its key/value cache, without the module machinery.
+
+A decode step of a small model is mostly Python: module calls, hook points, ``einops``
+parsing, the rotary tables gathered again for every layer.  :func:`forward` runs the tensor
+operations of TransformerLens's own forward, in the same order, on the same weights (in the
+layout they are stored in) and on the same :class:`TransformerLensKeyValueCache`, so that its
+logits, cache and attention pattern are bit for bit those of ``model(tokens,
+past_kv_cache=...)`` (the tests hold it to that), and reads each head's argmax key position
+from the last query's pattern row, as :class:`rh_lens.hooks.LastQueryArgmax` reads it from
+``hook_pattern``.  Operations that cannot change a value are left out: the identity hook
+points, a mask ``where`` when every column is a real token of a one-query step, the
+concatenation with an empty pass-through slice of the rotary dimension.
+
+With no logits asked for (a prefill chunk), the last layer stops after appending its keys and
+values: nothing reads the rest when no hook is attached.  The engine uses it only then
+(:func:`unhooked`) and for the configurations :func:`supports` accepts, the Llama family:
+rotary positions, RMS normalisation, a gated MLP, grouped or full multi-head attention;
+anything else takes TransformerLens's forward.
+"""
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
+
+from rh_lens.scoring import span_mass
+
+_NORMS = ("RMSNorm", "RMSNormPre")
+_ATTENTIONS = ("Attention", "GroupedQueryAttention")
+_OFF = (  # config switches whose forward this module does not reproduce: all must be off
+    "use_split_qkv_input", "use_attn_in", "use_attn_result", "use_hook_mlp_in",
+    "ungroup_grouped_query_attention", "use_qk_norm", "use_logn_attn", "use_dynamic_ntk_rope",
+    "use_normalization_before_and_after", "use_attention_sinks", "load_in_4bit", "attn_only",
+    "parallel_attn_mlp", "post_embedding_ln", "use_hook_tokens",
+)
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether :func:`forward` reproduces ``model``'s forward: a Llama-family configuration on
+    one device with every optional switch off (the flags are read at each call, so switching
+    a hook flag on sends the next forward through TransformerLens)."""
+    cfg = model.cfg
+    if any(getattr(cfg, name, False) for name in _OFF):
+        return False
+    if (cfg.positional_embedding_type != "rotary" or cfg.normalization_type not in ("RMS", "RMSPre")
+            or not cfg.gated_mlp or cfg.n_devices != 1 or cfg.attention_dir != "causal"
+            or getattr(cfg, "clip_qkv", None) is not None
+            or (cfg.attn_types is not None and any(t != "global" for t in cfg.attn_types))
+            or _capped(cfg.attn_scores_soft_cap) or _capped(cfg.output_logits_soft_cap)
+            or (cfg.act_fn or "").endswith("_ln")
+            or type(model.ln_final).__name__ not in _NORMS):
+        return False
+    return all(type(b.ln1).__name__ in _NORMS and type(b.ln2).__name__ in _NORMS
+               and type(b.attn).__name__ in _ATTENTIONS and type(b.mlp).__name__ == "GatedMLP"
+               and b.attn.rotary_sin.device == b.attn.W_Q.device for b in model.blocks)
+
+
+def _capped(cap) -> bool:
+    return cap is not None and cap > 0
+
+
+_MODULES: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, ...]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def unhooked(model: nn.Module) -> bool:
+    """Whether nothing could observe the forward's intermediate values: no forward hook on any
+    module of ``model`` (its hook points included) and no global module hook.  The module
+    list is walked once per model (a forward's blocks are fixed at construction)."""
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return False
+    modules = _MODULES.get(model)
+    if modules is None:
+        modules = _MODULES[model] = tuple(model.modules())
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _norm(norm: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """TransformerLens's ``RMSNorm`` / ``RMSNormPre`` forward, hook points left out."""
+    if dtype not in (torch.float32, torch.float64):
+        x = x.to(torch.float32)
+    scale = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    x = (x / scale).to(dtype)
+    return x * norm.w if hasattr(norm, "w") else x
+
+
+def _project(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """``simple_attn_linear``: ``[batch, pos, d_model] -> [batch, pos, head, d_head]``."""
+    out = F.linear(x, w.permute(0, 2, 1).reshape(-1, w.shape[1]), b.reshape(-1))
+    return out.reshape(x.shape[0], x.shape[1], b.shape[0], b.shape[1])
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int,
+            adjacent: bool) -> Tensor:
+    """``apply_rotary`` with the tables already gathered for ``x``'s positions."""
+    x_rot = x[..., :rotary_dim]
+    if adjacent:
+        flip = torch.stack([-x_rot[..., 1::2], x_rot[..., ::2]], dim=-1).flatten(-2)
+    else:
+        half = rotary_dim // 2
+        flip = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    rotated = x_rot * cos + flip * sin
+    if rotary_dim == x.shape[-1]:
+        return rotated
+    return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
+
+
+@torch.no_grad()
+def forward(
+    model: nn.Module, tokens: Int[Tensor, "batch pos"], cache,
+    attention_mask: Int[Tensor, "batch pos"], *, logits: bool = True, argmax: bool = False,
+    spans: Int[Tensor, "batch 2"] | None = None,
+) -> tuple[Float[Tensor, "batch pos d_vocab"] | None, Int[Tensor, "batch n_layers n_heads"] | None,
+           Float[Tensor, "batch n_layers n_heads"] | None]:
+    """``model(tokens, past_kv_cache=cache, attention_mask=attention_mask)``: forward
+    ``tokens`` after the cached positions, appending their keys and values and their mask
+    (``attention_mask`` covers the new tokens only, 0 at left padding).  Returns the logits
+    (None with ``logits=False``), with ``argmax`` every head's argmax key position for the last
+    query, and with ``spans`` too its attention mass on them (else None for both)."""
+    cfg = model.cfg
+    dtype = cfg.dtype
+    batch, n_new = tokens.shape
+    n_past = cache.entries[0].past_keys.shape[1]
+    mask = cache.append_attention_mask(attention_mask)  # [batch, past + new]
+    n_keys = n_past + n_new
+    position_ids = (mask.cumsum(dim=1) - 1)
+    position_ids = position_ids.masked_fill(position_ids < 0, 0)
+    padded = not bool(mask.all())
+    if n_new == 1 and not padded:
+        keep = None  # every column is a real token the one query may read
+    else:
+        causal = (torch.arange(n_keys, device=mask.device)[None, :]
+                  <= torch.arange(n_past, n_keys, device=mask.device)[:, None])
+        keep = causal[None, None] & mask[:, None, None, :].bool()
+    x = model.embed.W_E[tokens, :]
+    tables, masses = [], []
+    last = cfg.n_layers - 1
+    for index, block in enumerate(model.blocks):
+        attn = block.attn
+        h = _norm(block.ln1, x, dtype)
+        grouped = type(attn).__name__ == "GroupedQueryAttention"
+        w_k, b_k = (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)
+        w_v, b_v = (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)
+        k = _project(h, w_k, b_k)
+        v = _project(h, w_v, b_v)
+        if index == last and not (logits or argmax):
+            cache.entries[index].append(k, v)  # nothing reads this layer's output
+            break
+        q = _project(h, attn.W_Q, attn.b_Q)
+        k, v = cache.entries[index].append(k, v)
+        cos = attn.rotary_cos[position_ids, None, :]  # each layer has its own tables
+        sin = attn.rotary_sin[position_ids, None, :]
+        rd, adjacent = cfg.rotary_dim, cfg.rotary_adjacent_pairs
+        q = _rotate(q, cos[:, n_past:], sin[:, n_past:], rd, adjacent)
+        k = _rotate(k, cos, sin, rd, adjacent)
+        if grouped:
+            k = torch.repeat_interleave(k, dim=2, repeats=attn.repeat_kv_heads)
+            v = torch.repeat_interleave(v, dim=2, repeats=attn.repeat_kv_heads)
+        scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / attn.attn_scale
+        if keep is not None:
+            scores = torch.where(keep, scores, attn.IGNORE)
+        pattern = torch.nan_to_num(F.softmax(scores, dim=-1), nan=0.0)
+        if argmax:
+            row = pattern[:, :, -1]
+            tables.append(row.argmax(dim=-1))
+            if spans is not None:
+                masses.append(span_mass(row, spans))
+        pattern = pattern.to(device=v.device, dtype=v.dtype)
+        z = (pattern @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+        z = z.reshape(batch, n_new, cfg.d_head * cfg.n_heads)
+        w_o = attn.W_O.permute(2, 0, 1).reshape(cfg.d_model, -1).contiguous()
+        x = x + F.linear(z.to(w_o.dtype), w_o, attn.b_O)
+        mlp = block.mlp
+        h = _norm(block.ln2, x, dtype)
+        post = mlp.act_fn(F.linear(h, mlp.W_gate.T.contiguous())) * F.linear(
+            h, mlp.W_in.T.contiguous()) + mlp.b_in
+        x = x + F.linear(post, mlp.W_out.T.contiguous(), mlp.b_out)
+    table = torch.stack(tables, dim=1) if argmax else None
+    mass = torch.stack(masses, dim=1) if argmax and spans is not None else None
+    if not logits:
+        return None, table, mass
+    x = _norm(model.ln_final, x, dtype)
+    return F.linear(x, model.unembed.W_U.T.contiguous(), model.unembed.b_U), table, mass
