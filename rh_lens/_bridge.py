@@ -58,6 +58,7 @@ def forward_chunk(
     model: TransformerBridge, tokens: Int[Tensor, "batch pos"], cache, n_past: int,
     mask: Int[Tensor, "batch past_and_pos"] | None = None, *, argmax: bool = False,
     logits: bool = True, spans: Int[Tensor, "batch 2"] | None = None,
+    unhooked: bool | None = None,
 ) -> tuple[Float[Tensor, "batch pos d_vocab"] | None, Int[Tensor, "batch n_layers n_heads"] | None,
            Float[Tensor, "batch n_layers n_heads"] | None]:
     """Forward ``tokens`` after ``n_past`` cached positions; ``cache`` grows by their keys/values.
@@ -70,7 +71,8 @@ def forward_chunk(
     position for the last query, read from the eager twin's attention weights (else None), and
     with ``spans`` too, the last query's attention mass on them (else None); a Llama model's
     one-token step without ``spans`` runs the twin's operations without its module machinery
-    (:mod:`rh_lens._llama_step`, bit for bit the same).
+    (:mod:`rh_lens._llama_step`, bit for bit the same).  ``unhooked`` is the result of
+    :func:`hooks_attached`, negated, when the caller has just scanned the hook points.
     """
     batch, n_new = tokens.shape
     kw = {_cache_kwarg(model.original_model): cache}
@@ -79,7 +81,8 @@ def forward_chunk(
         mask = torch.ones((batch, n_past + n_new), dtype=torch.long, device=tokens.device)
     else:
         kw["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, n_past:]
-    unhooked = not hooks_attached(model)  # one scan of the hook points a forward
+    if unhooked is None:  # the caller may have scanned the hook points already
+        unhooked = not hooks_attached(model)
     if argmax and unhooked and model.__dict__.get(EAGER_ATTR) is not None:
         eager = model.__dict__[EAGER_ATTR]
         eager.tie()
@@ -105,10 +108,14 @@ def forward_chunk(
     return (out if logits else None), None, None
 
 
+def has_eager_twin(model: TransformerBridge) -> bool:
+    return model.__dict__.get(EAGER_ATTR) is not None
+
+
 def records_unhooked(model: TransformerBridge) -> bool:
     """Whether a forward can read the attention argmax without hooks: the bridge has an eager
     twin and no hook is attached (nothing could observe the difference)."""
-    return model.__dict__.get(EAGER_ATTR) is not None and not hooks_attached(model)
+    return has_eager_twin(model) and not hooks_attached(model)
 
 
 def select_rows(cache, rows: Int[Tensor, " keep"]) -> None:

@@ -297,15 +297,16 @@ def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans
                                                 argmax=argmax, spans=spans)
         state.n_tokens += tokens.shape[1]
         return out, table, mass
+    unhooked = bridge and not _bridge.hooks_attached(model)  # one scan a forward
     recorder = None
-    if argmax and not (bridge and _bridge.records_unhooked(model)):
+    if argmax and not (unhooked and _bridge.has_eager_twin(model)):
         recorder = hooks.LastQueryArgmax(model.cfg.n_layers, spans=spans)
     mass = None
     with attached(model, recorder.hooks if recorder else []):
         if bridge:
             out, table, mass = _bridge.forward_chunk(
                 model, tokens, state.cache, state.n_tokens, state.mask, argmax=argmax,
-                logits=logits, spans=spans)
+                logits=logits, spans=spans, unhooked=unhooked and recorder is None)
         else:
             new = (torch.ones_like(tokens) if state.mask is None
                    else state.mask[:, state.n_tokens :])
