@@ -5,6 +5,11 @@ question and answer, 200 in the reference), inserts the needle sentence at a dep
 moved back to the nearest preceding sentence end, and appends the question in the paper's prompt.
 The answer span is located in the *prompt's* tokens through character offsets, so tokenizer
 merges at the boundary of the inserted text (``The`` vs `` The``) cannot break it.
+
+What the trials of a sweep share, a needle's token count and a haystack cut to a number of
+tokens, is memoized per tokenizer (:data:`TRIAL_MEMO`; a haystack only when it is a frozen
+dataclass, such as :class:`TextHaystack`): the same inputs give the same cut, so the trials are
+those built without the memo.  Each trial's prompt is tokenized afresh.
 """
 
 import json
@@ -18,6 +23,7 @@ from typing import Protocol, runtime_checkable
 from jaxtyping import Int
 from torch import Tensor
 
+from rh_lens._memo import TokenizerMemo, value_key
 from rh_lens.errors import ContextTooLongError, RhLensError
 from rh_lens.models import check_context, tokenize_with_offsets
 
@@ -25,6 +31,12 @@ BASE_TEMPLATE = "{context}Based on the content of the book, Question: {question}
 CHAT_USER_TEMPLATE = (
     "<book>{context}</book>\nBased on the content of the book, Question: {question}"
 )
+TRIAL_MEMO = TokenizerMemo()  # shared by rh_lens.protocols
+
+
+def clear_trial_memo() -> None:
+    """Forget every memoized needle length and haystack cut (they are rebuilt on demand)."""
+    TRIAL_MEMO.clear()
 
 
 class NeedleError(RhLensError):
@@ -180,7 +192,7 @@ def build_trial(
     if buffer < 0 or context_length <= buffer:
         raise ValueError(f"context_length ({context_length}) must exceed buffer ({buffer})")
     check_context(model, context_length, what=f"context length {context_length}")
-    n_needle = len(tokenize_with_offsets(model, " " + needle.needle, prepend_bos=False)[0])
+    n_needle = _needle_length(model, needle.needle)
     n_hay = context_length - buffer - n_needle
     if n_hay < 0:
         raise NeedleError(
@@ -215,10 +227,25 @@ def build_trial(
     return Trial(context_length, float(depth), tokens, span, needle_char, prompt, needle)
 
 
+def _needle_length(model, needle: str) -> int:
+    """Tokens of ``" " + needle`` without BOS (memoized per tokenizer)."""
+    return TRIAL_MEMO.get(
+        model.tokenizer, ("needle", needle),
+        lambda: len(tokenize_with_offsets(model, " " + needle, prepend_bos=False)[0]))
+
+
 def _cut_haystack(model, haystack: Haystack, n_tokens: int) -> str:
-    """The first ``n_tokens`` tokens of the haystack, as text."""
+    """The first ``n_tokens`` tokens of the haystack, as text (memoized per tokenizer when the
+    haystack is a frozen dataclass)."""
     if n_tokens == 0:
         return ""
+    if not value_key(haystack):
+        return _cut_haystack_now(model, haystack, n_tokens)
+    return TRIAL_MEMO.get(model.tokenizer, ("cut", haystack, n_tokens),
+                          lambda: _cut_haystack_now(model, haystack, n_tokens))
+
+
+def _cut_haystack_now(model, haystack: Haystack, n_tokens: int) -> str:
     n_chars = 4 * n_tokens + 64
     for _ in range(8):
         text = haystack.text(n_chars)

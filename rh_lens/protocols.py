@@ -24,19 +24,25 @@ decoding stops.
   * decoding stops only at the Llama sentencepiece newline (``<0x0A>``) or token id 144, else
     after ``max_new_tokens``; end-of-sequence does not stop it (:func:`reference_stop`);
   * ROUGE reads the generation decoded without special tokens and stripped (:func:`response`).
+
+The haystack's tokens cut to each context length, the needle's and the answer's tokens and the
+period ids are shared by a sweep's trials and memoized per tokenizer, as
+:func:`rh_lens.niah.build_trial` memoizes its cuts (:data:`rh_lens.niah.TRIAL_MEMO`); each
+trial's prompt is tokenized afresh.
 """
 
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Literal
 
 import numpy as np
 import torch
 from jaxtyping import Int
 
+from rh_lens._memo import value_key
 from rh_lens.errors import ContextTooLongError
 from rh_lens.niah import (
     BASE_TEMPLATE,
+    TRIAL_MEMO,
     Haystack,
     Needle,
     NeedleError,
@@ -99,10 +105,13 @@ def reference_stop(tokenizer, token_id: int) -> bool:
         tokenizer.convert_ids_to_tokens(int(token_id)) == REFERENCE_NEWLINE)
 
 
-@lru_cache(maxsize=8)
 def period_ids(tokenizer) -> frozenset[int]:
     """Ids of the tokens that are a period, alone or after a word boundary (``.``, ``▁.``,
     ``Ġ.``): for Llama-2 the reference's 29889 and 869, for Mistral its 842 and 28723."""
+    return TRIAL_MEMO.get(tokenizer, ("periods",), lambda: _period_ids(tokenizer))
+
+
+def _period_ids(tokenizer) -> frozenset[int]:
     found = set()
     for token, index in tokenizer.get_vocab().items():
         if "." in token and tokenizer.convert_tokens_to_string([token]).strip() == ".":
@@ -160,11 +169,9 @@ def build_reference_trial(model, needle: Needle, haystack: Haystack, *, context_
     if buffer < 0 or context_length <= buffer:
         raise ValueError(f"context_length ({context_length}) must exceed buffer ({buffer})")
     tok = model.tokenizer
-    text = reference_haystack(haystack, max_length or context_length, tok)
-    ids = tok.encode(text)
-    if len(ids) > context_length:
-        text = tok.decode(ids[:context_length])
-    needle_ids, context_ids = tok.encode(needle.needle), tok.encode(text)
+    context_ids = list(_reference_context(tok, haystack, max_length or context_length,
+                                          context_length))
+    needle_ids = list(_encoded(tok, needle.needle))
     room = context_length - buffer - len(needle_ids)
     if room < 0:
         raise NeedleError(f"needle takes {len(needle_ids)} tokens, more than context_length - "
@@ -196,6 +203,32 @@ def build_reference_trial(model, needle: Needle, haystack: Haystack, *, context_
         raise ContextTooLongError(
             f"prompt of {len(prompt_ids)} tokens plus {max_new_tokens} new tokens exceeds n_ctx="
             f"{model.cfg.n_ctx}; lower context_length or raise buffer")
-    span = find_span(prompt_ids, tok(needle.answer, add_special_tokens=False)["input_ids"])
+    span = find_span(prompt_ids, _encoded(tok, needle.answer, special=False))
     return Trial(context_length, float(depth), torch.tensor(prompt_ids, dtype=torch.long), span,
                  prompt.find(needle.needle), prompt, needle)
+
+
+def _encoded(tok, text: str, *, special: bool = True) -> tuple[int, ...]:
+    """``text``'s ids, with the tokenizer's special tokens or without (memoized)."""
+    return TRIAL_MEMO.get(tok, ("encode", text, special),
+                          lambda: tuple(tok.encode(text, add_special_tokens=special)))
+
+
+def _reference_context(tok, haystack: Haystack, max_length: int,
+                       context_length: int) -> tuple[int, ...]:
+    """The reference's haystack ids for one context length: its text (:func:`reference_haystack`)
+    tokenized with special tokens, cut to ``context_length`` ids, decoded and tokenized again
+    (memoized per tokenizer when the haystack is a frozen dataclass)."""
+    def full() -> tuple[int, ...]:
+        return tuple(tok.encode(reference_haystack(haystack, max_length, tok)))
+
+    def context() -> tuple[int, ...]:
+        ids = memo(("reference-ids", haystack, max_length), full)
+        if len(ids) <= context_length:
+            return ids
+        return tuple(tok.encode(tok.decode(list(ids[:context_length]))))
+
+    def memo(key, compute):
+        return TRIAL_MEMO.get(tok, key, compute) if value_key(haystack) else compute()
+
+    return memo(("reference-context", haystack, max_length, context_length), context)

@@ -1,20 +1,25 @@
 """NIAH trial construction: the answer span is found exactly, bad input is named."""
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from rh_lens.errors import ContextTooLongError
 from rh_lens.models import load_model, tokenize
 from rh_lens.niah import (
+    TRIAL_MEMO,
     Needle,
     NeedleError,
     TextHaystack,
+    _cut_haystack,
     build_trial,
+    clear_trial_memo,
     read_needles,
     reference_inputs,
 )
-from tests.conftest import CORPUS, shared_path
+from tests.conftest import CORPUS, save_hf_model, shared_path, train_tokenizer
 
 pytestmark = pytest.mark.tl4
 
@@ -123,3 +128,71 @@ def test_reference_inputs_load_and_build(model):
             trial = build_trial(model, needle, hay, context_length=1500, depth=depth)
             s, e = trial.answer_span
             assert needle.answer.strip().lower() in model.to_string(trial.tokens[s:e]).lower()
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """A second tiny Llama whose tokenizer has more merges than ``model``'s: the same text
+    splits into fewer tokens."""
+    path = tmp_path_factory.mktemp("other") / "tiny-llama-wide"
+    return load_model(save_hf_model(path, "llama", train_tokenizer(vocab_size=400)), n_ctx=4096)
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingHaystack:
+    """A :class:`TextHaystack` that records every ``text`` call (outside its hash and
+    equality, so it still keys the memo by its text)."""
+
+    source: str
+    name: str = "counting"
+    calls: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+    def text(self, n_chars: int) -> str:
+        self.calls.append(n_chars)
+        return TextHaystack(self.source, self.name).text(n_chars)
+
+
+def assert_same_trial(a, b, where):
+    assert torch.equal(a.tokens, b.tokens), where
+    assert (a.answer_span, a.prompt, a.needle_char, a.context_length, a.depth) == (
+        b.answer_span, b.prompt, b.needle_char, b.context_length, b.depth), where
+
+
+def test_memoized_sweep_equals_trials_built_without_the_memo(model, other_model, monkeypatch):
+    """Two tokenizers share one haystack, their trials interleaved: every trial built through
+    the memo equals the one built with the memo disabled (no cross-talk between tokenizers)."""
+    hay = " ".join(CORPUS[:4])
+    assert len(tokenize(other_model, hay)) < len(tokenize(model, hay))  # they do differ
+    needles = [NEEDLE, Needle("Codeword:ginger", "What is the codeword?", "ginger")]
+    cells = [(m, n, length, depth) for length in (80, 300, 700) for depth in (0, 30, 100)
+             for n in needles for m in (model, other_model)]
+
+    def sweep(haystack):
+        return [build_trial(m, n, haystack, context_length=length, depth=depth, buffer=40)
+                for m, n, length, depth in cells]
+
+    clear_trial_memo()
+    counting = CountingHaystack(hay)
+    memoized = sweep(counting)
+    assert set(TRIAL_MEMO.sizes()) == {id(model.tokenizer), id(other_model.tokenizer)}
+    # one haystack cut per (tokenizer, needle, length), a few text calls each
+    assert len(counting.calls) <= 2 * 2 * 3 * 2 < len(cells)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TRIAL_MEMO, "max_entries", 0)
+        clear_trial_memo()
+        fresh = sweep(TextHaystack(hay))
+        assert all(size == 0 for size in TRIAL_MEMO.sizes().values())
+    for a, b, (m, n, length, depth) in zip(memoized, fresh, cells, strict=True):
+        assert_same_trial(a, b, (m.cfg.model_name, n.answer, length, depth))
+
+
+def test_haystack_cuts_are_kept_apart_per_tokenizer(model, other_model, monkeypatch):
+    hay = TextHaystack(" ".join(CORPUS[:4]))
+    clear_trial_memo()
+    cuts = {m: _cut_haystack(m, hay, 60) for m in (model, other_model)}
+    assert cuts[model] != cuts[other_model]
+    assert len(tokenize(model, cuts[model], prepend_bos=False)) == 60
+    assert len(tokenize(other_model, cuts[other_model], prepend_bos=False)) == 60
+    for m in (other_model, model):  # now read from the memo
+        assert _cut_haystack(m, hay, 60) == cuts[m]

@@ -9,8 +9,14 @@ import torch
 
 from rh_lens.detect import DetectConfig, compute_detect
 from rh_lens.models import load_model
-from rh_lens.niah import Needle, TextHaystack, reference_inputs
-from rh_lens.protocols import NOT_FOUND, find_span, period_ids, reference_stop
+from rh_lens.niah import TRIAL_MEMO, Needle, TextHaystack, clear_trial_memo, reference_inputs
+from rh_lens.protocols import (
+    NOT_FOUND,
+    build_reference_trial,
+    find_span,
+    period_ids,
+    reference_stop,
+)
 from rh_lens.zoo.inputs import zoo_inputs
 from tests.conftest import shared_path
 from tests.reference_loop import ReferenceLoop
@@ -61,6 +67,37 @@ def test_reference_stop_rule(llama_s):
     assert not reference_stop(tok, newline)  # a byte-level newline is not the sentencepiece one
     assert not reference_stop(tok, tok.eos_token_id)
     assert period_ids(tok) == {tok.get_vocab()["."]}
+
+
+def test_memoized_reference_trials_equal_trials_built_without_the_memo(llama_s, hf_dirs,
+                                                                        monkeypatch):
+    """The zoo's and a BPE tokenizer share one haystack, their trials interleaved: every
+    reference trial built through the memo equals the one built with the memo disabled."""
+    tiny = load_model(hf_dirs["llama"])
+    needles, haystacks = zoo_inputs(2)
+    text = TextHaystack(haystacks[0].text(3_000))
+    cells = [(m, n, h, length, depth) for length in (112, 200) for depth in (0.0, 50.0, 100.0)
+             for n in needles for h in (text, haystacks[1]) for m in (llama_s, tiny)]
+
+    def sweep():
+        return [build_reference_trial(m, n, h, context_length=length, depth=depth, buffer=64,
+                                      max_new_tokens=32, max_length=256)
+                for m, n, h, length, depth in cells]
+
+    clear_trial_memo()
+    memoized = sweep()
+    assert set(TRIAL_MEMO.sizes()) == {id(llama_s.tokenizer), id(tiny.tokenizer)}
+    with monkeypatch.context() as patch:
+        patch.setattr(TRIAL_MEMO, "max_entries", 0)
+        clear_trial_memo()
+        fresh = sweep()
+    for a, b, (m, n, h, length, depth) in zip(memoized, fresh, cells, strict=True):
+        where = (m.cfg.model_name, n.answer, h.name, length, depth)
+        assert torch.equal(a.tokens, b.tokens), where
+        assert (a.answer_span, a.prompt, a.needle_char) == (
+            b.answer_span, b.prompt, b.needle_char), where
+    pairs = zip(memoized[::2], memoized[1::2], strict=True)  # the two tokenizers, cell by cell
+    assert any(not torch.equal(a.tokens, b.tokens) for a, b in pairs)
 
 
 def run_both(model, needles, texts, tmp_path, *, lengths, depths, buffer=64, max_new=32):
