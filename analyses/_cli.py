@@ -9,9 +9,13 @@ objects built here.
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 DEFAULT_MODEL = "zoo:llama-s"
+NEEDLE_ROOM = 48  # tokens beyond the buffer at the shortest default length, at least ...
+HAYSTACK_ROOM = 16  # ... the longest needle plus this much haystack
+QUESTION_SLACK = 4  # tokens of the default buffer beyond the question and the new tokens
 MODES = {  # masking mode -> what it does, for --mode's help
     "uniform": "the paper's zero query",
     "zero": "head output 0",
@@ -81,7 +85,8 @@ def add_sweep_args(parser: argparse.ArgumentParser, *, points: int,
     parser.add_argument(needle_seed, type=int, default=0,
                         help="seed of the zoo needles and haystacks")
     parser.add_argument("--buffer", type=int, help="tokens kept for question and answer (plus "
-                        "the chat template's tokens with --chat) (default min(200, n_ctx/4))")
+                        "the chat template's tokens with --chat) (default min(200, n_ctx/4), "
+                        "or the longest question plus --max-new-tokens when more)")
     parser.add_argument("--max-new-tokens", type=int,
                         help="decoding cap (default min(50, n_ctx/8))")
     parser.add_argument("--chunk", type=int, default=512, help="prefill chunk size in tokens")
@@ -235,32 +240,67 @@ def metadata(args: argparse.Namespace, model, argv):
     return RunMetadata.collect(model_spec=args.model, model=model, seed=args.seed, argv=argv)
 
 
-def sweep_buffer(model, args: argparse.Namespace, n_ctx: int) -> tuple[int, int]:
+def sweep_buffer(model, args: argparse.Namespace, n_ctx: int, *,
+                 needles: Sequence = ()) -> tuple[int, int]:
     """The sweep's ``(buffer, max_new_tokens)`` where ``--buffer`` / ``--max-new-tokens`` are not
-    given: a quarter of the context (at most 200) for question and answer, plus the chat
+    given: a quarter of the context (at most 200) for question and answer, and at least the
+    longest question of ``needles`` (:func:`question_room`) plus the new tokens, plus the chat
     template's own tokens with ``--chat``; decoding up to an eighth of the context (at most 50)."""
     base = min(200, n_ctx // 4)
+    max_new = (args.max_new_tokens if args.max_new_tokens is not None
+               else max(1, min(50, base // 2)))
     buffer = args.buffer
     if buffer is None:
         from rh_lens.niah import chat_overhead
 
-        buffer = base + (chat_overhead(model) if args.chat else 0)
-    max_new = (args.max_new_tokens if args.max_new_tokens is not None
-               else max(1, min(50, base // 2)))
+        buffer = (max(base, question_room(model, needles) + max_new)
+                  + (chat_overhead(model) if args.chat else 0))
     return buffer, max_new
 
 
-def sweep_config(model, args: argparse.Namespace, *, points: int):
+def question_room(model, needles: Sequence) -> int:
+    """Tokens a prompt spends after its context, for the longest question of ``needles``: the
+    paper's ``Based on the content of the book, Question: ...\nAnswer:``, a BOS and
+    :data:`QUESTION_SLACK` tokens for merges where the context meets it (0 without needles)."""
+    from rh_lens.models import tokenize
+    from rh_lens.niah import BASE_TEMPLATE
+
+    if not needles:
+        return 0
+    longest = max(len(tokenize(model, BASE_TEMPLATE.format(context="", question=n.question),
+                               prepend_bos=False)) for n in needles)
+    return 1 + longest + QUESTION_SLACK
+
+
+def shortest_length(model, needles: Sequence, *, buffer: int, n_ctx: int) -> int:
+    """The shortest default context length: an eighth of the context, and at least ``buffer``
+    plus the longest needle's tokens and :data:`HAYSTACK_ROOM` tokens of haystack (``buffer``
+    plus :data:`NEEDLE_ROOM` whatever the needles)."""
+    from rh_lens.models import tokenize
+
+    longest = max((len(tokenize(model, " " + n.needle, prepend_bos=False)) for n in needles),
+                  default=0)
+    shortest = max(buffer + max(NEEDLE_ROOM, longest + HAYSTACK_ROOM), n_ctx // 8)
+    if shortest > n_ctx:
+        raise ValueError(
+            f"the longest needle takes {longest} tokens: with a buffer of {buffer} tokens the "
+            f"shortest context length would be {shortest}, beyond n_ctx={n_ctx}; give "
+            "--lengths, a smaller --buffer or shorter needles")
+    return shortest
+
+
+def sweep_config(model, args: argparse.Namespace, *, points: int, needles: Sequence):
     """The ``DetectConfig`` of :func:`add_sweep_args`'s options; unset lengths and depths are
-    ``points`` values spread up to the context and from 0 to 100 %."""
+    ``points`` values spread up to the context (from :func:`shortest_length`, which makes room
+    for the longest of ``needles``) and from 0 to 100 %."""
     import numpy as np
 
     from rh_lens.detect import DetectConfig
 
     n_ctx = model.cfg.n_ctx
-    buffer, max_new = sweep_buffer(model, args, n_ctx)
-    lengths = args.lengths or sorted({int(x) for x in np.linspace(max(buffer + 48, n_ctx // 8),
-                                                                  n_ctx, points)})
+    buffer, max_new = sweep_buffer(model, args, n_ctx, needles=needles)
+    lengths = args.lengths or sorted({int(x) for x in np.linspace(
+        shortest_length(model, needles, buffer=buffer, n_ctx=n_ctx), n_ctx, points)})
     protocol = getattr(args, "protocol", "paper")
     depths = args.depths or np.linspace(0, 100, points)
     if protocol == "reference" and not args.depths:  # the reference rounds its depths

@@ -89,7 +89,7 @@ def _run(args, argv) -> int:
 
     needles, haystacks, source = _cli.niah_inputs(args.needles, args.haystack,
                                                   n_needles=args.n_needles, seed=args.needle_seed)
-    cfg = AblationConfig(_cli.sweep_config(model, args, points=5), mode=args.mode,
+    cfg = AblationConfig(_cli.sweep_config(model, args, points=5, needles=needles), mode=args.mode,
                          positions=args.positions, n_reference=args.n_reference,
                          reference_length=args.reference_length)
     out = args.out or _cli.run_dir("ablate", args.model, args.mode, args.positions)

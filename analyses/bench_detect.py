@@ -15,7 +15,8 @@ Prints, measured in one run:
       engine, unbatched and in batches of 8, against the reference's decoding method and plain
       greedy generation run by Hugging Face Transformers on the same weights and prompts: CPU
       time per trial (``--threads 1`` for the one-thread figures).
-(a)-(c) run on ``--backend``.  How each figure is measured: :mod:`rh_lens.benchmark`.
+(a)-(c) run on ``--backend``; ``--skip-speed`` skips (a) and (b), ``--skip-memory`` (c),
+``--skip-engines`` (d), ``--skip-hf`` (e).  How each figure is measured: :mod:`rh_lens.benchmark`.
 
 At a real model's shape, with random weights (no download; ``--layers`` truncates the depth):
 
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-contexts", type=int, nargs="*", default=None,
                    help="prefill lengths for (c); default 1x, 2x, 4x, 8x the native context")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-memory", action="store_true", help="skip (c)")
     p.add_argument("--skip-engines", action="store_true", help="skip (d)")
     p.add_argument("--engine-contexts", type=int, nargs="*", default=None,
                    help="prefill lengths for (d); default 1x, 4x, 8x the native context")
@@ -112,17 +114,8 @@ def _run(args, argv) -> int:
         print(f"(b) slow obvious implementation {s.slow_s_per_trial * 1e3:.1f} ms/trial: "
               f"speed-up {s.speedup_vs_slow:.1f}x (target >= 10x)")
     del model
-    contexts = args.memory_contexts or [native * k for k in (1, 2, 4, 8)]
-    if not rotary and max(contexts) > native:
-        print("(c) skipped: only rotary models can be extended beyond their context")
-    else:
-        rows = benchmark.measure_memory(args.model, native=native, contexts=contexts,
-                                        chunk=args.chunk or 256, device=args.device, engine=engine)
-        print(f"(c) prefill peak memory, chunk {args.chunk or 256} vs unchunked:")
-        for r in rows:
-            print(f"    {r.context:>7} tokens ({r.x_native:.0f}x): chunked "
-                  f"{r.chunked_bytes / 2**20:8.1f} MiB   unchunked "
-                  f"{r.unchunked_bytes / 2**20:8.1f} MiB")
+    if not args.skip_memory:
+        _memory(args, native=native, rotary=rotary, engine=engine)
     if not args.skip_hf:
         _against_hf(args)
     if args.skip_engines:
@@ -141,6 +134,22 @@ def _run(args, argv) -> int:
     return 0
 
 
+def _memory(args, *, native: int, rotary: bool, engine: dict) -> None:
+    from rh_lens import benchmark
+
+    contexts = args.memory_contexts or [native * k for k in (1, 2, 4, 8)]
+    if not rotary and max(contexts) > native:
+        print("(c) skipped: only rotary models can be extended beyond their context")
+        return
+    rows = benchmark.measure_memory(args.model, native=native, contexts=contexts,
+                                    chunk=args.chunk or 256, device=args.device, engine=engine)
+    print(f"(c) prefill peak memory, chunk {args.chunk or 256} vs unchunked:")
+    for r in rows:
+        print(f"    {r.context:>7} tokens ({r.x_native:.0f}x): chunked "
+              f"{r.chunked_bytes / 2**20:8.1f} MiB   unchunked "
+              f"{r.unchunked_bytes / 2**20:8.1f} MiB")
+
+
 def _against_hf(args) -> None:
     from analyses import detect
     from rh_lens import benchmark
@@ -152,7 +161,7 @@ def _against_hf(args) -> None:
     sweep = detect.build_parser().parse_args(["--model", args.model])
     needles, haystacks, _ = _cli.niah_inputs(None, None, n_needles=sweep.n_needles,
                                              seed=sweep.seed)
-    cfg = _cli.sweep_config(load_model(args.model), sweep, points=10)
+    cfg = _cli.sweep_config(load_model(args.model), sweep, points=10, needles=needles)
     todo = cells(len(needles), cfg)[::args.hf_every]
     rows = benchmark.measure_against_hf(args.model, needles, haystacks, todo, cfg,
                                         repeats=args.repeats, device=args.device or "cpu")

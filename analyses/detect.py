@@ -79,7 +79,7 @@ def _run(args, argv) -> int:
     model = _cli.load_model(args)
     needles, haystacks, source = _cli.niah_inputs(args.needles, args.haystack,
                                                   n_needles=args.n_needles, seed=args.seed)
-    cfg = _cli.sweep_config(model, args, points=10)
+    cfg = _cli.sweep_config(model, args, points=10, needles=needles)
     out = args.out or _cli.detect_dir(args.model)
     identity = _cli.sweep_identity(model, args.model, needles, source, seed=args.seed)
     meta = _cli.launch(args, argv, settings, module="analyses.detect", out=out,

@@ -95,7 +95,7 @@ def _run(args, argv) -> int:
     model = loaded[first.label]
     needles, haystacks, source = _cli.niah_inputs(args.needles, args.haystack,
                                                   n_needles=args.n_needles, seed=args.seed)
-    cfg = DynamicsConfig(_cli.sweep_config(model, args, points=10),
+    cfg = DynamicsConfig(_cli.sweep_config(model, args, points=10, needles=needles),
                          InductionConfig(seq_len=args.induction_len, batch=args.induction_batch,
                                          seed=args.seed))
     meta = RunMetadata.collect(model_spec=series.source, model=model, seed=args.seed,

@@ -46,13 +46,13 @@ def _run(args, argv) -> int:
     model = _cli.load_model(args)
     facts = model_facts(model)
     table, scores_path = _cli.load_scores(args, shape=(facts.n_layers, facts.n_heads))
-    cfg = _cli.sweep_config(model, args, points=5)
+    needles, haystacks, source = _cli.niah_inputs(args.needles, args.haystack,
+                                                  n_needles=args.n_needles, seed=args.needle_seed)
+    cfg = _cli.sweep_config(model, args, points=5, needles=needles)
     n_tokens = max(cfg.lengths) + cfg.max_new_tokens
     policies = kv_policies(table, args.ks, n_layers=facts.n_layers, n_kv_heads=facts.n_kv_heads,
                            sink=args.sink, window=args.window, n_tokens=n_tokens,
                            draws=args.draws, seed=args.seed)
-    needles, haystacks, source = _cli.niah_inputs(args.needles, args.haystack,
-                                                  n_needles=args.n_needles, seed=args.needle_seed)
     out = args.out or _cli.run_dir("kv_compress", args.model)
     identity = _cli.sweep_identity(model, args.model, needles, source,
                                    scores=str(scores_path), score=args.score)

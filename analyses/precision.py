@@ -56,7 +56,7 @@ def _run(args, argv) -> int:
     first = load(dtypes[0])
     needles, haystacks, source = _cli.niah_inputs(args.needles, args.haystack,
                                                   n_needles=args.n_needles, seed=args.seed)
-    cfg = _cli.sweep_config(first, args, points=10)
+    cfg = _cli.sweep_config(first, args, points=10, needles=needles)
     out = args.out or _cli.run_dir("precision", args.model)
     meta = _cli.metadata(args, first, argv)
     result = compute_precision(

@@ -153,6 +153,83 @@ def test_bench_detect_prints_its_figures(hf_dirs, capsys):
     assert all(float(row[-3]) > 0 and row[-1] == "MiB" for row in engines)
 
 
+def test_bench_detect_times_the_default_sweep_against_hugging_face(hf_dirs, capsys):
+    """Section (e) on a model whose tokenizer splits the zoo's needles finely (50 tokens, more
+    than the old default sweep's shortest length left for them): one cell, every way."""
+    import re
+
+    import torch
+
+    from rh_lens.benchmark import HF_FLOOR, REFERENCE_METHOD
+    from rh_lens.models import BACKENDS, HAS_HOOKED
+
+    threads = torch.get_num_threads()
+    try:
+        code = bench_detect.main(["--model", str(hf_dirs["llama"]), "--skip-speed",
+                                  "--skip-memory", "--skip-engines", "--hf-every", "1000",
+                                  "--repeats", "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "(e) 1 trials of the default sweep" in out
+    assert "(a)" not in out and "(c)" not in out and "(d)" not in out
+    backends = [b for b in BACKENDS if b != "hooked" or HAS_HOOKED]
+    labels = [f"{b}, batch {n}" for b in backends for n in (1, 8)] + [REFERENCE_METHOD,
+                                                                       HF_FLOOR]
+    row = re.compile(r"^ {4}(.+?) +([\d.]+) +([\d.]+)x ref +([\d.]+)x floor +\(([\d.]+)\)$")
+    rows = {m[1]: [float(x) for x in m.groups()[1:]] for m in map(row.match, out.splitlines())
+            if m}
+    assert list(rows) == labels
+    ref, floor = rows[REFERENCE_METHOD][0], rows[HF_FLOOR][0]
+    for label, (ms, to_ref, to_floor, only_run) in rows.items():
+        assert ms > 0 and ms == only_run, label  # one repeat: its median is that run
+        # printed to 0.1 ms and 0.01x: the ratios agree up to that rounding
+        assert to_ref == pytest.approx(ms / ref, rel=0.03, abs=0.006), label
+        assert to_floor == pytest.approx(ms / floor, rel=0.03, abs=0.006), label
+    assert rows[REFERENCE_METHOD][1] == rows[HF_FLOOR][2] == 1.0
+    for b in backends:
+        (speedup,) = re.findall(rf"^ {{4}}{b}: batch 8 is ([\d.]+)x faster than batch 1$", out,
+                                flags=re.MULTILINE)
+        one, eight = rows[f"{b}, batch 1"][0], rows[f"{b}, batch 8"][0]
+        assert float(speedup) == pytest.approx(one / eight, rel=0.03), b
+
+
+def test_default_lengths_leave_room_for_the_longest_needle(hf_dirs, tokenizer):
+    """The shortest default length holds buffer, needle and some haystack; every default
+    length then builds, on a tokenizer that splits the zoo's needles into 50 tokens."""
+    import argparse
+
+    from analyses._cli import shortest_length, sweep_config
+    from rh_lens.models import load_model
+    from rh_lens.niah import BASE_TEMPLATE, build_trial
+    from rh_lens.zoo.inputs import zoo_inputs
+
+    model = load_model(hf_dirs["llama"])  # n_ctx 256: buffer 64, 32 new tokens
+    needles, haystacks = zoo_inputs(3)
+    longest = max(len(tokenizer.encode(" " + n.needle, add_special_tokens=False))
+                  for n in needles)
+    assert longest > 48
+    question = max(len(tokenizer.encode(BASE_TEMPLATE.format(context="", question=n.question),
+                                        add_special_tokens=False)) for n in needles)
+    assert question + 32 > 64  # the question part and the new tokens overflow a quarter
+    assert shortest_length(model, [], buffer=64, n_ctx=256) == 64 + 48
+    assert shortest_length(model, needles, buffer=64, n_ctx=256) == 64 + longest + 16
+    assert shortest_length(model, needles, buffer=0, n_ctx=1024) == 1024 // 8
+    with pytest.raises(ValueError, match=f"longest needle takes {longest} tokens"):
+        shortest_length(model, needles, buffer=200, n_ctx=256)
+    args = argparse.Namespace(lengths=None, depths=[0.0, 100.0], buffer=None,
+                              max_new_tokens=None, chat=False, chunk=64, batch=1)
+    cfg = sweep_config(model, args, points=10, needles=needles)
+    assert (cfg.buffer, cfg.max_new_tokens) == (1 + question + 4 + 32, 32)
+    assert cfg.lengths[0] == cfg.buffer + longest + 16 and cfg.lengths[-1] == 256
+    for length in cfg.lengths:  # the old defaults (buffer 64 from length 112) failed both ends
+        for i, needle in enumerate(needles):
+            for depth in cfg.depths:
+                build_trial(model, needle, haystacks[i], context_length=length, depth=depth,
+                            buffer=cfg.buffer, max_new_tokens=cfg.max_new_tokens)
+
+
 def test_detect_refuses_to_resume_with_other_weights_under_the_same_name(
         copy_inputs, tokenizer, tmp_path, capsys):
     """A model retrained and saved where the old one was: the rerun must not reuse its cells."""
@@ -188,6 +265,7 @@ def test_default_sweep_buffer_holds_the_chat_template_too():
     from analyses._cli import sweep_buffer
     from rh_lens.models import load_model
     from rh_lens.niah import chat_overhead
+    from rh_lens.zoo.inputs import zoo_inputs
 
     model = load_model("zoo:llama-s-chat")
     extra = chat_overhead(model)
@@ -200,6 +278,10 @@ def test_default_sweep_buffer_holds_the_chat_template_too():
     assert sweep_buffer(model, args(chat=True), 256) == (64 + extra, 32)
     assert sweep_buffer(model, args(chat=True, buffer=30, max_new_tokens=7), 256) == (30, 7)
     assert sweep_buffer(model, args(), 4096) == (200, 50)
+    # the zoo's questions and new tokens fit in the quarter: its defaults stay as they were
+    needles = zoo_inputs(12)[0]
+    assert sweep_buffer(model, args(), 256, needles=needles) == (64, 32)
+    assert sweep_buffer(model, args(chat=True), 256, needles=needles) == (64 + extra, 32)
 
 
 def test_an_incomplete_merge_is_refused_unless_allowed(copy_inputs, tmp_path, capsys):
