@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rh_lens.models import HAS_HOOKED
+from rh_lens.niah import Needle, TextHaystack
 
 BACKENDS = ("hooked", "bridge") if HAS_HOOKED else ("bridge",)
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -173,6 +174,33 @@ def scaled_on(model, backend: str, scale: float):
                 p.mul_(scale)
     model.eval()
     return model if backend == "hooked" else reload_on(model, backend)
+
+
+COPY_NEEDLE = Needle("The magic word is secret.", "What is the magic word?", "secret")
+COPY_HAYSTACK = TextHaystack(" ".join([CORPUS[0], CORPUS[2]]))
+
+
+@pytest.fixture(scope="session")
+def copy_inputs(tmp_path_factory, tokenizer) -> Path:
+    """A folder holding the known-answer copy model (``tests.known_answer``; head L0H1 copies
+    the needle's answer) saved as the directory ``model``, :data:`COPY_NEEDLE` as
+    ``needles.jsonl`` and :data:`COPY_HAYSTACK` as the haystack folder ``hay``.  Read only."""
+    import json
+
+    from rh_lens.models import save_model_dir
+    from tests.known_answer import build_copy_model
+
+    root = tmp_path_factory.mktemp("copy")
+    (word_id,) = tokenizer.encode(" " + COPY_NEEDLE.answer, add_special_tokens=False)
+    model = build_copy_model(tokenizer, [word_id], copy_head=1)
+    save_model_dir(root / "model", cfg=model.cfg, state_dict=model.state_dict(),
+                   tokenizer=tokenizer)
+    (root / "needles.jsonl").write_text(json.dumps(
+        {"needle": COPY_NEEDLE.needle, "question": COPY_NEEDLE.question,
+         "real_needle": COPY_NEEDLE.answer}) + "\n")
+    (root / "hay").mkdir()
+    (root / "hay" / "a.txt").write_text(COPY_HAYSTACK.source)
+    return root
 
 
 HOOK_TEXT = "The secret ingredient of Mara's soup is purple ginger and sea salt."

@@ -28,32 +28,13 @@ def test_inspection_copy_events_are_real_copies(tiny_gqa):
 
 # ----------------------------------------------------------------------------- analyses.detect
 
-import json  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from analyses import bench_detect, detect  # noqa: E402
 from rh_lens.models import save_model_dir  # noqa: E402
 from rh_lens.results import import_reference_json, load_result  # noqa: E402
-from tests.conftest import CORPUS  # noqa: E402
 from tests.known_answer import build_copy_model  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def copy_inputs(tmp_path_factory, tokenizer):
-    """The known-answer copy model saved as a directory, a needles file and a haystack folder."""
-    root = tmp_path_factory.mktemp("copy")
-    (word_id,) = tokenizer.encode(" secret", add_special_tokens=False)
-    model = build_copy_model(tokenizer, [word_id], copy_head=1)
-    save_model_dir(root / "model", cfg=model.cfg, state_dict=model.state_dict(),
-                   tokenizer=tokenizer)
-    (root / "needles.jsonl").write_text(json.dumps(
-        {"needle": "The magic word is secret.", "question": "What is the magic word?",
-         "real_needle": "secret"}) + "\n")
-    (root / "hay").mkdir()
-    (root / "hay" / "a.txt").write_text(" ".join([CORPUS[0], CORPUS[2]]))
-    return root
 
 
 def detect_args(root, out, *extra):

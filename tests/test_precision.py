@@ -1,21 +1,16 @@
 """Precision comparison: pure measures on hand-made arrays, and detection run twice end to end."""
 
-import json
-
 import numpy as np
 import pytest
 
 from analyses import precision as precision_script
 from rh_lens import precision as P
 from rh_lens.detect import DetectConfig, compute_detect
-from rh_lens.models import load_model, save_model_dir
-from rh_lens.niah import Needle, TextHaystack
+from rh_lens.models import load_model
 from rh_lens.results import load_result
-from tests.conftest import CORPUS
-from tests.known_answer import build_copy_model
+from tests.conftest import COPY_HAYSTACK as HAYSTACK
+from tests.conftest import COPY_NEEDLE as NEEDLE
 
-HAYSTACK = TextHaystack(" ".join([CORPUS[0], CORPUS[2]]))
-NEEDLE = Needle("The magic word is secret.", "What is the magic word?", "secret")
 SWEEP = DetectConfig(lengths=(80, 150), depths=(0.0, 100.0), buffer=30, max_new_tokens=5)
 
 # ------------------------------------------------------------------------------ pure measures
@@ -92,24 +87,8 @@ def test_bad_dtype_lists_are_refused_naming_the_problem():
 # ------------------------------------------------------------------------------ end to end
 
 
-@pytest.fixture(scope="module")
-def copy_dir(tmp_path_factory, tokenizer):
-    """The known-answer copy model (head L0H1 copies the needle) saved as a directory."""
-    root = tmp_path_factory.mktemp("precision")
-    (word_id,) = tokenizer.encode(" secret", add_special_tokens=False)
-    model = build_copy_model(tokenizer, [word_id], copy_head=1)
-    save_model_dir(root / "model", cfg=model.cfg, state_dict=model.state_dict(),
-                   tokenizer=tokenizer)
-    (root / "needles.jsonl").write_text(json.dumps(
-        {"needle": NEEDLE.needle, "question": NEEDLE.question,
-         "real_needle": NEEDLE.answer}) + "\n")
-    (root / "hay").mkdir()
-    (root / "hay" / "a.txt").write_text(HAYSTACK.source)
-    return root
-
-
-def test_two_float32_runs_agree_fully(copy_dir):
-    runs = [compute_detect(load_model(copy_dir / "model", dtype="float32"), [NEEDLE],
+def test_two_float32_runs_agree_fully(copy_inputs):
+    runs = [compute_detect(load_model(copy_inputs / "model", dtype="float32"), [NEEDLE],
                            [HAYSTACK], SWEEP, progress=False) for _ in range(2)]
     row = P.compare_runs(runs[0], runs[1], dtype="float32")
     assert row.n_trials == 4 and row.n_success == 4 and row.compared_steps > 0
@@ -119,12 +98,12 @@ def test_two_float32_runs_agree_fully(copy_dir):
     assert row.retrieval_jaccard == 1.0 and row.topk_jaccard == 1.0 and row.n_retrieval == 1
 
 
-def test_compute_precision_compares_each_dtype_with_the_first(copy_dir, tmp_path):
+def test_compute_precision_compares_each_dtype_with_the_first(copy_inputs, tmp_path):
     loaded = []
 
     def load(dtype):
         loaded.append(dtype)
-        return load_model(copy_dir / "model", dtype=dtype)
+        return load_model(copy_inputs / "model", dtype=dtype)
 
     result = P.compute_precision(load, [NEEDLE], [HAYSTACK], SWEEP,
                                  dtypes=("float32", "bfloat16"), out_dir=tmp_path,
@@ -142,24 +121,24 @@ def test_compute_precision_compares_each_dtype_with_the_first(copy_dir, tmp_path
     assert sorted(p.name for p in (tmp_path / "sweeps").iterdir()) == ["bfloat16", "float32"]
 
 
-def test_a_dtype_that_cannot_run_is_named(copy_dir):
+def test_a_dtype_that_cannot_run_is_named(copy_inputs):
     def load(dtype):
         if dtype == "float16":
             raise RuntimeError('"addmm_impl_cpu_" not implemented for \'Half\'')
-        return load_model(copy_dir / "model", dtype=dtype)
+        return load_model(copy_inputs / "model", dtype=dtype)
 
     with pytest.raises(P.PrecisionError, match="detection in float16 failed: .*Half"):
         P.compute_precision(load, [NEEDLE], [HAYSTACK], SWEEP, dtypes=("float32", "float16"),
                             progress=False)
     with pytest.raises(ValueError, match="gave a float32 model when asked for bfloat16"):
-        P.compute_precision(lambda d: load_model(copy_dir / "model"), [NEEDLE], [HAYSTACK],
+        P.compute_precision(lambda d: load_model(copy_inputs / "model"), [NEEDLE], [HAYSTACK],
                             SWEEP, dtypes=("float32", "bfloat16"), progress=False)
 
 
-def test_precision_script_writes_its_result_and_table(copy_dir, tmp_path, capsys):
+def test_precision_script_writes_its_result_and_table(copy_inputs, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["--model", str(copy_dir / "model"), "--out", str(out), "--needles",
-            str(copy_dir / "needles.jsonl"), "--haystack", str(copy_dir / "hay"),
+    args = ["--model", str(copy_inputs / "model"), "--out", str(out), "--needles",
+            str(copy_inputs / "needles.jsonl"), "--haystack", str(copy_inputs / "hay"),
             "--lengths", "80", "150", "--depths", "0", "100", "--buffer", "30",
             "--max-new-tokens", "5", "--quiet", "--dtypes", "float32", "float16"]
     assert precision_script.main(args) == 0
@@ -169,7 +148,7 @@ def test_precision_script_writes_its_result_and_table(copy_dir, tmp_path, capsys
     assert rows[0][1:4] == ["4/4", "1.0000", "1.0000"]
     saved = load_result(out)
     assert saved.kind == "precision" and saved.config["dtypes"] == ["float32", "float16"]
-    assert saved.meta["model_spec"] == str(copy_dir / "model") and saved.meta["argv"]
+    assert saved.meta["model_spec"] == str(copy_inputs / "model") and saved.meta["argv"]
     assert saved.summary["rows"][0]["token_agreement"] == 1.0
     assert saved.arrays["scores"].shape == (2, 1, 4)
     assert (out / "precision.html").is_file()
