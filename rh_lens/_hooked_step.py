@@ -38,13 +38,27 @@ _OFF = (  # config switches whose forward this module does not reproduce: all mu
 )
 
 
+_STRUCTURE: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.device, bool]]" = (
+    weakref.WeakKeyDictionary())
+
+
 def supports(model: nn.Module) -> bool:
     """Whether :func:`forward` reproduces ``model``'s forward: a Llama-family configuration on
-    one device with every optional switch off (the flags are read at each call, so switching
-    a hook flag on sends the next forward through TransformerLens)."""
+    one device with every optional switch off.  The switches are read at each call (switching
+    a hook flag on sends the next forward through TransformerLens); the architecture once per
+    model and device."""
     cfg = model.cfg
     if any(getattr(cfg, name, False) for name in _OFF):
         return False
+    device = model.embed.W_E.device
+    known = _STRUCTURE.get(model)
+    if known is None or known[0] != device:
+        known = _STRUCTURE[model] = (device, _llama_family(model))
+    return known[1]
+
+
+def _llama_family(model: nn.Module) -> bool:
+    cfg = model.cfg
     if (cfg.positional_embedding_type != "rotary" or cfg.normalization_type not in ("RMS", "RMSPre")
             or not cfg.gated_mlp or cfg.n_devices != 1 or cfg.attention_dir != "causal"
             or getattr(cfg, "clip_qkv", None) is not None
@@ -108,6 +122,14 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int,
     return torch.cat([rotated, x[..., rotary_dim:]], dim=-1)
 
 
+def _heads_first(x: Tensor, group: int) -> Tensor:
+    """``x`` (``[batch, kv_head, a, b]``) with each key/value head repeated for the ``group``
+    query heads that read it, contiguous: the tensor ``torch.matmul`` would copy TransformerLens's
+    ``repeat_interleave``-d, permuted keys or values into, made in one copy instead of two."""
+    batch, heads, a, b = x.shape
+    return x[:, :, None].expand(batch, heads, group, a, b).reshape(batch, heads * group, a, b)
+
+
 @torch.no_grad()
 def forward(
     model: nn.Module, tokens: Int[Tensor, "batch pos"], cache,
@@ -156,10 +178,10 @@ def forward(
         rd, adjacent = cfg.rotary_dim, cfg.rotary_adjacent_pairs
         q = _rotate(q, cos[:, n_past:], sin[:, n_past:], rd, adjacent)
         k = _rotate(k, cos, sin, rd, adjacent)
-        if grouped:
-            k = torch.repeat_interleave(k, dim=2, repeats=attn.repeat_kv_heads)
-            v = torch.repeat_interleave(v, dim=2, repeats=attn.repeat_kv_heads)
-        scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / attn.attn_scale
+        group = attn.repeat_kv_heads if grouped else 1
+        k = _heads_first(k.permute(0, 2, 3, 1), group)  # [batch, head, d_head, key_pos]
+        v = _heads_first(v.permute(0, 2, 1, 3), group)  # [batch, head, key_pos, d_head]
+        scores = q.permute(0, 2, 1, 3) @ k / attn.attn_scale
         if keep is not None:
             scores = torch.where(keep, scores, attn.IGNORE)
         pattern = torch.nan_to_num(F.softmax(scores, dim=-1), nan=0.0)
@@ -169,7 +191,7 @@ def forward(
             if spans is not None:
                 masses.append(span_mass(row, spans))
         pattern = pattern.to(device=v.device, dtype=v.dtype)
-        z = (pattern @ v.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)
+        z = (pattern @ v).permute(0, 2, 1, 3)
         z = z.reshape(batch, n_new, cfg.d_head * cfg.n_heads)
         w_o = attn.W_O.permute(2, 0, 1).reshape(cfg.d_model, -1).contiguous()
         x = x + F.linear(z.to(w_o.dtype), w_o, attn.b_O)
