@@ -134,14 +134,16 @@ def _heads_first(x: Tensor, group: int) -> Tensor:
 def forward(
     model: nn.Module, tokens: Int[Tensor, "batch pos"], cache,
     attention_mask: Int[Tensor, "batch pos"], *, logits: bool = True, argmax: bool = False,
-    spans: Int[Tensor, "batch 2"] | None = None,
-) -> tuple[Float[Tensor, "batch pos d_vocab"] | None, Int[Tensor, "batch n_layers n_heads"] | None,
+    spans: Int[Tensor, "batch 2"] | None = None, last_only: bool = False,
+) -> tuple[Float[Tensor, "batch logit_pos d_vocab"] | None,
+           Int[Tensor, "batch n_layers n_heads"] | None,
            Float[Tensor, "batch n_layers n_heads"] | None]:
     """``model(tokens, past_kv_cache=cache, attention_mask=attention_mask)``: forward
     ``tokens`` after the cached positions, appending their keys and values and their mask
     (``attention_mask`` covers the new tokens only, 0 at left padding).  Returns the logits
     (None with ``logits=False``), with ``argmax`` every head's argmax key position for the last
-    query, and with ``spans`` too its attention mass on them (else None for both)."""
+    query, and with ``spans`` too its attention mass on them (else None for both).
+    ``last_only`` unembeds the last position alone."""
     cfg = model.cfg
     dtype = cfg.dtype
     batch, n_new = tokens.shape
@@ -204,5 +206,5 @@ def forward(
     mass = torch.stack(masses, dim=1) if argmax and spans is not None else None
     if not logits:
         return None, table, mass
-    x = _norm(model.ln_final, x, dtype)
+    x = _norm(model.ln_final, x[:, -1:] if last_only else x, dtype)
     return F.linear(x, model.unembed.W_U.T.contiguous(), model.unembed.b_U), table, mass

@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from rh_lens import hooks
-from rh_lens.engine import forward_reads, select_rows
+from rh_lens.engine import forward_reads, reads_whole_chunks, select_rows
 from rh_lens.models import check_context, forward_chunk, new_kv_state
 from rh_lens.protocols import reference_stop
 
@@ -112,7 +112,11 @@ def decode_greedy(
     As in the reference, all prompt tokens but the last are prefilled (under
     ``prefill_hooks``); every forward that predicts a new token, the last prompt token's and
     each generated token's, runs under ``decode_hooks``.  Ablating "decode steps only", as the
-    paper does, is therefore ``decode_hooks`` alone.  With ``record=False`` and no hooks this
+    paper does, is therefore ``decode_hooks`` alone.  With no hooks at all, an engine whose
+    forward of a whole chunk reads the argmax at no extra cost
+    (:func:`rh_lens.engine.reads_whole_chunks`) forwards the last prompt token with the last
+    chunk instead, which is what a forward of the whole prompt computes for it (the slow
+    reference's first step) and saves a step.  With ``record=False`` and no hooks this
     is plain cached generation: the benchmark's baseline.  ``stop="eos"`` decodes across
     newlines (multi-line chain-of-thought answers) until end-of-sequence or the cap.
 
@@ -153,11 +157,23 @@ def decode_greedy(
         torch.tensor([list(sp) for sp in spans], dtype=torch.long).reshape(-1, 2) + n_pad[:, None])
     rows = torch.arange(batch)  # the original index of each row still in the batch
     shrink = not decode_hooks
+    # Unhooked, an engine that reads a whole chunk at no extra cost forwards the last prompt
+    # token with the prompt's last chunk; otherwise it is the first decode step (under the
+    # decode hooks), as in the reference.
+    whole = not (prefill_hooks or decode_hooks) and reads_whole_chunks(model)
+    n_prefill = width if whole else width - 1
+    first = None
     with _hooks(model, prefill_hooks):
-        for start in range(0, width - 1, chunk_size):
-            end = min(start + chunk_size, width - 1)
-            forward_chunk(model, tokens[:, start:end], state,
-                          None if mask is None else mask[:, start:end], logits=False)
+        for start in range(0, n_prefill, chunk_size):
+            end = min(start + chunk_size, n_prefill)
+            ids, ids_mask = tokens[:, start:end], None if mask is None else mask[:, start:end]
+            if end < width:
+                forward_chunk(model, ids, state, ids_mask, logits=False)
+            elif record:
+                first = forward_reads(model, ids, state, ids_mask, last_only=True,
+                                      spans=None if columns is None else columns)
+            else:
+                first = forward_chunk(model, ids, state, ids_mask, last_only=True), None, None
 
     def step_forward(ids):
         if record:
@@ -166,7 +182,7 @@ def decode_greedy(
         return forward_chunk(model, ids, state), None, None
 
     with _hooks(model, decode_hooks):
-        logits, table, mass = step_forward(tokens[:, -1:])
+        logits, table, mass = first if first is not None else step_forward(tokens[:, -1:])
         for step in range(max_new_tokens):
             next_ids = logits[:, -1].argmax(dim=-1).cpu()
             if table is not None:

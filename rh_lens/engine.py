@@ -229,12 +229,13 @@ def new_kv_state(model: Model, batch: int = 1) -> KVState:
 def forward_chunk(
     model: Model, tokens: Int[Tensor, "batch pos"], state: KVState,
     attention_mask: Int[Tensor, "batch pos"] | None = None, *, logits: bool = True,
-) -> Float[Tensor, "batch pos d_vocab"] | None:
+    last_only: bool = False,
+) -> Float[Tensor, "batch logit_pos d_vocab"] | None:
     """Forward ``tokens`` after everything already in ``state`` and append their keys/values.
 
     ``logits=False`` (a prefill chunk whose predictions nobody reads) returns None and skips
     the unembedding where the engine allows: at a vocabulary of 128K words it costs more than
-    a few layers.
+    a few layers.  ``last_only`` returns the last position's logits alone.
 
     ``attention_mask`` (default all ones) marks the real tokens of ``tokens``; a batch of
     prompts of different lengths is left-padded, with 0 at the padding.  Both engines get the
@@ -245,7 +246,8 @@ def forward_chunk(
     multi-token chunk with Hugging Face's SDPA kernels when no hook is attached (see
     :mod:`rh_lens._bridge`).
     """
-    return _forward(model, tokens, state, attention_mask, argmax=False, logits=logits)[0]
+    return _forward(model, tokens, state, attention_mask, argmax=False, logits=logits,
+                    last_only=last_only)[0]
 
 
 def forward_argmax(
@@ -267,16 +269,28 @@ def forward_argmax(
 def forward_reads(
     model: Model, tokens: Int[Tensor, "batch pos"], state: KVState,
     attention_mask: Int[Tensor, "batch pos"] | None = None, *,
-    spans: Int[Tensor, "batch 2"] | None = None,
-) -> tuple[Float[Tensor, "batch pos d_vocab"], Int[Tensor, "batch n_layers n_heads"],
+    spans: Int[Tensor, "batch 2"] | None = None, last_only: bool = False,
+) -> tuple[Float[Tensor, "batch logit_pos d_vocab"], Int[Tensor, "batch n_layers n_heads"],
            Float[Tensor, "batch n_layers n_heads"] | None]:
     """:func:`forward_argmax`, and with ``spans`` (key columns ``[start, end)`` of each row,
     padding included) the attention mass of each row's last query on its span, for every
-    layer and head (:func:`rh_lens.scoring.span_mass`), read in the same reduction."""
-    return _forward(model, tokens, state, attention_mask, argmax=True, spans=spans)
+    layer and head (:func:`rh_lens.scoring.span_mass`), read in the same reduction.
+    ``last_only`` returns the logits of the last position alone (``[batch, 1, d_vocab]``;
+    where the engine allows, the others are never computed)."""
+    return _forward(model, tokens, state, attention_mask, argmax=True, spans=spans,
+                    last_only=last_only)
 
 
-def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans=None):
+def reads_whole_chunks(model: Model) -> bool:
+    """Whether :func:`forward_reads` of a chunk of many tokens costs about what a forward
+    without reading does here: on a HookedTransformer that takes the lean forward, which
+    builds the whole attention pattern either way.  Decoding then forwards a prompt's last
+    token with its last chunk instead of as a step of its own."""
+    return backend_of(model) == "hooked" and _lean(model, 0)
+
+
+def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans=None,
+             last_only=False):
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
     check_context(model, state.n_tokens + tokens.shape[1], what="sequence")
@@ -294,7 +308,7 @@ def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans
         new = (torch.ones_like(tokens) if state.mask is None
                else state.mask[:, state.n_tokens :])
         out, table, mass = _hooked_step.forward(model, tokens, state.cache, new, logits=logits,
-                                                argmax=argmax, spans=spans)
+                                                argmax=argmax, spans=spans, last_only=last_only)
         state.n_tokens += tokens.shape[1]
         return out, table, mass
     unhooked = bridge and not _bridge.hooks_attached(model)  # one scan a forward
@@ -314,7 +328,7 @@ def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans
                         return_type="logits" if logits else None)
             table = None
     state.n_tokens += tokens.shape[1]
-    out = out if logits else None
+    out = (out[:, -1:] if last_only else out) if logits else None
     if recorder is not None:
         return out, recorder.table(), recorder.mass_table()
     return out, table, mass
