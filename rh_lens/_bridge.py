@@ -58,8 +58,9 @@ def forward_chunk(
     model: TransformerBridge, tokens: Int[Tensor, "batch pos"], cache, n_past: int,
     mask: Int[Tensor, "batch past_and_pos"] | None = None, *, argmax: bool = False,
     logits: bool = True, spans: Int[Tensor, "batch 2"] | None = None,
-    unhooked: bool | None = None,
-) -> tuple[Float[Tensor, "batch pos d_vocab"] | None, Int[Tensor, "batch n_layers n_heads"] | None,
+    unhooked: bool | None = None, last_only: bool = False,
+) -> tuple[Float[Tensor, "batch logit_pos d_vocab"] | None,
+           Int[Tensor, "batch n_layers n_heads"] | None,
            Float[Tensor, "batch n_layers n_heads"] | None]:
     """Forward ``tokens`` after ``n_past`` cached positions; ``cache`` grows by their keys/values.
 
@@ -83,7 +84,12 @@ def forward_chunk(
         kw["position_ids"] = (mask.cumsum(dim=1) - 1).clamp(min=0)[:, n_past:]
     if unhooked is None:  # the caller may have scanned the hook points already
         unhooked = not hooks_attached(model)
+    twin = model.__dict__.get(TWIN_ATTR)
     if argmax and unhooked and model.__dict__.get(EAGER_ATTR) is not None:
+        if n_new > 1 and last_only and twin is not None and _llama_step.supports_sdpa(twin.model):
+            twin.tie()  # the SDPA forward, reading its last query's weights as eager does
+            return _llama_step.prefill(twin.model, tokens, cache, mask, kw.get("position_ids"),
+                                       read_last=True, spans=spans)
         eager = model.__dict__[EAGER_ATTR]
         eager.tie()
         if n_new == 1 and spans is None and _llama_step.supports(eager.model):  # bit for bit
@@ -95,13 +101,12 @@ def forward_chunk(
         mass = None if spans is None else torch.stack(
             [span_mass(a[:, :, -1], spans) for a in out.attentions], dim=1)
         return out.logits, table, mass
-    twin = model.__dict__.get(TWIN_ATTR)
     if twin is not None and n_new > 1 and unhooked:
         twin.tie()
         if not logits and _llama_step.supports_sdpa(twin.model):  # bit for bit, no logits
             _llama_step.prefill(twin.model, tokens, cache, mask, kw.get("position_ids"))
             return None, None, None
-        keep = {} if logits else {"logits_to_keep": 1}
+        keep = {} if logits and not last_only else {"logits_to_keep": 1}
         out = twin.model(input_ids=tokens, attention_mask=mask, use_cache=True, **kw, **keep)
         return (out.logits if logits else None), None, None
     out = model(tokens, attention_mask=mask, use_cache=True, **kw)
@@ -110,6 +115,14 @@ def forward_chunk(
 
 def has_eager_twin(model: TransformerBridge) -> bool:
     return model.__dict__.get(EAGER_ATTR) is not None
+
+
+def reads_whole_chunks(model: TransformerBridge) -> bool:
+    """Whether a chunk's last query can be read inside the fast prefill: a Llama model with
+    both twins and no hook attached."""
+    twin = model.__dict__.get(TWIN_ATTR)
+    return (has_eager_twin(model) and twin is not None and _llama_step.supports_sdpa(twin.model)
+            and not hooks_attached(model))
 
 
 def records_unhooked(model: TransformerBridge) -> bool:

@@ -143,7 +143,8 @@ def forward(
     (``attention_mask`` covers the new tokens only, 0 at left padding).  Returns the logits
     (None with ``logits=False``), with ``argmax`` every head's argmax key position for the last
     query, and with ``spans`` too its attention mass on them (else None for both).
-    ``last_only`` unembeds the last position alone."""
+    ``last_only`` computes the last layer's output, and the logits, for the last position
+    alone (the other positions' keys and values are all that is read of that layer)."""
     cfg = model.cfg
     dtype = cfg.dtype
     batch, n_new = tokens.shape
@@ -162,6 +163,7 @@ def forward(
     x = model.embed.W_E[tokens, :]
     tables, masses = [], []
     last = cfg.n_layers - 1
+    n_queries = n_new  # the positions whose output is computed
     for index, block in enumerate(model.blocks):
         attn = block.attn
         h = _norm(block.ln1, x, dtype)
@@ -173,12 +175,15 @@ def forward(
         if index == last and not (logits or argmax):
             cache.entries[index].append(k, v)  # nothing reads this layer's output
             break
+        if index == last and last_only and n_queries > 1:  # only the last position is read
+            h, x, n_queries = h[:, -1:], x[:, -1:], 1
+            keep = None if keep is None else keep[:, :, -1:]
         q = _project(h, attn.W_Q, attn.b_Q)
         k, v = cache.entries[index].append(k, v)
         cos = attn.rotary_cos[position_ids, None, :]  # each layer has its own tables
         sin = attn.rotary_sin[position_ids, None, :]
         rd, adjacent = cfg.rotary_dim, cfg.rotary_adjacent_pairs
-        q = _rotate(q, cos[:, n_past:], sin[:, n_past:], rd, adjacent)
+        q = _rotate(q, cos[:, n_keys - n_queries:], sin[:, n_keys - n_queries:], rd, adjacent)
         k = _rotate(k, cos, sin, rd, adjacent)
         group = attn.repeat_kv_heads if grouped else 1
         k = _heads_first(k.permute(0, 2, 3, 1), group)  # [batch, head, d_head, key_pos]
@@ -194,7 +199,7 @@ def forward(
                 masses.append(span_mass(row, spans))
         pattern = pattern.to(device=v.device, dtype=v.dtype)
         z = (pattern @ v).permute(0, 2, 1, 3)
-        z = z.reshape(batch, n_new, cfg.d_head * cfg.n_heads)
+        z = z.reshape(batch, n_queries, cfg.d_head * cfg.n_heads)
         w_o = attn.W_O.permute(2, 0, 1).reshape(cfg.d_model, -1).contiguous()
         x = x + F.linear(z.to(w_o.dtype), w_o, attn.b_O)
         mlp = block.mlp
@@ -206,5 +211,5 @@ def forward(
     mass = torch.stack(masses, dim=1) if argmax and spans is not None else None
     if not logits:
         return None, table, mass
-    x = _norm(model.ln_final, x[:, -1:] if last_only else x, dtype)
+    x = _norm(model.ln_final, x, dtype)
     return F.linear(x, model.unembed.W_U.T.contiguous(), model.unembed.b_U), table, mass

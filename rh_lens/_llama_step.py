@@ -105,15 +105,27 @@ def step(
 def prefill(
     hf_model: nn.Module, tokens: Int[Tensor, "batch pos"], cache,
     attention_mask: Int[Tensor, "batch key_pos"], position_ids: Int[Tensor, "batch pos"] | None,
-) -> None:
+    *, read_last: bool = False, spans: Int[Tensor, "batch 2"] | None = None,
+) -> tuple[Float[Tensor, "batch 1 d_vocab"], Int[Tensor, "batch n_layers n_heads"],
+           Float[Tensor, "batch n_layers n_heads"] | None] | None:
     """Forward a chunk after the cached positions on the SDPA twin and cache its keys and
-    values, computing no logits: ``hf_model(input_ids=tokens, attention_mask=attention_mask,
-    cache=cache, position_ids=position_ids, use_cache=True)`` as far as the cache can tell."""
+    values: ``hf_model(input_ids=tokens, attention_mask=attention_mask, cache=cache,
+    position_ids=position_ids, use_cache=True)`` as far as the cache can tell.
+
+    Without ``read_last`` nothing else is computed.  With it, the chunk's last query also gets
+    its attention weights in every layer, as the eager forward computes them from the same
+    queries and keys (``softmax(q k^T * scaling)`` in float32, padding masked); returned are
+    the last position's logits, each head's argmax key position and, with ``spans``, its
+    attention mass on them (:func:`rh_lens.scoring.span_mass`).  The rest of the chunk is the
+    SDPA forward's."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import create_causal_mask
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    from rh_lens.scoring import span_mass
 
     model = hf_model.model
+    batch = tokens.shape[0]
     x = model.embed_tokens(tokens)
     if position_ids is None:
         position_ids = (torch.arange(tokens.shape[1], device=x.device)
@@ -123,6 +135,7 @@ def prefill(
                               position_ids=position_ids)
     cos, sin = model.rotary_emb(x, position_ids=position_ids)
     layers = model.layers[: hf_model.config.num_hidden_layers]
+    tables, masses = [], []
     for index, layer in enumerate(layers):
         attn = layer.self_attn
         residual = x
@@ -133,13 +146,30 @@ def prefill(
         v = _linear(attn.v_proj, h).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         k, v = cache.update(k, v, attn.layer_idx)
-        if index == len(layers) - 1:
-            return  # nothing reads the last layer's output
-        out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling)
-        out = _linear(attn.o_proj, out.reshape(*shape[:-2], -1).contiguous())
-        x = residual + out
+        if index == len(layers) - 1 and not read_last:
+            return None  # nothing reads the last layer's output
+        if read_last:
+            weights = torch.matmul(q[:, :, -1:], repeat_kv(k, attn.num_key_value_groups)
+                                   .transpose(2, 3)) * attn.scaling
+            weights = weights.masked_fill(~attention_mask.bool()[:, None, None, :], -torch.inf)
+            weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+            tables.append(weights[:, :, -1].argmax(dim=-1))
+            if spans is not None:
+                masses.append(span_mass(weights[:, :, -1], spans))
+        if read_last and index == len(layers) - 1:  # only the last position is read: eager
+            out = torch.matmul(weights, repeat_kv(v, attn.num_key_value_groups))
+            out = out.transpose(1, 2).reshape(batch, 1, -1).contiguous()
+            residual = residual[:, -1:]
+        else:
+            out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0,
+                                            scaling=attn.scaling)
+            out = out.reshape(*shape[:-2], -1).contiguous()
+        x = residual + _linear(attn.o_proj, out)
         residual = x
         h = _rms(layer.post_attention_layernorm, x)
         mlp = layer.mlp
         h = _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
         x = residual + h
+    x = _rms(model.norm, x)
+    return (_linear(hf_model.lm_head, x), torch.stack(tables, dim=1),
+            torch.stack(masses, dim=1) if spans is not None else None)

@@ -284,8 +284,11 @@ def forward_reads(
 def reads_whole_chunks(model: Model) -> bool:
     """Whether :func:`forward_reads` of a chunk of many tokens costs about what a forward
     without reading does here: on a HookedTransformer that takes the lean forward, which
-    builds the whole attention pattern either way.  Decoding then forwards a prompt's last
-    token with its last chunk instead of as a step of its own."""
+    builds the whole attention pattern either way, and on a Llama Bridge with the fast path,
+    whose SDPA prefill reads the last query's weights (``last_only``).  Decoding then forwards
+    a prompt's last token with its last chunk instead of as a step of its own."""
+    if _bridge.is_bridge(model):
+        return _bridge.reads_whole_chunks(model)
     return backend_of(model) == "hooked" and _lean(model, 0)
 
 
@@ -320,7 +323,8 @@ def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans
         if bridge:
             out, table, mass = _bridge.forward_chunk(
                 model, tokens, state.cache, state.n_tokens, state.mask, argmax=argmax,
-                logits=logits, spans=spans, unhooked=unhooked and recorder is None)
+                logits=logits, spans=spans, unhooked=unhooked and recorder is None,
+                last_only=last_only)
         else:
             new = (torch.ones_like(tokens) if state.mask is None
                    else state.mask[:, state.n_tokens :])

@@ -96,3 +96,31 @@ def test_a_hook_a_flag_or_another_architecture_takes_transformer_lens():
     assert _hooked_step.supports(model)
     assert not engine._lean(model, model.blocks[0].attn.rotary_cos.shape[0] + 1)
     assert not _hooked_step.supports(load_model("zoo:gpt2-s", backend="hooked"))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_reading_a_whole_chunk_gives_the_argmax_of_transformer_lens(padded):
+    """A prompt's last token forwarded with its chunk (the last layer computing the last
+    position alone) against TransformerLens's forward of the chunk under the argmax hooks."""
+    model = VARIANTS["zoo:llama-s"]()
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(1, model.cfg.d_vocab, (3, 60), generator=gen)
+    mask = torch.ones_like(tokens)
+    if padded:
+        mask[1, :20] = 0
+    spans = torch.tensor([[25, 31], [22, 40], [0, 5]])
+    out = {}
+    for lean in (True, False):
+        state = engine.new_kv_state(model, 3)
+        noop = [] if lean else [(hooks.resid_pre(0), lambda x, hook: None)]
+        with engine.attached(model, noop):
+            assert engine.reads_whole_chunks(model) is lean
+            out[lean] = engine.forward_reads(model, tokens, state, mask, spans=spans,
+                                             last_only=True)
+    (logits, table, mass), (tl_logits, tl_table, tl_mass) = out[True], out[False]
+    assert logits.shape == tl_logits.shape == (3, 1, model.cfg.d_vocab)
+    assert torch.equal(table, tl_table)
+    if padded:
+        assert int(table[1].min()) >= 20
+    torch.testing.assert_close(mass, tl_mass, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, tl_logits, rtol=0, atol=1e-5)

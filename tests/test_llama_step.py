@@ -83,3 +83,40 @@ def test_the_lean_prefill_caches_what_the_sdpa_forward_caches(spec, padded):
                             kw.get("position_ids"))
     for a, b in zip(theirs.layers, ours.layers, strict=True):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+@pytest.mark.tl4
+@pytest.mark.parametrize("padded", [False, True])
+@torch.no_grad()
+def test_the_prefill_reads_its_last_query_as_the_eager_forward_does(padded):
+    """The SDPA prefill that also reads its last query (a prompt's last token forwarded with
+    the prompt) against the eager forward of the same chunk with every layer's attention
+    weights: the same argmax positions and span masses, logits within float rounding."""
+    from transformers import DynamicCache
+
+    from rh_lens.scoring import span_mass
+
+    model = load_model("zoo:llama-s", backend="bridge")
+    twin, eager = model.__dict__[_bridge.TWIN_ATTR], model.__dict__[_bridge.EAGER_ATTR]
+    twin.tie()
+    eager.tie()
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randint(5, model.cfg.d_vocab, (3, 70), generator=gen)
+    mask = torch.ones_like(tokens)
+    if padded:
+        mask[0, :25] = 0
+        mask[2, :6] = 0
+    kw = {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)} if padded else {}
+    spans = torch.tensor([[30, 40], [3, 9], [50, 52]])
+    out = eager.model(input_ids=tokens, attention_mask=mask, use_cache=True,
+                      output_attentions=True, cache=DynamicCache(config=eager.model.config), **kw)
+    logits, table, mass = _llama_step.prefill(
+        twin.model, tokens, DynamicCache(config=twin.model.config), mask,
+        kw.get("position_ids"), read_last=True, spans=spans)
+    rows = [a[:, :, -1] for a in out.attentions]
+    assert torch.equal(table, torch.stack([r.argmax(-1) for r in rows], dim=1))
+    if padded:
+        assert int(table[0].min()) >= 25 and int(table[2].min()) >= 6
+    torch.testing.assert_close(mass, torch.stack([span_mass(r, spans) for r in rows], dim=1),
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits, out.logits[:, -1:], rtol=0, atol=1e-4)
