@@ -47,6 +47,43 @@ def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x, layer.weight, layer.bias)
 
 
+def _positions(hf_model: nn.Module, tokens: Tensor, cache, position_ids: Tensor | None):
+    """The embedded tokens, their position ids (after the cached ones when not given) and
+    the rotary tables of those positions, as the Hugging Face forward makes them."""
+    model = hf_model.model
+    x = model.embed_tokens(tokens)
+    if position_ids is None:
+        position_ids = (torch.arange(tokens.shape[1], device=x.device)
+                        + cache.get_seq_length()).unsqueeze(0)
+    return x, position_ids, model.rotary_emb(x, position_ids=position_ids)
+
+
+def _attention_inputs(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, cache):
+    """A decoder layer up to its attention: the rotated queries and the whole cached keys and
+    values (the new ones appended), with the head shape of ``x``'s positions."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attn = layer.self_attn
+    h = _rms(layer.input_layernorm, x)
+    shape = (*h.shape[:-1], -1, attn.head_dim)
+    q = _linear(attn.q_proj, h).view(shape).transpose(1, 2)
+    k = _linear(attn.k_proj, h).view(shape).transpose(1, 2)
+    v = _linear(attn.v_proj, h).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    k, v = cache.update(k, v, attn.layer_idx)
+    return shape, q, k, v
+
+
+def _after_attention(layer: nn.Module, residual: Tensor, out: Tensor) -> Tensor:
+    """A decoder layer from its attention output (heads merged) on: output projection,
+    residual, MLP, residual."""
+    x = residual + _linear(layer.self_attn.o_proj, out)
+    h = _rms(layer.post_attention_layernorm, x)
+    mlp = layer.mlp
+    h = mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h)
+    return x + _linear(mlp.down_proj, h)
+
+
 @torch.no_grad()
 def step(
     hf_model: nn.Module, tokens: Int[Tensor, "batch 1"], cache,
@@ -58,30 +95,18 @@ def step(
     ``position_ids`` count real tokens, as the Hugging Face forward takes them; None for both
     means no padding.  Returns the logits and every head's argmax key position."""
     from transformers.masking_utils import create_causal_mask
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+    from transformers.models.llama.modeling_llama import repeat_kv
 
-    model = hf_model.model
-    x = model.embed_tokens(tokens)
-    if position_ids is None:
-        position_ids = (torch.arange(tokens.shape[1], device=x.device)
-                        + cache.get_seq_length()).unsqueeze(0)
+    x, position_ids, (cos, sin) = _positions(hf_model, tokens, cache, position_ids)
     mask = None
     if attention_mask is not None and not bool(attention_mask.all()):
         mask = create_causal_mask(config=hf_model.config, inputs_embeds=x,
                                   attention_mask=attention_mask, cache=cache,
                                   position_ids=position_ids)
-    cos, sin = model.rotary_emb(x, position_ids=position_ids)
     tables = []
-    for layer in model.layers[: hf_model.config.num_hidden_layers]:
+    for layer in hf_model.model.layers[: hf_model.config.num_hidden_layers]:
         attn = layer.self_attn
-        residual = x
-        h = _rms(layer.input_layernorm, x)
-        shape = (*h.shape[:-1], -1, attn.head_dim)
-        q = _linear(attn.q_proj, h).view(shape).transpose(1, 2)
-        k = _linear(attn.k_proj, h).view(shape).transpose(1, 2)
-        v = _linear(attn.v_proj, h).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k, v = cache.update(k, v, attn.layer_idx)
+        shape, q, k, v = _attention_inputs(layer, x, cos, sin, cache)
         k = repeat_kv(k, attn.num_key_value_groups)
         v = repeat_kv(v, attn.num_key_value_groups)
         weights = torch.matmul(q, k.transpose(2, 3)) * attn.scaling
@@ -90,14 +115,8 @@ def step(
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
         tables.append(weights[:, :, -1].argmax(dim=-1))
         out = torch.matmul(weights, v).transpose(1, 2).contiguous()
-        out = _linear(attn.o_proj, out.reshape(*shape[:-2], -1).contiguous())
-        x = residual + out
-        residual = x
-        h = _rms(layer.post_attention_layernorm, x)
-        mlp = layer.mlp
-        h = _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
-        x = residual + h
-    x = _rms(model.norm, x)
+        x = _after_attention(layer, x, out.reshape(*shape[:-2], -1).contiguous())
+    x = _rms(hf_model.model.norm, x)
     return _linear(hf_model.lm_head, x), torch.stack(tables, dim=1)
 
 
@@ -120,32 +139,21 @@ def prefill(
     SDPA forward's."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import create_causal_mask
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+    from transformers.models.llama.modeling_llama import repeat_kv
 
     from rh_lens.scoring import span_mass
 
-    model = hf_model.model
     batch = tokens.shape[0]
-    x = model.embed_tokens(tokens)
-    if position_ids is None:
-        position_ids = (torch.arange(tokens.shape[1], device=x.device)
-                        + cache.get_seq_length()).unsqueeze(0)
+    x, position_ids, (cos, sin) = _positions(hf_model, tokens, cache, position_ids)
     mask = create_causal_mask(config=hf_model.config, inputs_embeds=x,
                               attention_mask=attention_mask, cache=cache,
                               position_ids=position_ids)
-    cos, sin = model.rotary_emb(x, position_ids=position_ids)
-    layers = model.layers[: hf_model.config.num_hidden_layers]
+    layers = hf_model.model.layers[: hf_model.config.num_hidden_layers]
     tables, masses = [], []
     for index, layer in enumerate(layers):
         attn = layer.self_attn
         residual = x
-        h = _rms(layer.input_layernorm, x)
-        shape = (*h.shape[:-1], -1, attn.head_dim)
-        q = _linear(attn.q_proj, h).view(shape).transpose(1, 2)
-        k = _linear(attn.k_proj, h).view(shape).transpose(1, 2)
-        v = _linear(attn.v_proj, h).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k, v = cache.update(k, v, attn.layer_idx)
+        shape, q, k, v = _attention_inputs(layer, x, cos, sin, cache)
         if index == len(layers) - 1 and not read_last:
             return None  # nothing reads the last layer's output
         if read_last:
@@ -164,12 +172,7 @@ def prefill(
             out, _ = sdpa_attention_forward(attn, q, k, v, mask, dropout=0.0,
                                             scaling=attn.scaling)
             out = out.reshape(*shape[:-2], -1).contiguous()
-        x = residual + _linear(attn.o_proj, out)
-        residual = x
-        h = _rms(layer.post_attention_layernorm, x)
-        mlp = layer.mlp
-        h = _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, h)) * _linear(mlp.up_proj, h))
-        x = residual + h
-    x = _rms(model.norm, x)
+        x = _after_attention(layer, residual, out)
+    x = _rms(hf_model.model.norm, x)
     return (_linear(hf_model.lm_head, x), torch.stack(tables, dim=1),
             torch.stack(masses, dim=1) if spans is not None else None)
