@@ -1,7 +1,7 @@
 """A HookedTransformer's forward against its key/value cache, without the module machinery.
 
 A decode step of a small model is mostly Python: module calls, hook points, ``einops``
-parsing, the rotary tables gathered again for every layer.  :func:`forward` runs the tensor
+parsing, keyword plumbing.  :func:`forward` runs the tensor
 operations of TransformerLens's own forward, in the same order, on the same weights (in the
 layout they are stored in) and on the same :class:`TransformerLensKeyValueCache`, so that its
 logits, cache and attention pattern are bit for bit those of ``model(tokens,
@@ -12,7 +12,10 @@ points, a mask ``where`` when every column is a real token of a one-query step, 
 concatenation with an empty pass-through slice of the rotary dimension.
 
 With no logits asked for (a prefill chunk), the last layer stops after appending its keys and
-values: nothing reads the rest when no hook is attached.  The engine uses it only then
+values: nothing reads the rest when no hook is attached.  With ``last_only`` (a prompt's last
+token forwarded with the prompt) the last layer evaluates that position alone, so its output
+is TransformerLens's up to the rounding of a one-row product; keys, values and the lower
+layers stay bit for bit.  The engine uses it only then
 (:func:`unhooked`) and for the configurations :func:`supports` accepts, the Llama family:
 rotary positions, RMS normalisation, a gated MLP, grouped or full multi-head attention;
 anything else takes TransformerLens's forward.
@@ -164,6 +167,7 @@ def forward(
     tables, masses = [], []
     last = cfg.n_layers - 1
     n_queries = n_new  # the positions whose output is computed
+    rd, adjacent = cfg.rotary_dim, cfg.rotary_adjacent_pairs
     for index, block in enumerate(model.blocks):
         attn = block.attn
         h = _norm(block.ln1, x, dtype)
@@ -182,7 +186,6 @@ def forward(
         k, v = cache.entries[index].append(k, v)
         cos = attn.rotary_cos[position_ids, None, :]  # each layer has its own tables
         sin = attn.rotary_sin[position_ids, None, :]
-        rd, adjacent = cfg.rotary_dim, cfg.rotary_adjacent_pairs
         q = _rotate(q, cos[:, n_keys - n_queries:], sin[:, n_keys - n_queries:], rd, adjacent)
         k = _rotate(k, cos, sin, rd, adjacent)
         group = attn.repeat_kv_heads if grouped else 1

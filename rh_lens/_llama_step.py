@@ -12,13 +12,17 @@ current query's attention row.  The Bridge's hook-free decode step uses it for L
 :func:`prefill` is the same for a prefill chunk on the SDPA twin (:func:`supports_sdpa`): the
 operations of its forward, calling Hugging Face's own SDPA attention function, with the last
 layer stopping once its keys and values are cached (no hook is attached, and no logits are
-asked for, so nothing reads the rest).
+asked for, so nothing reads the rest); or, reading the chunk's last query (a prompt's last
+token forwarded with the prompt), with that query's attention weights computed as the eager
+forward computes them and the last layer evaluated for that position alone.
 """
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+from rh_lens.scoring import span_mass
 
 
 def supports(hf_model: nn.Module) -> bool:
@@ -140,8 +144,6 @@ def prefill(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import create_causal_mask
     from transformers.models.llama.modeling_llama import repeat_kv
-
-    from rh_lens.scoring import span_mass
 
     batch = tokens.shape[0]
     x, position_ids, (cos, sin) = _positions(hf_model, tokens, cache, position_ids)

@@ -170,8 +170,7 @@ def decode_greedy(
             if end < width:
                 forward_chunk(model, ids, state, ids_mask, logits=False)
             elif record:
-                first = forward_reads(model, ids, state, ids_mask, last_only=True,
-                                      spans=None if columns is None else columns)
+                first = forward_reads(model, ids, state, ids_mask, last_only=True, spans=columns)
             else:
                 first = forward_chunk(model, ids, state, ids_mask, last_only=True), None, None
 

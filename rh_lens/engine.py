@@ -307,9 +307,9 @@ def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans
                else attention_mask.to(device=device, dtype=torch.long))
         state.mask = torch.cat([state.mask, new], dim=1)
     bridge = _bridge.is_bridge(model)
+    new = None if bridge else (torch.ones_like(tokens) if state.mask is None
+                               else state.mask[:, state.n_tokens :])  # the chunk's own mask
     if not bridge and _lean(model, state.n_tokens + tokens.shape[1]):
-        new = (torch.ones_like(tokens) if state.mask is None
-               else state.mask[:, state.n_tokens :])
         out, table, mass = _hooked_step.forward(model, tokens, state.cache, new, logits=logits,
                                                 argmax=argmax, spans=spans, last_only=last_only)
         state.n_tokens += tokens.shape[1]
@@ -326,8 +326,6 @@ def _forward(model, tokens, state, attention_mask, *, argmax, logits=True, spans
                 logits=logits, spans=spans, unhooked=unhooked and recorder is None,
                 last_only=last_only)
         else:
-            new = (torch.ones_like(tokens) if state.mask is None
-                   else state.mask[:, state.n_tokens :])
             out = model(tokens, past_kv_cache=state.cache, attention_mask=new,
                         return_type="logits" if logits else None)
             table = None
