@@ -173,10 +173,18 @@ def _against_hf(args) -> None:
         runs = ", ".join(f"{t * 1e3:.1f}" for t in r.seconds)
         print(f"    {r.label:<24}{r.median * 1e3:>8.1f}   {r.median / ref:>5.2f}x ref   "
               f"{r.median / floor:>5.2f}x floor   ({runs})")
+    split = {r.label: r.phases() for r in rows if r.phases() is not None}
+    print("    where an rh_lens trial's time goes (ms per trial, one more run each): prefill, "
+          "decode steps, the rest")
+    for label, parts in split.items():
+        print(f"    {label:<24}" + "".join(f"{parts[k] * 1e3:>8.1f}" for k in parts))
     for backend in ("hooked", "bridge"):
         one, eight = by.get(f"{backend}, batch 1"), by.get(f"{backend}, batch 8")
         if one and eight:
-            print(f"    {backend}: batch 8 is {one / eight:.2f}x faster than batch 1")
+            parts = split[f"{backend}, batch 8"]
+            print(f"    {backend}: batch 8 is {one / eight:.2f}x faster than batch 1 (at most "
+                  f"{one / (parts['prefill'] + parts['rest']):.2f}x if its decode steps took "
+                  "no time)")
 
 
 def _run_shape(args, argv) -> int:

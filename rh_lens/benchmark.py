@@ -243,10 +243,19 @@ def measure_engines(spec: str, needles: Sequence, haystacks: Sequence, *, device
 
 @dataclass(frozen=True)
 class TrialTimes:
-    """CPU seconds per trial of one way of decoding a sweep's trials, one figure a repeat."""
+    """CPU seconds per trial of one way of decoding a sweep's trials, one figure a repeat;
+    for rh_lens's own ways also how one further run's trial time divides (:meth:`phases`)."""
 
     label: str
     seconds: tuple[float, ...]
+    split: tuple[float, float, float] | None = None  # prefill, steps, the rest
+
+    def phases(self) -> dict[str, float] | None:
+        """Seconds per trial of the prefill, of the decode steps, and of the rest (building
+        prompts, choosing tokens, scoring), from one run under
+        :func:`rh_lens.decode.phase_times`; None for the Hugging Face ways."""
+        return None if self.split is None else dict(zip(("prefill", "steps", "rest"),
+                                                        self.split, strict=True))
 
     @property
     def median(self) -> float:
@@ -266,13 +275,15 @@ def measure_against_hf(spec: str, needles: Sequence, haystacks: Sequence, todo: 
     Face model of the same weights, building and decoding the same prompts with the same stop
     rule (the reference's script builds its prompts too; scoring is left out there).  Each
     way runs once to warm up, then ``repeats`` times, the ways taking turns; the figure is
-    process CPU time per trial (steady on a shared machine; set the thread count first)."""
+    process CPU time per trial (steady on a shared machine; set the thread count first).  Each
+    rh_lens way then runs once more, its prefill and decode steps clocked
+    (:meth:`TrialTimes.phases`)."""
     from dataclasses import replace
 
     import torch
 
     from rh_lens import protocols
-    from rh_lens.decode import is_stop_token
+    from rh_lens.decode import is_stop_token, phase_times
     from rh_lens.detect import run_trials
     from rh_lens.hf_export import to_hf
     from rh_lens.models import BACKENDS, HAS_HOOKED, load_model
@@ -318,7 +329,17 @@ def measure_against_hf(spec: str, needles: Sequence, haystacks: Sequence, todo: 
                 start = time.process_time()
                 fn()
                 times[label].append((time.process_time() - start) / len(todo))
-    return [TrialTimes(label, tuple(t)) for label, t in times.items()]
+        splits = {}
+        for label, fn in ways.items():
+            if label in (REFERENCE_METHOD, HF_FLOOR):
+                continue
+            with phase_times() as clock:
+                start = time.process_time()
+                fn()
+                total = time.process_time() - start
+            parts = (clock["prefill"], clock["steps"])
+            splits[label] = tuple(x / len(todo) for x in (*parts, total - sum(parts)))
+    return [TrialTimes(label, tuple(t), splits.get(label)) for label, t in times.items()]
 
 
 if __name__ == "__main__":  # the memory probe: python -m rh_lens.benchmark '{"spec": ...}'

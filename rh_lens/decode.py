@@ -9,8 +9,9 @@ path to it, and ``rh_lens.benchmark`` measures the speed-up.
 """
 
 import contextlib
+import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +42,37 @@ class Decoded:
     positions: Int[np.ndarray, "step n_layers n_heads"]
     text: str
     span_mass: Float[np.ndarray, "step n_layers n_heads"] | None = None
+
+
+_PHASES: list[dict[str, float]] = []  # the innermost :func:`phase_times` block's clock
+
+
+@contextlib.contextmanager
+def phase_times() -> Iterator[dict[str, float]]:
+    """Within the block, :func:`decode_greedy` adds the process CPU seconds of its prefill
+    forwards (``"prefill"``: every prompt chunk, the last prompt token's forward included when
+    it goes with them) and of its decode steps (``"steps"``: the forwards after the prompt's, and
+dropping finished rows from the cache) to the yielded dict.  What
+    is left of a caller's time is building prompts, choosing tokens and scoring.
+    """
+    clock = {"prefill": 0.0, "steps": 0.0}
+    _PHASES.append(clock)
+    try:
+        yield clock
+    finally:
+        _PHASES.remove(clock)
+
+
+@contextlib.contextmanager
+def _timed(phase: str) -> Iterator[None]:
+    if not _PHASES:
+        yield
+        return
+    start = time.process_time()
+    try:
+        yield
+    finally:
+        _PHASES[-1][phase] += time.process_time() - start
 
 
 _STOP_CACHE: "weakref.WeakKeyDictionary[object, dict[int, bool]]" = weakref.WeakKeyDictionary()
@@ -163,7 +195,7 @@ def decode_greedy(
     whole = not (prefill_hooks or decode_hooks) and reads_whole_chunks(model)
     n_prefill = width if whole else width - 1
     first = None
-    with _hooks(model, prefill_hooks):
+    with _hooks(model, prefill_hooks), _timed("prefill"):
         for start in range(0, n_prefill, chunk_size):
             end = min(start + chunk_size, n_prefill)
             ids, ids_mask = tokens[:, start:end], None if mask is None else mask[:, start:end]
@@ -175,10 +207,11 @@ def decode_greedy(
                 first = forward_chunk(model, ids, state, ids_mask, last_only=True), None, None
 
     def step_forward(ids):
-        if record:
-            return forward_reads(model, ids, state,
-                                 spans=None if columns is None else columns[rows])
-        return forward_chunk(model, ids, state), None, None
+        with _timed("steps"):
+            if record:
+                return forward_reads(model, ids, state,
+                                     spans=None if columns is None else columns[rows])
+            return forward_chunk(model, ids, state), None, None
 
     with _hooks(model, decode_hooks):
         logits, table, mass = first if first is not None else step_forward(tokens[:, -1:])
@@ -204,7 +237,8 @@ def decode_greedy(
                 break
             if shrink and len(keep) < len(rows):
                 kept = torch.tensor(keep, dtype=torch.long)
-                select_rows(model, state, kept)
+                with _timed("steps"):
+                    select_rows(model, state, kept)
                 rows, next_ids = rows[kept], next_ids[kept]
             logits, table, mass = step_forward(next_ids[:, None])
     out = []

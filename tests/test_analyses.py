@@ -162,6 +162,11 @@ def test_bench_detect_times_the_default_sweep_against_hugging_face(hf_dirs, caps
     rows = {m[1]: [float(x) for x in m.groups()[1:]] for m in map(row.match, out.splitlines())
             if m}
     assert list(rows) == labels
+    split = re.compile(r"^ {4}(.+?) +([\d.]+) +([\d.]+) +([\d.]+)$")
+    phases = {m[1]: [float(x) for x in m.groups()[1:]] for m in map(split.match, out.splitlines())
+              if m}
+    assert list(phases) == labels[:-2]  # rh_lens's ways: prefill, steps, rest
+    assert all(prefill > 0 and rest >= 0 for prefill, _, rest in phases.values())
     ref, floor = rows[REFERENCE_METHOD][0], rows[HF_FLOOR][0]
     for label, (ms, to_ref, to_floor, only_run) in rows.items():
         assert ms > 0 and ms == only_run, label  # one repeat: its median is that run
@@ -170,10 +175,13 @@ def test_bench_detect_times_the_default_sweep_against_hugging_face(hf_dirs, caps
         assert to_floor == pytest.approx(ms / floor, rel=0.03, abs=0.006), label
     assert rows[REFERENCE_METHOD][1] == rows[HF_FLOOR][2] == 1.0
     for b in backends:
-        (speedup,) = re.findall(rf"^ {{4}}{b}: batch 8 is ([\d.]+)x faster than batch 1$", out,
-                                flags=re.MULTILINE)
+        ((speedup, bound),) = re.findall(
+            rf"^ {{4}}{b}: batch 8 is ([\d.]+)x faster than batch 1 \(at most ([\d.]+)x if its "
+            r"decode steps took no time\)$", out, flags=re.MULTILINE)
         one, eight = rows[f"{b}, batch 1"][0], rows[f"{b}, batch 8"][0]
         assert float(speedup) == pytest.approx(one / eight, rel=0.03), b
+        prefill, _, rest = phases[f"{b}, batch 8"]
+        assert float(bound) == pytest.approx(one / (prefill + rest), rel=0.05, abs=0.01), b
 
 
 def test_default_lengths_leave_room_for_the_longest_needle(hf_dirs, tokenizer):

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from rh_lens import _bridge
-from rh_lens.decode import decode_greedy, decode_slow, is_stop_token, left_pad
+from rh_lens import decode
+from rh_lens.decode import decode_greedy, decode_slow, is_stop_token, left_pad, phase_times
 from rh_lens.detect import DetectConfig, cells, run_trials
-from rh_lens.engine import attached, forward_argmax, forward_chunk, new_kv_state
+from rh_lens.engine import (attached, forward_argmax, forward_chunk, new_kv_state,
+                            reads_whole_chunks)
 from rh_lens.hooks import pattern
 from rh_lens.models import load_model
 from rh_lens.niah import build_trial
@@ -54,6 +56,26 @@ def test_padded_batch_equals_slow_reference(zoo_model):
         np.testing.assert_array_equal(out.positions, slow.positions)
         assert out.text == slow.text
         assert out.positions.min() >= 0  # a padding column would map to a negative position
+
+
+@pytest.mark.tl4
+def test_phase_times_clock_each_forward(zoo_model, monkeypatch):
+    """With a clock that advances one second per reading, the prefill is one block and the
+    steps are one per decode-step forward plus one per shrinking of the batch: counts that
+    follow from what was decoded (rows leave after their last token; the last prompt token
+    goes with the prompt when the engine reads whole chunks)."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(decode, "time", type("Clock", (), {
+        "process_time": staticmethod(lambda: float(next(ticks)))}))
+    prompts = mixed_prompts(zoo_model)
+    with phase_times() as outer, phase_times() as clock:
+        outs = decode_greedy(zoo_model, prompts, max_new_tokens=12, chunk_size=40)
+    lengths = {len(out.tokens) for out in outs}
+    forwards = max(lengths) - 1 + (0 if reads_whole_chunks(zoo_model) else 1)
+    assert clock == {"prefill": 1.0, "steps": float(forwards + len(lengths) - 1)}
+    assert outer == {"prefill": 0.0, "steps": 0.0}  # the innermost block takes the time
+    decode_greedy(zoo_model, prompts[:1], max_new_tokens=2)
+    assert clock["prefill"] == 1.0 and not decode._PHASES  # closed blocks clock nothing
 
 
 @pytest.mark.tl4
