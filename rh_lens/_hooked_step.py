@@ -133,6 +133,67 @@ def _heads_first(x: Tensor, group: int) -> Tensor:
     return x[:, :, None].expand(batch, heads, group, a, b).reshape(batch, heads * group, a, b)
 
 
+class _Rotated:
+    """A layer's cached keys after the rotary embedding, laid out ``[batch, kv_head, d_head,
+    capacity]`` (the first ``length`` columns filled): the keys TransformerLens rotates again
+    and transposes into the score product's layout at every forward, kept so that a forward
+    rotates only its new keys.  ``source`` is the unrotated ``past_keys`` tensor they were
+    made from: a cache changed by anything else (TransformerLens's own forward, a row
+    selection) no longer holds it, and its keys are rotated afresh."""
+
+    __slots__ = ("keys", "length", "source")
+
+    def __init__(self, keys: Tensor, length: int, source: Tensor):
+        self.keys, self.length, self.source = keys, length, source
+
+
+_MIRROR = "_rh_lens_rotated"  # the attribute of a cache entry that holds its _Rotated
+
+
+def _append(entry, k: Tensor, v: Tensor, attn: nn.Module, position_ids: Tensor, rd: int,
+            adjacent: bool) -> tuple[Tensor, Tensor]:
+    """Append the new unrotated ``k``, ``v`` (``[batch, new, kv_head, d_head]``) to ``entry``
+    as TransformerLens does, and return every cached key rotated, ``[batch, kv_head, d_head,
+    key_pos]`` (a view of the entry's :class:`_Rotated`), with every value as cached.  Each key
+    is rotated by the same elementwise operations at the same position as TransformerLens
+    rotates it, so the values are the same bits."""
+    previous = entry.past_keys
+    n_past = previous.shape[1]
+    mirror = getattr(entry, _MIRROR, None)
+    keys, values = entry.append(k, v)
+    if (entry.frozen or mirror is None or mirror.source is not previous
+            or mirror.length != n_past):
+        mirror, k, n_past = None, keys, 0  # rotate every key
+    at = position_ids[:, n_past:]
+    rotated = _rotate(k, attn.rotary_cos[at, None, :], attn.rotary_sin[at, None, :], rd,
+                      adjacent).permute(0, 2, 3, 1)
+    if entry.frozen:  # the cache keeps nothing of this forward
+        return rotated, values
+    n_keys = keys.shape[1]
+    if mirror is None or mirror.keys.shape[-1] < n_keys:
+        grown = rotated.new_empty((*rotated.shape[:-1], n_keys + n_keys // 4 + 16))
+        if mirror is not None:
+            grown[..., :n_past] = mirror.keys[..., :n_past]
+        mirror = _Rotated(grown, n_past, previous)
+    mirror.keys[..., n_past:n_keys] = rotated
+    mirror.length, mirror.source = n_keys, entry.past_keys
+    setattr(entry, _MIRROR, mirror)
+    return mirror.keys[..., :n_keys], values
+
+
+def select_rows(cache, rows: Int[Tensor, " keep"]) -> None:
+    """Keep batch rows ``rows`` of a TransformerLens cache, its rotated keys included."""
+    cache.previous_attention_mask = cache.previous_attention_mask.index_select(0, rows)
+    for entry in cache.entries:
+        mirror = getattr(entry, _MIRROR, None)
+        current = mirror is not None and mirror.source is entry.past_keys
+        entry.past_keys = entry.past_keys.index_select(0, rows)
+        entry.past_values = entry.past_values.index_select(0, rows)
+        if current:
+            setattr(entry, _MIRROR, _Rotated(mirror.keys.index_select(0, rows), mirror.length,
+                                             entry.past_keys))
+
+
 @torch.no_grad()
 def forward(
     model: nn.Module, tokens: Int[Tensor, "batch pos"], cache,
@@ -176,20 +237,19 @@ def forward(
         w_v, b_v = (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)
         k = _project(h, w_k, b_k)
         v = _project(h, w_v, b_v)
-        if index == last and not (logits or argmax):
-            cache.entries[index].append(k, v)  # nothing reads this layer's output
+        entry = cache.entries[index]
+        if index == last and not (logits or argmax):  # nothing reads this layer's output
+            _append(entry, k, v, attn, position_ids, rd, adjacent)
             break
         if index == last and last_only and n_queries > 1:  # only the last position is read
             h, x, n_queries = h[:, -1:], x[:, -1:], 1
             keep = None if keep is None else keep[:, :, -1:]
         q = _project(h, attn.W_Q, attn.b_Q)
-        k, v = cache.entries[index].append(k, v)
-        cos = attn.rotary_cos[position_ids, None, :]  # each layer has its own tables
-        sin = attn.rotary_sin[position_ids, None, :]
-        q = _rotate(q, cos[:, n_keys - n_queries:], sin[:, n_keys - n_queries:], rd, adjacent)
-        k = _rotate(k, cos, sin, rd, adjacent)
+        k, v = _append(entry, k, v, attn, position_ids, rd, adjacent)
+        at = position_ids[:, n_keys - n_queries:]  # each layer has its own tables
+        q = _rotate(q, attn.rotary_cos[at, None, :], attn.rotary_sin[at, None, :], rd, adjacent)
         group = attn.repeat_kv_heads if grouped else 1
-        k = _heads_first(k.permute(0, 2, 3, 1), group)  # [batch, head, d_head, key_pos]
+        k = _heads_first(k, group)  # [batch, head, d_head, key_pos]
         v = _heads_first(v.permute(0, 2, 1, 3), group)  # [batch, head, key_pos, d_head]
         scores = q.permute(0, 2, 1, 3) @ k / attn.attn_scale
         if keep is not None:

@@ -353,11 +353,7 @@ def select_rows(model: Model, state: KVState, rows: Int[Tensor, " keep"]) -> Non
     if _bridge.is_bridge(model):
         _bridge.select_rows(state.cache, rows)
         return
-    cache = state.cache
-    cache.previous_attention_mask = cache.previous_attention_mask.index_select(0, rows)
-    for entry in cache.entries:
-        entry.past_keys = entry.past_keys.index_select(0, rows)
-        entry.past_values = entry.past_values.index_select(0, rows)
+    _hooked_step.select_rows(state.cache, rows)
 
 
 # --------------------------------------------------------------------------------------------

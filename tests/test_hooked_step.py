@@ -81,6 +81,51 @@ def test_the_lean_forward_is_transformer_lens_bit_for_bit(variant, padded):
         assert int(tables[:, 0].min()) >= 11 and int(tables[:, 2].min()) >= 3
 
 
+@pytest.mark.parametrize("variant", ["grouped", "full heads, adjacent pairs, partial rotary, pre-norm"])
+def test_rotated_keys_follow_every_change_of_the_cache(variant):
+    """Lean forwards keep each layer's keys rotated between calls; a forward through
+    TransformerLens or a row selection in between must leave every later forward bit for bit
+    TransformerLens's, and a frozen cache must keep them as they were."""
+    model = VARIANTS[variant]()
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(1, model.cfg.d_vocab, (3, 30), generator=gen)
+    mask = torch.ones_like(tokens)
+    mask[1, :6] = 0
+    noop = [(hooks.resid_pre(0), lambda x, hook: None)]
+    # the forwards: (start, end, through TransformerLens, rows kept afterwards)
+    plan = [(0, 9, False, None), (9, 10, False, None), (10, 11, True, None),
+            (11, 12, False, None), (12, 13, False, [0, 2]), (13, 14, False, None),
+            (14, 20, False, None), (20, 21, False, None)]
+    runs = {}
+    for lean in (True, False):
+        state, rows, out = engine.new_kv_state(model, 3), torch.arange(3), []
+        for start, end, through_tl, keep in plan:
+            with engine.attached(model, noop if through_tl or not lean else []):
+                logits, table, _ = engine.forward_reads(model, tokens[rows, start:end], state,
+                                                        mask[rows, start:end])
+            out += [logits, table]
+            if keep is not None:
+                rows = rows[keep]
+                engine.select_rows(model, state, torch.tensor(keep))
+        runs[lean] = out, state
+    (ours, lean_state), (theirs, tl_state) = runs[True], runs[False]
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+    for entry, tl_entry in zip(lean_state.cache.entries, tl_state.cache.entries, strict=True):
+        assert torch.equal(entry.past_keys, tl_entry.past_keys)
+        mirror = getattr(entry, _hooked_step._MIRROR)  # kept up to date, not rebuilt
+        assert mirror.source is entry.past_keys and mirror.length == entry.past_keys.shape[1]
+    ids = tokens[rows, 21:23]
+    for state in (lean_state, tl_state):
+        state.cache.freeze()
+    ours = _hooked_step.forward(model, ids, lean_state.cache, torch.ones_like(ids))[0]
+    assert torch.equal(ours, model(ids, past_kv_cache=tl_state.cache,
+                                   attention_mask=torch.ones_like(ids)))
+    for entry, tl_entry in zip(lean_state.cache.entries, tl_state.cache.entries, strict=True):
+        assert entry.past_keys.shape[:2] == tl_entry.past_keys.shape[:2] == (2, 21)
+        assert getattr(entry, _hooked_step._MIRROR).length == 21
+
+
 def test_a_hook_a_flag_or_another_architecture_takes_transformer_lens():
     model = _random_llama()
     assert _hooked_step.unhooked(model)
